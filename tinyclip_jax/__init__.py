@@ -1,0 +1,1 @@
+"""TinyCLIP distillation in JAX."""

@@ -1,0 +1,5 @@
+"""CLIP models: config, Flax modules, named sizes."""
+from tinyclip_jax.models.clip import CLIP, count_params, init_params, l2_normalize, param_shapes
+from tinyclip_jax.models.config import (CLIPConfig, ConfigError, TextConfig, TowerConfig,
+                                        VisionConfig, text_tower, vision_tower)
+from tinyclip_jax.models import zoo

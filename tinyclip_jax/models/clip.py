@@ -1,0 +1,168 @@
+"""CLIP in Flax linen: the OpenAI/open_clip vision and text towers.
+
+Parameter layout (the canonical one every conversion, inheritance and pruning
+function maps; see docs/params.md; LayerNorms are {scale, bias}):
+
+  visual/conv1 (p, p, 3, W)   visual/class_embedding (W,)
+  visual/positional_embedding (g*g+1, W)   visual/ln_pre   visual/layers_i
+  visual/ln_post   visual/proj (W, E)
+  text/token_embedding (V, W)   text/positional_embedding (C, W)   text/layers_i
+  text/ln_final   text/text_projection (W, E)
+  logit_scale ()
+  layers_i: ln_1, attn/{in_proj_kernel (W,3,H,64), in_proj_bias (3,H,64),
+            out_proj_kernel (H,64,W), out_proj_bias (W,)}, ln_2,
+            mlp/{c_fc/{kernel,bias}, c_proj/{kernel,bias}}
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from tinyclip_jax.models.config import CLIPConfig, TextConfig, VisionConfig
+from tinyclip_jax.models.layers import LayerNorm, normal, transformer
+
+Dtype = Any
+
+
+class VisionTransformer(nn.Module):
+  """Images (B, H, W, 3) float, already normalized → unnormalized embeddings (B, E)."""
+  config: VisionConfig
+  embed_dim: int
+  activation: str
+  remat: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images):
+    c = self.config
+    b, hgt, wid, ch = images.shape
+    if (hgt, wid, ch) != (c.image_size, c.image_size, 3):
+      raise ValueError(f"images have shape {images.shape[1:]} but the model expects "
+                       f"({c.image_size}, {c.image_size}, 3) NHWC; resize them first.")
+    scale = c.width ** -0.5
+    p, g = c.patch_size, c.grid
+    kernel = self.param("conv1", nn.with_logical_partitioning(
+        nn.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3), (None, None, None, "embed")),
+        (p, p, 3, c.width), self.param_dtype)
+    # A stride-p p×p convolution is a matmul over non-overlapping patches.
+    patches = images.reshape(b, g, p, g, p, 3).transpose(0, 1, 3, 2, 4, 5)
+    patches = patches.reshape(b * g * g, p * p * 3).astype(self.dtype)
+    x = jnp.dot(patches, kernel.reshape(p * p * 3, c.width).astype(self.dtype))
+    x = x.reshape(b, g * g, c.width)
+
+    cls = self.param("class_embedding", normal(scale, ("embed",)), (c.width,), self.param_dtype)
+    pos = self.param("positional_embedding", normal(scale, (None, "embed")),
+                     (g * g + 1, c.width), self.param_dtype)
+    x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, c.width)), x], axis=1)
+    x = x + pos.astype(self.dtype)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = LayerNorm(name="ln_pre", **kw)(x)
+    x = transformer(x, c.heads, c.mlp, c.head_dim, self.activation, causal=False,
+                    remat=self.remat, **kw)
+    x = LayerNorm(name="ln_post", **kw)(x[:, 0])
+    proj = self.param("proj", normal(scale, ("embed", "proj")), (c.width, self.embed_dim),
+                      self.param_dtype)
+    return jnp.dot(x, proj.astype(self.dtype)).astype(jnp.float32)
+
+
+class TextTransformer(nn.Module):
+  """Token ids (B, C) int32 → unnormalized embeddings (B, E), pooled at the EOT
+  token (the position of the largest id, as OpenAI CLIP does)."""
+  config: TextConfig
+  embed_dim: int
+  activation: str
+  remat: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens):
+    c = self.config
+    b, n = tokens.shape
+    if n > c.context_length:
+      raise ValueError(f"texts have {n} tokens but the model's context is {c.context_length}; "
+                       "tokenize with context_length=model.text.context_length.")
+    emb = self.param("token_embedding", normal(0.02, ("vocab", "embed")),
+                     (c.vocab_size, c.width), self.param_dtype)
+    pos = self.param("positional_embedding", normal(0.01, (None, "embed")),
+                     (c.context_length, c.width), self.param_dtype)
+    x = jnp.take(emb, tokens, axis=0).astype(self.dtype) + pos[:n].astype(self.dtype)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = transformer(x, c.heads, c.mlp, c.head_dim, self.activation, causal=True,
+                    remat=self.remat, **kw)
+    x = LayerNorm(name="ln_final", **kw)(x)
+    x = x[jnp.arange(b), jnp.argmax(tokens, axis=-1)]
+    proj = self.param("text_projection", normal(c.width ** -0.5, ("embed", "proj")),
+                      (c.width, self.embed_dim), self.param_dtype)
+    return jnp.dot(x, proj.astype(self.dtype)).astype(jnp.float32)
+
+
+def l2_normalize(x, eps: float = 0.0):
+  x = x.astype(jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps or 1e-12)
+
+
+class CLIP(nn.Module):
+  """Two towers and a learned log-temperature.
+
+  encode_image / encode_text return unnormalized projected embeddings (as OpenAI's
+  and HF's do); __call__ returns L2-normalized ones and exp(logit_scale).
+  """
+  config: CLIPConfig
+  remat: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def setup(self):
+    c = self.config
+    kw = dict(activation=c.activation, remat=self.remat, dtype=self.dtype,
+              param_dtype=self.param_dtype)
+    self.visual = VisionTransformer(c.vision, c.embed_dim, **kw)
+    self.text = TextTransformer(c.text, c.embed_dim, **kw)
+    self.logit_scale = self.param(
+        "logit_scale", nn.with_logical_partitioning(nn.initializers.constant(math.log(1 / 0.07)), ()),
+        (), self.param_dtype)
+
+  def encode_image(self, images):
+    return self.visual(images)
+
+  def encode_text(self, tokens):
+    return self.text(tokens)
+
+  def __call__(self, images, tokens):
+    return {"image_embeds": l2_normalize(self.visual(images)),
+            "text_embeds": l2_normalize(self.text(tokens)),
+            "logit_scale": jnp.exp(self.logit_scale.astype(jnp.float32))}
+
+
+def dummy_inputs(config: CLIPConfig, batch: int = 1):
+  s, n = config.vision.image_size, config.text.context_length
+  return jnp.zeros((batch, s, s, 3), jnp.float32), jnp.zeros((batch, n), jnp.int32)
+
+
+def init_params(config: CLIPConfig, rng: jax.Array, **model_kw):
+  """Plain (unboxed) params of a freshly initialized model."""
+  model = CLIP(config, **model_kw)
+  variables = model.init(rng, *dummy_inputs(config))
+  return nn.meta.unbox(variables["params"])
+
+
+def param_shapes(config: CLIPConfig, **model_kw):
+  """Shapes of the params as ShapeDtypeStructs, without allocating anything."""
+  return jax.eval_shape(lambda: init_params(config, jax.random.key(0), **model_kw))
+
+
+def logical_axes(config: CLIPConfig, **model_kw):
+  """The logical axis names of every parameter (a pytree of PartitionSpecs)."""
+  boxed = jax.eval_shape(lambda: CLIP(config, **model_kw).init(
+      jax.random.key(0), *dummy_inputs(config))["params"])
+  return nn.get_partition_spec(boxed)
+
+
+def count_params(tree) -> int:
+  return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree))
