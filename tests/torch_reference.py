@@ -1,0 +1,125 @@
+"""A minimal PyTorch OpenAI-style CLIP ViT: the independent reference for the
+OpenAI/open_clip state-dict format.
+
+Module and parameter names follow OpenAI's `clip/model.py` and open_clip's `CLIP`,
+so `state_dict()` has exactly their keys (the causal mask is a non-persistent
+buffer, as in open_clip). Blocks run sequence-first (L, N, D) through
+`nn.MultiheadAttention` like OpenAI's. No data-dependent Python control flow, so
+`torch.jit.trace` and `torch.jit.script` both work.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class QuickGELU(nn.Module):
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+class ResidualAttentionBlock(nn.Module):
+  def __init__(self, width: int, heads: int, mlp: int, quick_gelu: bool):
+    super().__init__()
+    self.ln_1 = nn.LayerNorm(width)
+    self.attn = nn.MultiheadAttention(width, heads)
+    self.ln_2 = nn.LayerNorm(width)
+    self.mlp = nn.Sequential(OrderedDict([
+        ("c_fc", nn.Linear(width, mlp)),
+        ("gelu", QuickGELU() if quick_gelu else nn.GELU()),
+        ("c_proj", nn.Linear(mlp, width)),
+    ]))
+
+  def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    y = self.ln_1(x)
+    x = x + self.attn(y, y, y, need_weights=False, attn_mask=attn_mask)[0]
+    return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+  def __init__(self, width: int, layers: int, heads: int, mlp: int, quick_gelu: bool):
+    super().__init__()
+    self.resblocks = nn.ModuleList(
+        [ResidualAttentionBlock(width, heads, mlp, quick_gelu) for _ in range(layers)])
+
+  def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    for block in self.resblocks:
+      x = block(x, attn_mask)
+    return x
+
+
+class VisionTransformer(nn.Module):
+  def __init__(self, image_size: int, patch_size: int, width: int, layers: int, heads: int,
+               mlp: int, output_dim: int, quick_gelu: bool):
+    super().__init__()
+    scale = width ** -0.5
+    grid = image_size // patch_size
+    self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+    self.class_embedding = nn.Parameter(scale * torch.randn(width))
+    self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
+    self.ln_pre = nn.LayerNorm(width)
+    self.transformer = Transformer(width, layers, heads, mlp, quick_gelu)
+    self.ln_post = nn.LayerNorm(width)
+    self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    x = self.conv1(x)  # (N, W, g, g)
+    x = x.flatten(2).permute(0, 2, 1)  # (N, g*g, W)
+    cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+    x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
+    x = self.ln_pre(x).permute(1, 0, 2)  # (L, N, W)
+    x = self.transformer(x).permute(1, 0, 2)
+    return self.ln_post(x[:, 0, :]) @ self.proj
+
+
+class CLIP(nn.Module):
+  """OpenAI's CLIP with a ViT image tower: `encode_image(NCHW)`, `encode_text(ids)`."""
+
+  def __init__(self, embed_dim: int, image_size: int, patch_size: int, vision_width: int,
+               vision_layers: int, vision_heads: int, vision_mlp: int, context_length: int,
+               vocab_size: int, text_width: int, text_layers: int, text_heads: int,
+               text_mlp: int, quick_gelu: bool):
+    super().__init__()
+    self.context_length = context_length
+    self.visual = VisionTransformer(image_size, patch_size, vision_width, vision_layers,
+                                    vision_heads, vision_mlp, embed_dim, quick_gelu)
+    self.transformer = Transformer(text_width, text_layers, text_heads, text_mlp, quick_gelu)
+    self.token_embedding = nn.Embedding(vocab_size, text_width)
+    self.positional_embedding = nn.Parameter(0.01 * torch.randn(context_length, text_width))
+    self.ln_final = nn.LayerNorm(text_width)
+    self.text_projection = nn.Parameter(text_width ** -0.5 * torch.randn(text_width, embed_dim))
+    self.logit_scale = nn.Parameter(torch.ones([]) * 2.6592)
+    mask = torch.full((context_length, context_length), float("-inf")).triu(1)
+    self.register_buffer("attn_mask", mask, persistent=False)
+
+  @classmethod
+  def from_config(cls, config) -> "CLIP":
+    """From a `tinyclip_jax` CLIPConfig with uniform towers (heads * head_dim == width)."""
+    v, t = config.vision, config.text
+    for name, tower in (("vision", v), ("text", t)):
+      if not tower.uniform or tower.heads[0] * tower.head_dim != tower.width:
+        raise ValueError(f"the {name} tower must be uniform with heads * head_dim == width.")
+    return cls(config.embed_dim, v.image_size, v.patch_size, v.width, v.layers, v.heads[0],
+               v.mlp[0], t.context_length, t.vocab_size, t.width, t.layers, t.heads[0],
+               t.mlp[0], quick_gelu=config.activation == "quick_gelu")
+
+  def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+    return self.visual(image)
+
+  def encode_text(self, text: torch.Tensor) -> torch.Tensor:
+    n = text.shape[1]
+    x = self.token_embedding(text) + self.positional_embedding[:n]
+    x = self.transformer(x.permute(1, 0, 2), self.attn_mask[:n, :n]).permute(1, 0, 2)
+    x = self.ln_final(x)
+    # Pool at the end-of-text token, the largest id in every sequence.
+    x = x[torch.arange(x.shape[0]), text.argmax(dim=-1)]
+    return x @ self.text_projection
+
+  def forward(self, image: torch.Tensor, text: torch.Tensor):
+    image_features = F.normalize(self.encode_image(image), dim=-1)
+    text_features = F.normalize(self.encode_text(text), dim=-1)
+    return image_features, text_features, self.logit_scale.exp()

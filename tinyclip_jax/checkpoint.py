@@ -1,0 +1,32 @@
+"""Orbax checkpoints of a run: train state (student params, optimizer state, step),
+input position and the config. The teacher is frozen data and is never saved."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+
+def manager(workdir: str, keep: int) -> ocp.CheckpointManager:
+  path = os.path.join(workdir, "checkpoints") if "://" not in workdir else workdir + "/checkpoints"
+  return ocp.CheckpointManager(
+      path, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                                 enable_async_checkpointing=True))
+
+
+def save(mgr: ocp.CheckpointManager, step: int, state: Any, data_state: dict,
+         config: dict) -> bool:
+  return mgr.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+      config=ocp.args.JsonSave(config)), force=True)
+
+
+def restore_latest(mgr: ocp.CheckpointManager, abstract_state: Any):
+  """(step, state, data_state) of the newest complete checkpoint, or None."""
+  step = mgr.latest_step()
+  if step is None:
+    return None
+  restored = mgr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+  return step, restored["state"], restored["data"]

@@ -1,0 +1,213 @@
+"""OpenAI / open_clip / TinyCLIP state dicts ↔ canonical params (pure numpy).
+
+The key names are those of OpenAI's `clip.model.CLIP` and open_clip's `CLIP` with a
+ViT image tower. TinyCLIP's released checkpoints wrap the same modules in
+`_image_encoder`, `_text_encoder` and `_logit_scale` (each maybe DDP-wrapped).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import numpy as np
+
+from tinyclip_jax.convert.common import (CONV, IN_BIAS, IN_PROJ, LINEAR, OUT_PROJ, SAME, SCALAR,
+                                         CheckpointError, check_params, flatten, from_canonical,
+                                         layer_indices, require, to_canonical, tower_layout,
+                                         unflatten)
+from tinyclip_jax.models.config import CLIPConfig, TextConfig, VisionConfig
+
+HEAD_DIM = 64  # every CLIP checkpoint; state dicts do not record it
+FORMAT = "an open_clip/OpenAI state dict"
+
+# Non-tensor entries of OpenAI's TorchScript state dict, and causal-mask buffers.
+DROPPED = frozenset({"input_resolution", "context_length", "vocab_size"})
+
+# Leading prefixes of wrapped layouts → OpenAI's top level; the first match wins.
+PREFIXES = (
+    ("_image_encoder.module.", ""),  # TinyCLIP (DDP-wrapped towers)
+    ("_image_encoder.", ""),
+    ("_text_encoder.module.", ""),
+    ("_text_encoder.", ""),
+    ("_logit_scale.module.", ""),
+    ("_logit_scale.", ""),
+    ("text.", ""),  # open_clip CustomTextCLIP with its builtin text tower
+)
+
+# (state-dict key, canonical path, layout) outside the transformer blocks.
+TOP = (
+    ("visual.conv1.weight", "visual/conv1", CONV),
+    ("visual.class_embedding", "visual/class_embedding", SAME),
+    ("visual.positional_embedding", "visual/positional_embedding", SAME),
+    ("visual.ln_pre.weight", "visual/ln_pre/scale", SAME),
+    ("visual.ln_pre.bias", "visual/ln_pre/bias", SAME),
+    ("visual.ln_post.weight", "visual/ln_post/scale", SAME),
+    ("visual.ln_post.bias", "visual/ln_post/bias", SAME),
+    ("visual.proj", "visual/proj", SAME),
+    ("token_embedding.weight", "text/token_embedding", SAME),
+    ("positional_embedding", "text/positional_embedding", SAME),
+    ("ln_final.weight", "text/ln_final/scale", SAME),
+    ("ln_final.bias", "text/ln_final/bias", SAME),
+    ("text_projection", "text/text_projection", SAME),
+    ("logit_scale", "logit_scale", SCALAR),
+)
+# Per block, relative to '<tower prefix>N.' and 'layers_N/'; a pruned sub-layer has none.
+ATTN = (
+    ("ln_1.weight", "ln_1/scale", SAME),
+    ("ln_1.bias", "ln_1/bias", SAME),
+    ("attn.in_proj_weight", "attn/in_proj_kernel", IN_PROJ),
+    ("attn.in_proj_bias", "attn/in_proj_bias", IN_BIAS),
+    ("attn.out_proj.weight", "attn/out_proj_kernel", OUT_PROJ),
+    ("attn.out_proj.bias", "attn/out_proj_bias", SAME),
+)
+MLP = (
+    ("ln_2.weight", "ln_2/scale", SAME),
+    ("ln_2.bias", "ln_2/bias", SAME),
+    ("mlp.c_fc.weight", "mlp/c_fc/kernel", LINEAR),
+    ("mlp.c_fc.bias", "mlp/c_fc/bias", SAME),
+    ("mlp.c_proj.weight", "mlp/c_proj/kernel", LINEAR),
+    ("mlp.c_proj.bias", "mlp/c_proj/bias", SAME),
+)
+TOWERS = (("visual", "visual.transformer.resblocks."), ("text", "transformer.resblocks."))
+
+
+# ----------------------------------------------------------------------------- keys
+
+def _rename(key: str) -> str:
+  while key.startswith("module."):
+    key = key[len("module."):]
+  for old, new in PREFIXES:
+    if key.startswith(old):
+      return new + key[len(old):]
+  return key
+
+
+def normalize_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+  """OpenAI key names for any accepted layout, without the non-parameter extras."""
+  if set(state_dict) == {"state_dict"} and isinstance(state_dict["state_dict"], Mapping):
+    state_dict = state_dict["state_dict"]
+  out: dict[str, Any] = {}
+  for key, value in state_dict.items():
+    name = _rename(str(key))
+    if name in DROPPED or name.split(".")[-1] == "attn_mask":
+      continue
+    if name in out:
+      raise CheckpointError(f"keys `{key}` and another one both name `{name}` once prefixes are "
+                            "stripped; the checkpoint holds two models, keep only one.")
+    out[name] = value
+  return out
+
+
+def _check_is_clip_vit(sd: Mapping[str, Any]) -> None:
+  if any(k.startswith(("visual.layer1.", "visual.attnpool.")) for k in sd):
+    raise CheckpointError("the checkpoint has a ResNet image tower (`visual.layer1.*`, "
+                          "`visual.attnpool.*`) but a ViT tower (`visual.conv1.weight`, "
+                          "`visual.transformer.resblocks.*`) was expected; ResNet image towers "
+                          "are not supported yet.")
+  if "visual.conv1.weight" in sd and "token_embedding.weight" in sd:
+    return
+  found = ", ".join(f"`{k}`" for k in sorted(sd)[:4]) or "no keys at all"
+  hint = (" It looks like a Hugging Face CLIPModel: convert it with `from_hf`."
+          if any(k.startswith(("vision_model.", "text_model.")) for k in sd) else "")
+  raise CheckpointError(f"the checkpoint is not an OpenAI/open_clip CLIP ViT state dict: found "
+                        f"{found} but expected `visual.conv1.weight`, "
+                        f"`visual.transformer.resblocks.0.*` and `token_embedding.weight`.{hint}")
+
+
+def _dims(sd, key: str, ndim: int, what: str) -> tuple[int, ...]:
+  shape = tuple(np.shape(require(sd, key, what)))
+  if len(shape) != ndim:
+    raise CheckpointError(f"`{key}` ({what}) has shape {shape} but a {ndim}-D tensor was "
+                          "expected; the checkpoint is not a standard CLIP ViT.")
+  return shape
+
+
+# ----------------------------------------------------------------------------- config
+
+def _block_widths(sd, prefix: str, head_dim: int) -> tuple[list[int], list[int]]:
+  """Per-block heads and MLP widths from the tensors (0 where a sub-layer is absent)."""
+  heads, mlp = [], []
+  for i in layer_indices(sd, prefix):
+    w = sd.get(f"{prefix}{i}.attn.in_proj_weight")
+    rows = 0 if w is None else np.shape(w)[0]
+    if rows % (3 * head_dim):
+      raise CheckpointError(f"`{prefix}{i}.attn.in_proj_weight` has {rows} rows, which is not "
+                            f"3 * heads * {head_dim}; only head_dim {head_dim} is supported.")
+    heads.append(rows // (3 * head_dim))
+    fc = sd.get(f"{prefix}{i}.mlp.c_fc.weight")
+    mlp.append(0 if fc is None else np.shape(fc)[0])
+  if not heads:
+    raise CheckpointError(f"no transformer blocks `{prefix}N.*` were found; a CLIP tower "
+                          "needs at least one.")
+  return heads, mlp
+
+
+def infer_config(sd: Mapping[str, Any], activation: str, head_dim: int = HEAD_DIM) -> CLIPConfig:
+  """The model config implied by the shapes of a normalized state dict."""
+  width, chans, patch, patch_w = _dims(sd, "visual.conv1.weight", 4, "patch embedding")
+  if chans != 3 or patch != patch_w:
+    raise CheckpointError(f"`visual.conv1.weight` has shape {(width, chans, patch, patch_w)} but "
+                          "a square patch embedding over 3 channels (W, 3, p, p) was expected.")
+  tokens = _dims(sd, "visual.positional_embedding", 2, "vision positions")[0]
+  grid = math.isqrt(max(tokens - 1, 0))
+  if grid * grid + 1 != tokens:
+    raise CheckpointError(f"`visual.positional_embedding` has {tokens} rows but a square grid "
+                          "plus a class token (g*g+1 rows) was expected.")
+  embed_dim = _dims(sd, "visual.proj", 2, "image projection")[1]
+  vocab, text_width = _dims(sd, "token_embedding.weight", 2, "token embedding")
+  context = _dims(sd, "positional_embedding", 2, "text positions")[0]
+  v_heads, v_mlp = _block_widths(sd, TOWERS[0][1], head_dim)
+  t_heads, t_mlp = _block_widths(sd, TOWERS[1][1], head_dim)
+  return CLIPConfig(
+      embed_dim=embed_dim, activation=activation,
+      vision=VisionConfig(width=width, heads=v_heads, mlp=v_mlp, head_dim=head_dim,
+                          image_size=grid * patch, patch_size=patch),
+      text=TextConfig(width=text_width, heads=t_heads, mlp=t_mlp, head_dim=head_dim,
+                      vocab_size=vocab, context_length=context))
+
+
+def _entries(config: CLIPConfig):
+  """(state-dict key, canonical path, layout, head_dim) for every tensor of `config`."""
+  for key, path, layout in TOP:
+    yield key, path, layout, 0
+  for (tower, prefix), cfg in zip(TOWERS, (config.vision, config.text)):
+    for i, (heads, mlp) in enumerate(zip(cfg.heads, cfg.mlp)):
+      for present, table in ((heads, ATTN), (mlp, MLP)):
+        if present:
+          for key, path, layout in table:
+            yield f"{prefix}{i}.{key}", f"{tower}/layers_{i}/{path}", layout, cfg.head_dim
+
+
+# ----------------------------------------------------------------------------- maps
+
+def from_openai(state_dict: Mapping[str, Any], activation: str,
+                head_dim: int = HEAD_DIM) -> tuple[dict, CLIPConfig]:
+  """(params, config) from an OpenAI/open_clip/TinyCLIP ViT state dict of numpy arrays.
+
+  `activation` is not recorded in state dicts: 'quick_gelu' for OpenAI's and
+  TinyCLIP's checkpoints, 'gelu' for most open_clip-trained ones.
+  """
+  sd = normalize_keys(state_dict)
+  _check_is_clip_vit(sd)
+  config = infer_config(sd, activation, head_dim)
+  flat, used = {}, set()
+  for key, path, layout, hd in _entries(config):
+    flat[path] = to_canonical(layout, key, require(sd, key, path), hd)
+    used.add(key)
+  extra = sorted(sd.keys() - used)
+  if extra:
+    raise CheckpointError(f"key `{extra[0]}` (and {len(extra) - 1} more) has no place in a CLIP "
+                          "ViT model with plain pre-LN blocks; expected only OpenAI/open_clip "
+                          "CLIP keys (no layer scale, no logit_bias, no attention pooling).")
+  params = unflatten(flat)
+  check_params(params, config)
+  return params, config
+
+
+def to_open_clip(params: Mapping[str, Any], config: CLIPConfig) -> dict[str, np.ndarray]:
+  """open_clip `CLIP(...).state_dict()` for a ViT model of `config` (float32 arrays)."""
+  check_params(params, config)
+  tower_layout(config.vision, "vision", FORMAT)
+  tower_layout(config.text, "text", FORMAT)
+  flat = flatten(params)
+  return {key: from_canonical(layout, flat[path]) for key, path, layout, _ in _entries(config)}

@@ -1,0 +1,189 @@
+"""Embed images and captions with a model checkpoint.
+
+  python -m tinyclip_jax.embed --checkpoint=DIR [--images=FOLDER|FILE.npy] \
+      [--texts=FILE] --output=OUT.npz [--batch_size=N]
+
+--images: a folder of image files (sorted by name; png/jpg/jpeg/webp/bmp),
+preprocessed as CLIP's eval transform at the model's image size, or a .npy uint8
+NHWC array already at that size. --texts: one caption per line. The npz holds
+L2-normalized float32 `image_embeds` / `text_embeds`, the int32 `tokens` and the
+`image_files` names (for whichever inputs were given). Bad input prints one
+sentence to stderr and exits with code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+from typing import Callable
+
+import numpy as np
+
+from tinyclip_jax.convert.common import CheckpointError
+from tinyclip_jax.models.config import ConfigError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class UsageError(ValueError):
+  """Input that cannot be embedded."""
+
+
+class _Parser(argparse.ArgumentParser):
+  def error(self, message):  # one sentence instead of usage + message
+    raise UsageError(f"{message}; usage: python -m tinyclip_jax.embed --checkpoint=DIR "
+                     "[--images=PATH] [--texts=FILE] --output=OUT.npz [--batch_size=N]")
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = _Parser(prog="python -m tinyclip_jax.embed", description=__doc__.split("\n\n")[0])
+  p.add_argument("--checkpoint", required=True, help="a tinyclip_jax.model_io folder")
+  p.add_argument("--images", help="folder of image files, or a uint8 NHWC .npy array")
+  p.add_argument("--texts", help="text file, one caption per line")
+  p.add_argument("--output", required=True, help="the .npz to write")
+  p.add_argument("--batch_size", type=int, default=64)
+  return p
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def list_images(folder: str) -> list[str]:
+  names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_SUFFIXES)
+                 and os.path.isfile(os.path.join(folder, n)))
+  if not names:
+    raise UsageError(f"{folder} has no image files ({', '.join(IMAGE_SUFFIXES)}).")
+  return names
+
+
+def load_image_folder(folder: str, size: int) -> np.ndarray:
+  from PIL import UnidentifiedImageError
+  from tinyclip_jax.preprocess import load_image
+  out = []
+  for name in list_images(folder):
+    try:
+      out.append(load_image(os.path.join(folder, name), size))
+    except (UnidentifiedImageError, OSError) as e:
+      raise UsageError(f"{os.path.join(folder, name)} is not a readable image ({e}).") from None
+  return np.stack(out)
+
+
+def load_image_array(path: str, size: int) -> np.ndarray:
+  from tinyclip_jax.preprocess import normalize
+  try:
+    arr = np.load(path, allow_pickle=False)
+  except (ValueError, OSError) as e:
+    raise UsageError(f"{path} is not a readable .npy array ({e}).") from None
+  if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[1:] != (size, size, 3) or not len(arr):
+    raise UsageError(f"{path} holds {arr.dtype} of shape {arr.shape}, but uint8 images of "
+                     f"shape (N >= 1, {size}, {size}, 3) are expected for this model.")
+  return normalize(arr)
+
+
+def load_images(path: str, size: int) -> tuple[np.ndarray, list[str]]:
+  """(normalized NHWC float32 images, their names)."""
+  if os.path.isdir(path):
+    return load_image_folder(path, size), list_images(path)
+  if not os.path.isfile(path):
+    raise UsageError(f"{path} does not exist; give a folder of images or a .npy array.")
+  if not path.endswith(".npy"):
+    raise UsageError(f"{path} is a file but not a .npy array; give a folder of images or a "
+                     ".npy array of uint8 NHWC images.")
+  images = load_image_array(path, size)
+  base = os.path.basename(path)
+  return images, [f"{base}[{i}]" for i in range(len(images))]
+
+
+def load_texts(path: str) -> list[str]:
+  if not os.path.isfile(path):
+    raise UsageError(f"{path} is not a file; give a text file with one caption per line.")
+  with open(path, encoding="utf-8") as f:
+    lines = f.read().splitlines()
+  if not lines:
+    raise UsageError(f"{path} is empty; give one caption per line.")
+  return lines
+
+
+# --------------------------------------------------------------------------- model
+
+
+def batched(fn: Callable, inputs: np.ndarray, batch_size: int) -> np.ndarray:
+  """fn over fixed-size batches (the last one padded, so fn compiles once)."""
+  outs = []
+  for start in range(0, len(inputs), batch_size):
+    chunk = inputs[start:start + batch_size]
+    pad = batch_size - len(chunk)
+    if pad:
+      chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
+    outs.append(np.asarray(fn(chunk))[:batch_size - pad])
+  return np.concatenate(outs)
+
+
+def encoders(params, config):
+  """(images → normalized embeddings, tokens → normalized embeddings), jitted."""
+  import jax
+  from tinyclip_jax.models.clip import CLIP, l2_normalize
+  model = CLIP(config)
+  # params are arguments, not closure constants: XLA would embed constants in the program.
+  image_fn = jax.jit(lambda p, x: l2_normalize(
+      model.apply({"params": p}, x, method=CLIP.encode_image)))
+  text_fn = jax.jit(lambda p, t: l2_normalize(
+      model.apply({"params": p}, t, method=CLIP.encode_text)))
+  params = jax.device_put(params)
+  return (lambda x: image_fn(params, x)), (lambda t: text_fn(params, t))
+
+
+def write_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
+  from tinyclip_jax.convert.io import atomic_write
+  buf = io.BytesIO()
+  np.savez(buf, **arrays)
+  atomic_write(path, lambda f: f.write(buf.getvalue()))
+
+
+# --------------------------------------------------------------------------- main
+
+
+def run(argv: list[str]) -> dict[str, np.ndarray]:
+  args = _parser().parse_args(argv)
+  if args.images is None and args.texts is None:
+    raise UsageError("give --images, --texts or both; there is nothing to embed.")
+  if args.batch_size < 1:
+    raise UsageError(f"--batch_size must be at least 1, not {args.batch_size}.")
+  from tinyclip_jax.model_io import load_model
+  from tinyclip_jax.tokenizer import tokenize
+  params, config = load_model(args.checkpoint)
+  # Read every input before computing anything, so bad input fails fast.
+  images = names = tokens = None
+  if args.images is not None:
+    images, names = load_images(args.images, config.vision.image_size)
+  if args.texts is not None:
+    tokens = tokenize(load_texts(args.texts), context_length=config.text.context_length)
+  image_fn, text_fn = encoders(params, config)
+  out = {}
+  if images is not None:
+    out["image_embeds"] = batched(image_fn, images, args.batch_size).astype(np.float32)
+    out["image_files"] = np.asarray(names, dtype=str)
+  if tokens is not None:
+    out["text_embeds"] = batched(text_fn, tokens, args.batch_size).astype(np.float32)
+    out["tokens"] = tokens.astype(np.int32)
+  write_npz(args.output, out)
+  print(f"wrote {', '.join(f'{k} {v.shape}' for k, v in out.items())} to {args.output}")
+  return out
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Runs the CLI; returns the exit code (0, or 2 for bad input)."""
+  try:
+    run(sys.argv[1:] if argv is None else list(argv))
+  except (UsageError, CheckpointError, ConfigError) as e:
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    return 2
+  except OSError as e:
+    print(f"error: {e.strerror or e}: {e.filename}.", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

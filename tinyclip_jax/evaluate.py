@@ -1,0 +1,133 @@
+"""Zero-shot classification: a classifier from class names × prompt templates
+(mean of normalized text embeddings, renormalized), top-1/top-5 accuracy.
+
+Standalone: python -m tinyclip_jax.evaluate --checkpoint=DIR --dataset=synthetic
+            python -m tinyclip_jax.evaluate --checkpoint=DIR --dataset=folder:PATH
+(a folder of images with labels.json, as `python -m tinyclip_jax.data.synthetic` writes).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tinyclip_jax import preprocess, tokenizer
+from tinyclip_jax.models import CLIP, CLIPConfig, l2_normalize
+
+
+def encoders(config: CLIPConfig, params, dtype=jnp.float32):
+  """Jitted (images → normalized embeds, tokens → normalized embeds)."""
+  model = CLIP(config, dtype=dtype)
+  img = jax.jit(lambda p, x: l2_normalize(model.apply({"params": p}, x, method=CLIP.encode_image)))
+  txt = jax.jit(lambda p, t: l2_normalize(model.apply({"params": p}, t, method=CLIP.encode_text)))
+  return (lambda x: img(params, x)), (lambda t: txt(params, t))
+
+
+def _batched(fn: Callable, x: np.ndarray, batch: int) -> np.ndarray:
+  """fn over x in fixed-size batches (the last one padded, so one compilation)."""
+  out = []
+  for i in range(0, len(x), batch):
+    chunk = x[i:i + batch]
+    n = len(chunk)
+    if n < batch:
+      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n, axis=0)])
+    out.append(np.asarray(fn(chunk))[:n])
+  return np.concatenate(out)
+
+
+def zeroshot_classifier(encode_text: Callable, classnames: Sequence[str],
+                        prompts: Callable[[str], Sequence[str]], context_length: int,
+                        batch: int = 256) -> np.ndarray:
+  """(num_classes, embed_dim) unit vectors."""
+  texts = [p for c in classnames for p in prompts(c)]
+  per_class = len(prompts(classnames[0]))
+  emb = _batched(encode_text, tokenizer.tokenize(texts, context_length), batch)
+  emb = emb.reshape(len(classnames), per_class, -1).mean(axis=1)
+  return emb / np.linalg.norm(emb, axis=-1, keepdims=True)
+
+
+def zeroshot_accuracy(encode_image: Callable, classifier: np.ndarray, images: np.ndarray,
+                      labels: np.ndarray, batch: int = 256) -> dict[str, float]:
+  """images: normalized float NHWC. Returns top1/top5 in [0, 1]."""
+  logits = _batched(encode_image, images, batch) @ classifier.T
+  k = min(5, classifier.shape[0])
+  topk = np.argsort(-logits, axis=-1)[:, :k]
+  hits = topk == labels[:, None]
+  return {"top1": float(hits[:, 0].mean()), "top5": float(hits.any(axis=-1).mean())}
+
+
+def synthetic_task(num_examples: int, image_size: int, seed: int = 0):
+  """(images uint8, labels, class names, prompt fn) of the embedded zero-shot split."""
+  from tinyclip_jax.data import synthetic  # pylint: disable=import-outside-toplevel
+  spec = synthetic.SyntheticSpec(image_size=image_size, seed=seed)
+  images, labels = synthetic.make_zeroshot(spec, num_examples)
+  return images, labels, synthetic.zeroshot_classes(spec), synthetic.zeroshot_prompts
+
+
+def folder_task(path: str, image_size: int):
+  """A folder of images + labels.json ({"classes": [prompt], "labels": {file: idx}})."""
+  meta_path = os.path.join(path, "labels.json")
+  if not os.path.isfile(meta_path):
+    raise FileNotFoundError(f"{meta_path} does not exist; a dataset folder needs images and a "
+                            "labels.json (python -m tinyclip_jax.data.synthetic writes one).")
+  with open(meta_path) as f:
+    meta = json.load(f)
+  files = sorted(meta["labels"])
+  images = np.stack([preprocess.load_image(os.path.join(path, n), image_size) for n in files])
+  labels = np.array([meta["labels"][n] for n in files], np.int32)
+  return images, labels, list(meta["classes"]), lambda c: [c]
+
+
+def load_task(dataset: str, image_size: int, num_examples: int = 512, seed: int = 0):
+  """(normalized images, labels, class names, prompt fn) of a named zero-shot task."""
+  if dataset == "synthetic":
+    raw, labels, classes, prompts = synthetic_task(num_examples, image_size, seed)
+    return preprocess.normalize(raw), labels, classes, prompts
+  if dataset.startswith("folder:"):
+    return folder_task(dataset[len("folder:"):], image_size)
+  raise ValueError(f"dataset {dataset!r} is unknown; use 'synthetic' or 'folder:PATH'.")
+
+
+def zeroshot(config: CLIPConfig, params, task, batch: int = 256) -> dict[str, float]:
+  images, labels, classes, prompts = task
+  enc_img, enc_txt = encoders(config, params)
+  classifier = zeroshot_classifier(enc_txt, classes, prompts, config.text.context_length, batch)
+  return zeroshot_accuracy(enc_img, classifier, images, labels, batch)
+
+
+def evaluate(config: CLIPConfig, params, dataset: str, num_examples: int = 512,
+             batch: int = 256, seed: int = 0) -> dict[str, float]:
+  task = load_task(dataset, config.vision.image_size, num_examples, seed)
+  return zeroshot(config, params, task, batch)
+
+
+def main(argv=None) -> int:
+  from tinyclip_jax import model_io  # pylint: disable=import-outside-toplevel
+  p = argparse.ArgumentParser(prog="python -m tinyclip_jax.evaluate", description=__doc__)
+  p.add_argument("--checkpoint", required=True, help="flax model folder")
+  p.add_argument("--dataset", default="synthetic", help="'synthetic' or 'folder:PATH'")
+  p.add_argument("--num_examples", type=int, default=512)
+  p.add_argument("--batch_size", type=int, default=256)
+  p.add_argument("--output", default="", help="write the metrics as JSON here")
+  args = p.parse_args(argv)
+  try:
+    params, config = model_io.load_model(args.checkpoint)
+    metrics = evaluate(config, params, args.dataset, args.num_examples, args.batch_size)
+  except (ValueError, FileNotFoundError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(json.dumps(metrics))
+  if args.output:
+    with open(args.output, "w") as f:
+      json.dump(metrics, f, indent=2)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

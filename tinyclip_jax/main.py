@@ -1,0 +1,65 @@
+"""Entry point: python -m tinyclip_jax.main --config=configs/vit39m.py --workdir=DIR
+
+Flags only; everything else is importable (tinyclip_jax.train.loop.run) so a notebook
+can drive the same code. Any config field can be overridden: --config.batch_size=4096.
+"""
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics and exports (local or gs://).")
+config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).",
+                                lock_config=True)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _hide_accelerators_from_tf() -> None:
+  """tf.data may run in this process; it must never take GPU/TPU memory."""
+  try:
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    tf.config.set_visible_devices([], "GPU")
+  except Exception:  # noqa: BLE001 - TF not imported or already initialized
+    pass
+
+
+class _QuietLibraries(logging.logging.Filter):
+  """Orbax logs every save step at INFO; keep its warnings, drop the chatter."""
+
+  def filter(self, record):
+    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+
+
+def main(argv) -> int:
+  if len(argv) > 1:
+    print(f"error: unexpected arguments {argv[1:]}; pass settings as --config.FIELD=VALUE.",
+          file=sys.stderr)
+    return 2
+  import jax  # pylint: disable=import-outside-toplevel
+  from tinyclip_jax.train import loop, prepare  # pylint: disable=import-outside-toplevel
+  jax.config.update("jax_threefry_partitionable", True)
+  _hide_accelerators_from_tf()
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  config = FLAGS.config
+  logging.info("devices: %s", jax.devices())
+  try:
+    if config.get("demo"):
+      from tinyclip_jax import demo  # pylint: disable=import-outside-toplevel
+      demo.run(config, FLAGS.workdir)
+    else:
+      loop.run(config, FLAGS.workdir)
+  except (prepare.SetupError, loop.NonFiniteError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+def entry() -> None:
+  app.run(lambda argv: sys.exit(main(argv)))
+
+
+if __name__ == "__main__":
+  entry()

@@ -1,0 +1,98 @@
+"""The base training config. Every field a run can set lives here with its default;
+files in configs/ start from `base_config()` and override a few fields, and the
+command line overrides any of them (`--config.batch_size=4096`). A field that is
+not here is an error, so typos fail before anything compiles."""
+from __future__ import annotations
+
+import ml_collections
+
+from tinyclip_jax.models import CLIPConfig, ConfigError, text_tower, vision_tower, zoo
+
+
+def model_spec(model: str = "", checkpoint: str = "") -> ml_collections.ConfigDict:
+  """Which model: a zoo name, or `custom` sizes, optionally with a checkpoint."""
+  return ml_collections.ConfigDict({
+      "model": model,            # zoo name, e.g. "ViT-B-16"; "" to use `custom`
+      "checkpoint": checkpoint,  # flax model folder (see tinyclip_jax.convert); "" = none
+      "activation": "",          # override: "gelu" or "quick_gelu"; "" = model's own
+      "custom": ml_collections.ConfigDict({
+          "embed_dim": 0, "image_size": 224, "patch_size": 32, "vision_width": 0,
+          "vision_layers": 0, "text_width": 0, "text_layers": 0, "text_heads": 0,
+          "head_dim": 64, "context_length": 77, "vocab_size": 49408, "activation": "gelu",
+      }),
+  })
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.teacher = model_spec("ViT-B-16")
+  c.student = model_spec("TinyCLIP-ViT-39M-16-Text-19M")
+  # How the student starts: "inherit" (manual weight inheritance from the teacher),
+  # "scratch" (random init), or "checkpoint" (student.checkpoint as is).
+  c.student.init = "inherit"
+
+  c.loss = ml_collections.ConfigDict({
+      "alpha": 1.0,            # share of affinity mimicking vs. the hard CLIP loss
+      "distill_weight": 1.0,   # w
+      "image_image": 0.0,      # weights of the optional terms (0 = off)
+      "text_text": 0.0,
+      "embedding": 0.0,
+      "student_scale": 50.0,   # τ_s; learned from here when learn_scale
+      "teacher_scale": 50.0,   # τ_t
+      "learn_scale": False,
+      "max_scale": 100.0,      # clamp of a learned τ_s, as CLIP
+  })
+
+  c.optimizer = ml_collections.ConfigDict({
+      "lr": 1e-4, "warmup_steps": 2000, "end_lr": 0.0, "b1": 0.9, "b2": 0.98,
+      "eps": 1e-6, "weight_decay": 0.2, "grad_clip": 5.0,
+  })
+
+  c.total_steps = 100_000
+  c.batch_size = 1024          # global
+  c.seed = 0
+  c.log_every = 50
+  c.eval_every = 2000
+  c.checkpoint_every = 2000
+  c.keep_checkpoints = 3
+  c.max_nonfinite = 10         # stop after this many non-finite losses in a row
+
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  c.precision = "float32"      # compute dtype: "float32" or "bfloat16"
+  c.remat = False
+
+  c.data = ml_collections.ConfigDict({
+      "kind": "synthetic",     # the embedded generated dataset
+      "seed": 0,
+      "max_objects": 2,
+      "prefetch": 2,
+  })
+  c.eval = ml_collections.ConfigDict({
+      "kind": "synthetic",     # zero-shot on the generated labelled split; "" = none
+      "num_examples": 512,
+      "batch_size": 256,
+  })
+  return c
+
+
+def has_model(spec: ml_collections.ConfigDict) -> bool:
+  return bool(spec.model or spec.checkpoint or spec.custom.vision_width)
+
+
+def build_model_config(spec: ml_collections.ConfigDict, what: str) -> CLIPConfig:
+  """CLIPConfig from a model spec (zoo name or custom sizes)."""
+  if spec.model:
+    cfg = zoo.get(spec.model)
+  else:
+    m = spec.custom
+    if min(m.embed_dim, m.vision_width, m.vision_layers, m.text_width, m.text_layers) <= 0:
+      raise ConfigError(f"{what}.model is empty and {what}.custom is incomplete; set "
+                        f"{what}.model to a zoo name or fill {what}.custom's sizes.")
+    cfg = CLIPConfig(
+        m.embed_dim,
+        vision_tower(m.vision_width, m.vision_layers, m.patch_size, image_size=m.image_size,
+                     head_dim=m.head_dim),
+        text_tower(m.text_width, m.text_layers, heads=m.text_heads or None, head_dim=m.head_dim,
+                   context_length=m.context_length, vocab_size=m.vocab_size),
+        activation=m.activation)
+  return cfg.replace(activation=spec.activation) if spec.activation else cfg
