@@ -8,14 +8,12 @@ import pytest
 from tinyclip_jax.inherit import InheritError, inherit, student_config_from, uniform_layer_indices
 from tinyclip_jax.models import CLIP, CLIPConfig, param_shapes, text_tower, vision_tower, zoo
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
 ACT = "quick_gelu"
 VOCAB, CTX, IMG, PATCH = 100, 16, 32, 8
 
 
 def hf_config(width, layers, heads, mlp, proj):
+  transformers = pytest.importorskip("transformers")
   tower = dict(hidden_size=width, intermediate_size=mlp, num_attention_heads=heads,
                num_hidden_layers=layers, hidden_act=ACT)
   return transformers.CLIPConfig(
@@ -30,53 +28,13 @@ def our_config(width, layers, heads, mlp, proj):
                                vocab_size=VOCAB), activation=ACT)
 
 
-def hf_to_params(sd, cfg: CLIPConfig):
-  """HF CLIPModel state dict (numpy) → canonical params (the layout in models/clip.py)."""
-  try:  # the package's converter, where it exists
-    from tinyclip_jax.convert.hf import from_hf
-  except ImportError:
-    from_hf = None
-  if from_hf is not None:
-    params, _ = from_hf(sd, _hf_config_dict(cfg))
-    return params
-
-  def ln(p):
-    return {"scale": sd[p + ".weight"], "bias": sd[p + ".bias"]}
-
-  def layers(prefix, tc):
-    out, d = {}, tc.head_dim
-    for i in range(tc.layers):
-      q, h, w = f"{prefix}.encoder.layers.{i}.", tc.heads[i], tc.width
-      wqkv = np.stack([sd[q + f"self_attn.{x}_proj.weight"] for x in "qkv"])  # (3, h*d, w)
-      bqkv = np.stack([sd[q + f"self_attn.{x}_proj.bias"] for x in "qkv"])
-      out[f"layers_{i}"] = {
-          "ln_1": ln(q + "layer_norm1"), "ln_2": ln(q + "layer_norm2"),
-          "attn": {"in_proj_kernel": wqkv.reshape(3, h, d, w).transpose(3, 0, 1, 2),
-                   "in_proj_bias": bqkv.reshape(3, h, d),
-                   "out_proj_kernel": sd[q + "self_attn.out_proj.weight"].T.reshape(h, d, w),
-                   "out_proj_bias": sd[q + "self_attn.out_proj.bias"]},
-          "mlp": {"c_fc": {"kernel": sd[q + "mlp.fc1.weight"].T, "bias": sd[q + "mlp.fc1.bias"]},
-                  "c_proj": {"kernel": sd[q + "mlp.fc2.weight"].T,
-                             "bias": sd[q + "mlp.fc2.bias"]}}}
-    return out
-
-  v, t = "vision_model", "text_model"
-  return {
-      "visual": {"conv1": sd[v + ".embeddings.patch_embedding.weight"].transpose(2, 3, 1, 0),
-                 "class_embedding": sd[v + ".embeddings.class_embedding"],
-                 "positional_embedding": sd[v + ".embeddings.position_embedding.weight"],
-                 "ln_pre": ln(v + ".pre_layrnorm"), **layers(v, cfg.vision),
-                 "ln_post": ln(v + ".post_layernorm"), "proj": sd["visual_projection.weight"].T},
-      "text": {"token_embedding": sd[t + ".embeddings.token_embedding.weight"],
-               "positional_embedding": sd[t + ".embeddings.position_embedding.weight"],
-               **layers(t, cfg.text), "ln_final": ln(t + ".final_layer_norm"),
-               "text_projection": sd["text_projection.weight"].T},
-      "logit_scale": sd["logit_scale"]}
-
-
-def _hf_config_dict(cfg: CLIPConfig):
-  w, l, h, m = cfg.vision.width, cfg.vision.layers, cfg.vision.heads[0], cfg.vision.mlp[0]
-  return hf_config(w, l, h, m, cfg.embed_dim).to_dict()
+def hf_to_params(model, cfg: CLIPConfig):
+  """Canonical params of a transformers CLIPModel, via the package's converter."""
+  from tinyclip_jax.convert.hf import from_hf
+  sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+  params, got = from_hf(sd, model.config.to_dict())
+  assert got == cfg, (got, cfg)
+  return params
 
 
 def torch_slice(sd_t, idx, w, h, m, e, d=64):
@@ -121,11 +79,14 @@ def torch_slice(sd_t, idx, w, h, m, e, d=64):
 
 @pytest.fixture(scope="module")
 def hf_pair():
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
   torch.manual_seed(0)
   teacher = transformers.CLIPModel(hf_config(128, 4, 2, 256, 32)).eval()
   with torch.no_grad():  # random LayerNorms too, so a wrong slice cannot hide behind ones/zeros
     for name, p in teacher.named_parameters():
-      p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name and name.endswith("weight") else 0))
+      one = "norm" in name and name.endswith("weight")
+      p.copy_(torch.randn_like(p) * 0.1 + (1.0 if one else 0.0))
   idx = uniform_layer_indices(4, 2)
   student = transformers.CLIPModel(hf_config(64, 2, 1, 128, 16)).eval()
   student.load_state_dict(torch_slice(teacher.state_dict(), idx, w=64, h=1, m=128, e=16),
@@ -138,10 +99,6 @@ def _random_params(cfg, seed=0):
   rng = np.random.RandomState(seed)
   return jax.tree_util.tree_map(lambda x: np.asarray(rng.randn(*x.shape), np.float32),
                                 param_shapes(cfg))
-
-
-def _np_sd(model):
-  return {k: v.detach().numpy() for k, v in model.state_dict().items()}
 
 
 def test_uniform_layer_indices():
@@ -158,13 +115,14 @@ def test_uniform_layer_indices():
 
 
 def test_matches_torch_slicing(hf_pair):
+  import torch
   teacher, student, idx = hf_pair
   assert idx == [0, 2]
   t_cfg, s_cfg = our_config(128, 4, 2, 256, 32), our_config(64, 2, 1, 128, 16)
-  ours = inherit(hf_to_params(_np_sd(teacher), t_cfg), t_cfg, s_cfg)
+  ours = inherit(hf_to_params(teacher, t_cfg), t_cfg, s_cfg)
 
   # Leaf by leaf: exactly the torch-sliced student, mapped to the canonical layout.
-  ref = hf_to_params(_np_sd(student), s_cfg)
+  ref = hf_to_params(student, s_cfg)
   flat_ours = jax.tree_util.tree_leaves_with_path(ours)
   assert jax.tree_util.tree_structure(ours) == jax.tree_util.tree_structure(ref)
   for (path, a), b in zip(flat_ours, jax.tree_util.tree_leaves(ref)):
@@ -250,7 +208,8 @@ def test_pruned_layers():
                             vocab_size=VOCAB))
   tp = _random_params(t, 1)
   got = inherit(tp, t, s, layer_indices={"visual": [0, 2, 3]})
-  assert jax.tree_util.tree_map(jnp.shape, got) == jax.tree_util.tree_map(jnp.shape, param_shapes(s))
+  shapes = lambda tree: jax.tree_util.tree_map(jnp.shape, tree)  # noqa: E731
+  assert shapes(got) == shapes(param_shapes(s))
   assert "layers_1" not in got["visual"]  # fully pruned: a layer without params
   assert "attn" not in got["text"]["layers_0"] and "mlp" not in got["text"]["layers_1"]
   np.testing.assert_array_equal(got["visual"]["layers_0"]["attn"]["in_proj_kernel"],
@@ -263,22 +222,32 @@ def test_pruned_layers():
             layer_indices={"visual": [0, 1, 3]})
 
 
+def _vit(*a, **kw):
+  return lambda t: t.replace(vision=vision_tower(*a, **kw))
+
+
+def _txt(*a, **kw):
+  return lambda t: t.replace(text=text_tower(*a, **kw))
+
+
 @pytest.mark.parametrize("change,match", [
-    (lambda t: t.replace(vision=vision_tower(1024, 12, 16)), "vision width 1024 exceeds teacher vision width 768"),
-    (lambda t: t.replace(text=text_tower(512, 13, heads=8)), "text layers 13 exceeds teacher text layers 12"),
-    (lambda t: t.replace(vision=vision_tower(768, 12, 32)), "vision patch_size 32 differs"),
-    (lambda t: t.replace(vision=vision_tower(768, 12, 16, image_size=256)), "vision image_size 256 differs"),
-    (lambda t: t.replace(text=text_tower(512, 12, heads=8, context_length=64)), "text context_length 64 differs"),
-    (lambda t: t.replace(text=text_tower(512, 12, heads=8, vocab_size=1000)), "text vocab_size 1000 differs"),
-    (lambda t: t.replace(text=text_tower(512, 12, heads=16, head_dim=32)), "text head_dim 32 differs"),
+    (_vit(1024, 12, 16), "vision width 1024 exceeds teacher vision width 768"),
+    (_txt(512, 13, heads=8), "text layers 13 exceeds teacher text layers 12"),
+    (_vit(768, 12, 32), "vision patch_size 32 differs"),
+    (_vit(768, 12, 16, image_size=256), "vision image_size 256 differs"),
+    (_txt(512, 12, heads=8, context_length=64), "text context_length 64 differs"),
+    (_txt(512, 12, heads=8, vocab_size=1000), "text vocab_size 1000 differs"),
+    (_txt(512, 12, heads=16, head_dim=32), "text head_dim 32 differs"),
     (lambda t: t.replace(embed_dim=768), "embed_dim 768 exceeds"),
-    (lambda t: t.replace(vision=vision_tower(768, 12, 16, mlp=4096)), "vision layer 0 mlp 4096 exceeds teacher vision layer 0 mlp 3072"),
-    (lambda t: t.replace(vision=vision_tower(512, 6, 16, heads=(8,) * 5 + (13,))), "vision layer 5 heads 13 exceeds teacher vision layer 10 heads 12"),
+    (_vit(768, 12, 16, mlp=4096),
+     "vision layer 0 mlp 4096 exceeds teacher vision layer 0 mlp 3072"),
+    (_vit(512, 6, 16, heads=(8,) * 5 + (13,)),
+     "vision layer 5 heads 13 exceeds teacher vision layer 10 heads 12"),
 ])
 def test_errors(change, match):
   t = zoo.get("ViT-B-16")
-  with pytest.raises(InheritError, match=match):
-    jax.eval_shape(lambda p: inherit(p, t, change(t)), param_shapes(t))
+  with pytest.raises(InheritError, match=match):  # configs are checked before any params
+    inherit({}, t, change(t))
 
 
 def test_teacher_params_must_match_teacher_config():

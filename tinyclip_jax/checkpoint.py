@@ -10,8 +10,10 @@ import orbax.checkpoint as ocp
 
 def manager(workdir: str, keep: int) -> ocp.CheckpointManager:
   path = os.path.join(workdir, "checkpoints") if "://" not in workdir else workdir + "/checkpoints"
+  # create=False: the folder appears with the first save, so a run that fails its
+  # setup (bad mesh, missing teacher, ...) leaves nothing behind.
   return ocp.CheckpointManager(
-      path, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+      path, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=False,
                                                  enable_async_checkpointing=True))
 
 

@@ -360,7 +360,8 @@ def _fsync_dir(folder: str) -> None:
 def write_safetensors_atomic(path, tensors: Mapping[str, Any],
                              metadata: Mapping[str, str] | None = None) -> None:
   from safetensors.numpy import save
-  arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+  # asarray, not ascontiguousarray: the latter turns 0-d arrays (logit_scale) into 1-d.
+  arrays = {k: np.asarray(v, order="C") for k, v in tensors.items()}
   data = save(arrays, metadata=dict(metadata) if metadata else None)
   atomic_write(path, lambda f: f.write(data))
 
@@ -368,5 +369,5 @@ def write_safetensors_atomic(path, tensors: Mapping[str, Any],
 def write_torch_atomic(path, tensors: Mapping[str, Any]) -> None:
   """torch.save of {name: tensor} (what open_clip's loaders read), atomically."""
   import torch
-  sd = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()}
+  sd = {k: torch.from_numpy(np.asarray(v, order="C")) for k, v in tensors.items()}
   atomic_write(path, lambda f: torch.save(sd, f))

@@ -23,7 +23,8 @@ import numpy as np
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring", "star", "crescent")
 COLOURS = {  # name -> RGB; backgrounds are achromatic so colour words are unambiguous
     "red": (220, 40, 40), "green": (40, 175, 60), "blue": (45, 85, 225), "yellow": (235, 220, 50),
-    "orange": (245, 140, 30), "purple": (140, 60, 190), "cyan": (40, 200, 215), "pink": (240, 120, 180),
+    "orange": (245, 140, 30), "purple": (140, 60, 190), "cyan": (40, 200, 215),
+    "pink": (240, 120, 180),
 }
 COLOUR_NAMES = tuple(COLOURS)
 PALETTE = np.array([COLOURS[c] for c in COLOUR_NAMES], np.float32)
@@ -42,18 +43,18 @@ _CELLS = tuple(_POS_NAMES)
 
 
 def _cheb(a, b):
-    return max(abs(a[0] - b[0]), abs(a[1] - b[1]))
+  return max(abs(a[0] - b[0]), abs(a[1] - b[1]))
 
 
 def _layouts(k, start=0, chosen=()):
-    """All k-subsets of grid cells with pairwise Chebyshev distance >= 2 (objects never touch)."""
-    if k == 0:
-        return [chosen]
-    out = []
-    for i in range(start, len(_CELLS)):
-        if all(_cheb(_CELLS[i], c) >= 2 for c in chosen):
-            out += _layouts(k - 1, i + 1, chosen + (_CELLS[i],))
-    return out
+  """All k-subsets of grid cells with pairwise Chebyshev distance >= 2 (objects never touch)."""
+  if k == 0:
+    return [chosen]
+  out = []
+  for i in range(start, len(_CELLS)):
+    if all(_cheb(_CELLS[i], c) >= 2 for c in chosen):
+      out += _layouts(k - 1, i + 1, chosen + (_CELLS[i],))
+  return out
 
 
 _LAYOUTS = {k: _layouts(k) for k in range(1, 5)}  # 9, 16, 8 and 1 layouts
@@ -61,24 +62,24 @@ _LAYOUTS = {k: _layouts(k) for k in range(1, 5)}  # 9, 16, 8 and 1 layouts
 
 @dataclasses.dataclass(frozen=True)
 class SyntheticSpec:
-    image_size: int = 64
-    seed: int = 0
-    max_objects: int = 2           # 1..4 for 'train'/'eval'; 'zeroshot' always has 1
-    single_object_prob: float = 0.5
-    colour_jitter: float = 20.0    # +- per RGB channel
+  image_size: int = 64
+  seed: int = 0
+  max_objects: int = 2           # 1..4 for 'train'/'eval'; 'zeroshot' always has 1
+  single_object_prob: float = 0.5
+  colour_jitter: float = 20.0    # +- per RGB channel
 
-    def __post_init__(self):
-        if not 16 <= self.image_size <= 1024:
-            raise ValueError(f"image_size must be in [16, 1024], got {self.image_size}")
-        if not 1 <= self.max_objects <= 4:
-            raise ValueError(f"max_objects must be in [1, 4], got {self.max_objects}")
-        if not 0.0 <= self.single_object_prob <= 1.0:
-            raise ValueError(f"single_object_prob must be in [0, 1], got {self.single_object_prob}")
+  def __post_init__(self):
+    if not 16 <= self.image_size <= 1024:
+      raise ValueError(f"image_size must be in [16, 1024], got {self.image_size}")
+    if not 1 <= self.max_objects <= 4:
+      raise ValueError(f"max_objects must be in [1, 4], got {self.max_objects}")
+    if not 0.0 <= self.single_object_prob <= 1.0:
+      raise ValueError(f"single_object_prob must be in [0, 1], got {self.single_object_prob}")
 
 
 def zeroshot_classes(spec: SyntheticSpec | None = None) -> list[str]:
-    """Class names 'colour shape'; label = colour_index * len(SHAPES) + shape_index."""
-    return [f"{c} {s}" for c in COLOUR_NAMES for s in SHAPES]
+  """Class names 'colour shape'; label = colour_index * len(SHAPES) + shape_index."""
+  return [f"{c} {s}" for c in COLOUR_NAMES for s in SHAPES]
 
 
 _PROMPTS = ("a photo of {}.", "a picture of {}.", "an image of {}.", "a drawing of {}.",
@@ -86,71 +87,75 @@ _PROMPTS = ("a photo of {}.", "a picture of {}.", "an image of {}.", "a drawing 
 
 
 def _a(phrase):
-    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+  return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
 def zeroshot_prompts(class_name: str) -> list[str]:
-    """Prompt templates for one class; the first is the canonical 'a photo of a {class}.'."""
-    return [t.format(class_name) if t.startswith(("a small", "a large")) else t.format(_a(class_name))
-            for t in _PROMPTS]
+  """Prompt templates for one class; the first is the canonical 'a photo of a {class}.'."""
+  return [t.format(class_name) if t.startswith(("a small", "a large")) else t.format(_a(class_name))
+          for t in _PROMPTS]
 
 
 # ---- sampling --------------------------------------------------------------------------------
 
 def _pick(u, seq):
-    return seq[min(int(u * len(seq)), len(seq) - 1)]
+  return seq[min(int(u * len(seq)), len(seq) - 1)]
 
 
 def _sample(spec, split, index):
-    """Attributes and render parameters of one example, from its own counter-seeded stream."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLITS)}")
-    if index < 0:
-        raise ValueError(f"index must be >= 0, got {index}")
-    rng = np.random.default_rng([spec.seed, SPLITS[split], index])
-    u = rng.random(72)  # fixed draw count: u[0:8] global, u[8:16] background, 14 per object
-    S = spec.image_size
-    if split == "zeroshot" or spec.max_objects == 1 or u[0] < spec.single_object_prob:
-        n = 1
-    else:
-        n = 2 + min(int(u[1] * (spec.max_objects - 1)), spec.max_objects - 2)
-    cells = _pick(u[2], _LAYOUTS[n])
-    bg = _pick(u[8], BACKGROUNDS)
-    b = u[9:16]
-    bgp = {"kind": bg, "level": {"black": 10 + 30 * b[0], "white": 215 + 35 * b[0]}.get(bg, 90 + 80 * b[0]),
-           "contrast": 40 + 50 * b[1], "period": S * (0.12 + 0.15 * b[2]), "angle": np.pi * b[3],
-           "phase": b[4]}
-    if bg == "noisy":
-        bgp["noise"] = rng.normal(0.0, 28.0, (S, S)).astype(np.float32)
-    objs = []
-    for k in range(n):
-        v = u[16 + 14 * k: 30 + 14 * k]
-        if split == "zeroshot":
-            label = index % (len(COLOUR_NAMES) * len(SHAPES))
-            colour, shape = COLOUR_NAMES[label // len(SHAPES)], SHAPES[label % len(SHAPES)]
-        else:
-            colour, shape = _pick(v[0], COLOUR_NAMES), _pick(v[1], SHAPES)
-        size = _pick(v[2], SIZES)
-        lo, hi = _SIZE_RANGE[size]
-        row, col = cells[k]
-        rgb = tuple(min(255.0, max(0.0, c + spec.colour_jitter * (2 * j - 1))) for c, j in zip(COLOURS[colour], v[3:6]))
-        objs.append({"shape": shape, "colour": colour, "size": size, "position": _POS_NAMES[(row, col)],
-                     "center": (float(S * (_GRID[col] + _JITTER * (2 * v[6] - 1))),
-                                float(S * (_GRID[row] + _JITTER * (2 * v[7] - 1)))),
-                     "radius": float(S * (lo + (hi - lo) * v[8])),
-                     "angle": float(np.pi / 6 * (v[9] - 0.5)), "rgb": rgb,
-                     "_u": v[10:14]})
-    attrs = {"objects": objs, "background": bg}
+  """Attributes and render parameters of one example, from its own counter-seeded stream."""
+  if split not in SPLITS:
+    raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLITS)}")
+  if index < 0:
+    raise ValueError(f"index must be >= 0, got {index}")
+  rng = np.random.default_rng([spec.seed, SPLITS[split], index])
+  u = rng.random(72)  # fixed draw count: u[0:8] global, u[8:16] background, 14 per object
+  S = spec.image_size
+  if split == "zeroshot" or spec.max_objects == 1 or u[0] < spec.single_object_prob:
+    n = 1
+  else:
+    n = 2 + min(int(u[1] * (spec.max_objects - 1)), spec.max_objects - 2)
+  cells = _pick(u[2], _LAYOUTS[n])
+  bg = _pick(u[8], BACKGROUNDS)
+  b = u[9:16]
+  level = {"black": 10 + 30 * b[0], "white": 215 + 35 * b[0]}.get(bg, 90 + 80 * b[0])
+  bgp = {"kind": bg, "level": level,
+         "contrast": 40 + 50 * b[1], "period": S * (0.12 + 0.15 * b[2]), "angle": np.pi * b[3],
+         "phase": b[4]}
+  if bg == "noisy":
+    bgp["noise"] = rng.normal(0.0, 28.0, (S, S)).astype(np.float32)
+  objs = []
+  for k in range(n):
+    v = u[16 + 14 * k: 30 + 14 * k]
     if split == "zeroshot":
-        attrs["label"] = index % (len(COLOUR_NAMES) * len(SHAPES))
-    return attrs, bgp, u[3:8]
+      label = index % (len(COLOUR_NAMES) * len(SHAPES))
+      colour, shape = COLOUR_NAMES[label // len(SHAPES)], SHAPES[label % len(SHAPES)]
+    else:
+      colour, shape = _pick(v[0], COLOUR_NAMES), _pick(v[1], SHAPES)
+    size = _pick(v[2], SIZES)
+    lo, hi = _SIZE_RANGE[size]
+    row, col = cells[k]
+    rgb = tuple(min(255.0, max(0.0, c + spec.colour_jitter * (2 * j - 1)))
+                for c, j in zip(COLOURS[colour], v[3:6]))
+    objs.append({"shape": shape, "colour": colour, "size": size, "position": _POS_NAMES[(row, col)],
+                 "center": (float(S * (_GRID[col] + _JITTER * (2 * v[6] - 1))),
+                            float(S * (_GRID[row] + _JITTER * (2 * v[7] - 1)))),
+                 "radius": float(S * (lo + (hi - lo) * v[8])),
+                 "angle": float(np.pi / 6 * (v[9] - 0.5)), "rgb": rgb,
+                 "_u": v[10:14]})
+  attrs = {"objects": objs, "background": bg}
+  if split == "zeroshot":
+    attrs["label"] = index % (len(COLOUR_NAMES) * len(SHAPES))
+  return attrs, bgp, u[3:8]
 
 
 # ---- captions --------------------------------------------------------------------------------
 
 _POS_PHRASES = {"corner": ("in the {} corner", "at the {}", "in the {}"),
-                "top": ("at the {}", "near the {}", "along the {}"), "bottom": ("at the {}", "near the {}", "along the {}"),
-                "left": ("on the {}", "at the {}", "on the {} side"), "right": ("on the {}", "at the {}", "on the {} side"),
+                "top": ("at the {}", "near the {}", "along the {}"),
+                "bottom": ("at the {}", "near the {}", "along the {}"),
+                "left": ("on the {}", "at the {}", "on the {} side"),
+                "right": ("on the {}", "at the {}", "on the {} side"),
                 "centre": ("in the centre", "in the middle", "at the center")}
 _OBJ_TEMPLATES = ("{size} {colour} {shape} {pos}", "{size} {colour} {shape} located {pos}",
                   "{size} {shape} in {colour} {pos}", "{colour} {size} {shape} {pos}")
@@ -160,194 +165,202 @@ _IMG_TEMPLATES = ("{objs}, on a {bg} background.", "a {bg} background with {objs
 
 
 def _caption(attrs, u):
-    phrases = []
-    for o in attrs["objects"]:
-        w = o["_u"]
-        pos = o["position"]
-        key = "corner" if " " in pos else pos
-        fields = {"size": _pick(w[0], _SIZE_WORDS[o["size"]]), "colour": o["colour"], "shape": o["shape"],
-                  "pos": _pick(w[1], _POS_PHRASES[key]).format(pos)}
-        phrases.append(_a(_pick(w[2], _OBJ_TEMPLATES).format(**fields)))
-    if u[0] < 0.5:  # caption order need not be drawing order
-        phrases = phrases[::-1]
-    objs = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
-    return _pick(u[1], _IMG_TEMPLATES).format(objs=objs, bg=attrs["background"])
+  phrases = []
+  for o in attrs["objects"]:
+    w = o["_u"]
+    pos = o["position"]
+    key = "corner" if " " in pos else pos
+    fields = {"size": _pick(w[0], _SIZE_WORDS[o["size"]]), "colour": o["colour"],
+              "shape": o["shape"],
+              "pos": _pick(w[1], _POS_PHRASES[key]).format(pos)}
+    phrases.append(_a(_pick(w[2], _OBJ_TEMPLATES).format(**fields)))
+  if u[0] < 0.5:  # caption order need not be drawing order
+    phrases = phrases[::-1]
+  objs = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+  return _pick(u[1], _IMG_TEMPLATES).format(objs=objs, bg=attrs["background"])
 
 
 def _public(attrs):
-    objs = [{k: v for k, v in o.items() if k not in ("rgb", "_u", "angle")} for o in attrs["objects"]]
-    return {**attrs, "objects": objs}
+  objs = [{k: v for k, v in o.items() if k not in ("rgb", "_u", "angle")} for o in attrs["objects"]]
+  return {**attrs, "objects": objs}
 
 
 # ---- rendering (vectorised over the batch) ----------------------------------------------------
 
 def _sdf(shape, x, y):
-    """Approximate signed distance in units of the object radius (negative inside)."""
-    if shape == "circle":
-        return np.hypot(x, y) - 0.95
-    if shape == "square":
-        return np.maximum(abs(x), abs(y)) - 0.82
-    if shape == "triangle":  # pointing up (image y grows downwards)
-        return np.maximum(y - 0.55, np.maximum(0.866 * x - 0.5 * y, -0.866 * x - 0.5 * y) - 0.55)
-    if shape == "diamond":
-        return (abs(x) + abs(y) - 1.1) * 0.7071
-    if shape == "cross":
-        ax, ay = abs(x), abs(y)
-        return np.minimum(np.maximum(ax - 1.0, ay - 0.33), np.maximum(ax - 0.33, ay - 1.0))
-    if shape == "ring":
-        return abs(np.hypot(x, y) - 0.74) - 0.24
-    if shape == "star":  # five soft points, one pointing up
-        return (np.hypot(x, y) - 0.62 - 0.4 * np.cos(5 * np.arctan2(x, -y))) * 0.6
-    if shape == "crescent":
-        return np.maximum(np.hypot(x, y) - 1.0, 0.85 - np.hypot(x - 0.45, y + 0.3))
-    raise ValueError(shape)
+  """Approximate signed distance in units of the object radius (negative inside)."""
+  if shape == "circle":
+    return np.hypot(x, y) - 0.95
+  if shape == "square":
+    return np.maximum(abs(x), abs(y)) - 0.82
+  if shape == "triangle":  # pointing up (image y grows downwards)
+    return np.maximum(y - 0.55, np.maximum(0.866 * x - 0.5 * y, -0.866 * x - 0.5 * y) - 0.55)
+  if shape == "diamond":
+    return (abs(x) + abs(y) - 1.1) * 0.7071
+  if shape == "cross":
+    ax, ay = abs(x), abs(y)
+    return np.minimum(np.maximum(ax - 1.0, ay - 0.33), np.maximum(ax - 0.33, ay - 1.0))
+  if shape == "ring":
+    return abs(np.hypot(x, y) - 0.74) - 0.24
+  if shape == "star":  # five soft points, one pointing up
+    return (np.hypot(x, y) - 0.62 - 0.4 * np.cos(5 * np.arctan2(x, -y))) * 0.6
+  if shape == "crescent":
+    return np.maximum(np.hypot(x, y) - 1.0, 0.85 - np.hypot(x - 0.45, y + 0.3))
+  raise ValueError(shape)
 
 
 def _backgrounds(bgps, S):
-    xs = np.arange(S, dtype=np.float32) + 0.5
-    out = np.empty((len(bgps), S, S), np.float32)
-    for kind in set(p["kind"] for p in bgps):
-        idx = [i for i, p in enumerate(bgps) if p["kind"] == kind]
-        g = lambda key: np.array([bgps[i][key] for i in idx], np.float32)[:, None, None]  # noqa: E731
-        level = g("level")
-        if kind in ("black", "white", "grey"):
-            out[idx] = np.broadcast_to(level, (len(idx), S, S))
-            continue
-        ang = g("angle")
-        t = np.cos(ang) * xs[None, None, :] + np.sin(ang) * xs[None, :, None]  # coordinate along angle
-        if kind == "striped":
-            val = level + g("contrast") * np.sign(np.sin(2 * np.pi * (t / g("period") + g("phase")))) / 2
-        elif kind == "checkered":
-            per = g("period")
-            cell = np.floor(xs[None, None, :] / per + g("phase")) + np.floor(xs[None, :, None] / per)
-            val = level + g("contrast") * (np.mod(cell, 2) - 0.5)
-        elif kind == "gradient":
-            val = level + 1.6 * g("contrast") * (t / (S * 1.42) - 0.35)
-        else:  # noisy
-            val = level + np.stack([bgps[i]["noise"] for i in idx])
-        out[idx] = val
-    return out
+  xs = np.arange(S, dtype=np.float32) + 0.5
+  out = np.empty((len(bgps), S, S), np.float32)
+  for kind in set(p["kind"] for p in bgps):
+    idx = [i for i, p in enumerate(bgps) if p["kind"] == kind]
+    g = lambda key: np.array([bgps[i][key] for i in idx], np.float32)[:, None, None]  # noqa: E731
+    level = g("level")
+    if kind in ("black", "white", "grey"):
+      out[idx] = np.broadcast_to(level, (len(idx), S, S))
+      continue
+    ang = g("angle")
+    t = np.cos(ang) * xs[None, None, :] + np.sin(ang) * xs[None, :, None]  # coordinate along angle
+    if kind == "striped":
+      val = level + g("contrast") * np.sign(np.sin(2 * np.pi * (t / g("period") + g("phase")))) / 2
+    elif kind == "checkered":
+      per = g("period")
+      cell = np.floor(xs[None, None, :] / per + g("phase")) + np.floor(xs[None, :, None] / per)
+      val = level + g("contrast") * (np.mod(cell, 2) - 0.5)
+    elif kind == "gradient":
+      val = level + 1.6 * g("contrast") * (t / (S * 1.42) - 0.35)
+    else:  # noisy
+      val = level + np.stack([bgps[i]["noise"] for i in idx])
+    out[idx] = val
+  return out
 
 
 def _render(samples, S):
-    bg = np.clip(_backgrounds([b for _, b, _ in samples], S), 0, 255)
-    cover = np.zeros((len(samples), S, S), np.float32)    # summed object alpha (objects never overlap)
-    paint = np.zeros((len(samples), S, S, 3), np.float32)  # summed alpha * colour
-    B = min(S, int(np.ceil(2.4 * _SIZE_RANGE["large"][1] * S)) + 4)  # box holding any object (extent < 1.2 r)
-    ar = np.arange(B)
-    for slot in range(max(len(a["objects"]) for a, _, _ in samples)):
-        objs = [(i, a["objects"][slot]) for i, (a, _, _) in enumerate(samples) if slot < len(a["objects"])]
-        for shape in SHAPES:
-            sel = [(i, o) for i, o in objs if o["shape"] == shape]
-            if not sel:
-                continue
-            ii = np.array([i for i, _ in sel])[:, None, None]
-            p = np.array([(*o["center"], o["radius"], o["angle"]) for _, o in sel], np.float32)
-            ox, oy = (np.clip(np.rint(p[:, k] - B / 2), 0, S - B).astype(np.int64)[:, None, None] for k in (0, 1))
-            cx, cy, r, ang = (p[:, k, None, None] for k in range(4))
-            dx, dy = ox + ar[None, None, :] + 0.5 - cx, oy + ar[None, :, None] + 0.5 - cy  # pixel centres
-            c, s = np.cos(ang), np.sin(ang)
-            alpha = np.minimum(np.maximum(0.5 - _sdf(shape, (c * dx + s * dy) / r, (c * dy - s * dx) / r) * r, 0), 1)
-            yy, xx = oy + ar[None, :, None], ox + ar[None, None, :]
-            cover[ii, yy, xx] += alpha
-            paint[ii, yy, xx] += alpha[..., None] * np.array([o["rgb"] for _, o in sel], np.float32)[:, None, None, :]
-    cover = np.minimum(cover, 1.0)
-    img = (bg * (1 - cover))[..., None] + paint + 0.5
-    return np.minimum(img, 255.0).astype(np.uint8)
+  bg = np.clip(_backgrounds([b for _, b, _ in samples], S), 0, 255)
+  cover = np.zeros((len(samples), S, S), np.float32)  # summed alpha (objects never overlap)
+  paint = np.zeros((len(samples), S, S, 3), np.float32)  # summed alpha * colour
+  # Each object is drawn in a B x B box; shapes reach < 1.2 radius from their centre.
+  B = min(S, int(np.ceil(2.4 * _SIZE_RANGE["large"][1] * S)) + 4)
+  ar = np.arange(B)
+  for slot in range(max(len(a["objects"]) for a, _, _ in samples)):
+    objs = [(i, a["objects"][slot]) for i, (a, _, _) in enumerate(samples)
+            if slot < len(a["objects"])]
+    for shape in SHAPES:
+      sel = [(i, o) for i, o in objs if o["shape"] == shape]
+      if not sel:
+        continue
+      ii = np.array([i for i, _ in sel])[:, None, None]
+      p = np.array([(*o["center"], o["radius"], o["angle"]) for _, o in sel], np.float32)
+      ox, oy = (np.clip(np.rint(p[:, k] - B / 2), 0, S - B).astype(np.int64)[:, None, None]
+                for k in (0, 1))
+      cx, cy, r, ang = (p[:, k, None, None] for k in range(4))
+      dx, dy = ox + ar[None, None, :] + 0.5 - cx, oy + ar[None, :, None] + 0.5 - cy  # pixel centres
+      c, s = np.cos(ang), np.sin(ang)
+      dist = _sdf(shape, (c * dx + s * dy) / r, (c * dy - s * dx) / r) * r  # in pixels
+      alpha = np.minimum(np.maximum(0.5 - dist, 0), 1)
+      yy, xx = oy + ar[None, :, None], ox + ar[None, None, :]
+      cover[ii, yy, xx] += alpha
+      rgb = np.array([o["rgb"] for _, o in sel], np.float32)[:, None, None, :]
+      paint[ii, yy, xx] += alpha[..., None] * rgb
+  cover = np.minimum(cover, 1.0)
+  img = (bg * (1 - cover))[..., None] + paint + 0.5
+  return np.minimum(img, 255.0).astype(np.uint8)
 
 
 # ---- public API -------------------------------------------------------------------------------
 
 def make_batch(spec: SyntheticSpec, split: str, start: int, count: int) -> dict:
-    """Examples start..start+count-1: {'images': uint8 NHWC, 'captions': [str], 'attributes': [dict]}."""
-    if count <= 0:
-        raise ValueError(f"count must be > 0, got {count}")
-    samples = [_sample(spec, split, i) for i in range(start, start + count)]
-    return {"images": _render(samples, spec.image_size),
-            "captions": [_caption(a, u) for a, _, u in samples],
-            "attributes": [_public(a) for a, _, _ in samples]}
+  """Examples start..start+count-1 as
+  {'images': uint8 NHWC, 'captions': [str], 'attributes': [dict]}."""
+  if count <= 0:
+    raise ValueError(f"count must be > 0, got {count}")
+  samples = [_sample(spec, split, i) for i in range(start, start + count)]
+  return {"images": _render(samples, spec.image_size),
+          "captions": [_caption(a, u) for a, _, u in samples],
+          "attributes": [_public(a) for a, _, _ in samples]}
 
 
 def make_example(spec: SyntheticSpec, split: str, index: int) -> tuple[np.ndarray, str, dict]:
-    b = make_batch(spec, split, index, 1)
-    return b["images"][0], b["captions"][0], b["attributes"][0]
+  b = make_batch(spec, split, index, 1)
+  return b["images"][0], b["captions"][0], b["attributes"][0]
 
 
 def make_zeroshot(spec: SyntheticSpec, count: int, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Single-object images and int32 labels into zeroshot_classes(spec) (balanced: index % classes)."""
-    b = make_batch(spec, "zeroshot", start, count)
-    return b["images"], np.array([a["label"] for a in b["attributes"]], np.int32)
+  """Single-object images and int32 labels into zeroshot_classes(spec); label = index % classes."""
+  b = make_batch(spec, "zeroshot", start, count)
+  return b["images"], np.array([a["label"] for a in b["attributes"]], np.int32)
 
 
 # ---- CLI --------------------------------------------------------------------------------------
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        sys.stderr.write(f"error: {message}\n")
-        sys.exit(2)
+  def error(self, message):
+    sys.stderr.write(f"error: {message}\n")
+    sys.exit(2)
 
 
 def _write(args, tmp):
-    from PIL import Image  # only the CLI needs pillow
-    spec = SyntheticSpec(image_size=args.image_size, seed=args.seed)
-    split = "train" if args.split == "train" else "zeroshot"
-    meta = {}
-    for start in range(0, args.num, 256):
-        b = make_batch(spec, split, start, min(256, args.num - start))
-        for j, im in enumerate(b["images"]):
-            name = f"{start + j:05d}.png"
-            Image.fromarray(im).save(os.path.join(tmp, name))
-            meta[name] = b["captions"][j] if split == "train" else b["attributes"][j]["label"]
-    if split == "train":
-        out = ("captions.json", meta)
-    else:
-        names = zeroshot_classes(spec)
-        out = ("labels.json", {"classes": [zeroshot_prompts(c)[0] for c in names], "class_names": names,
-                               "labels": meta})
-    with open(os.path.join(tmp, out[0]), "w") as f:
-        json.dump(out[1], f, indent=1)
+  from PIL import Image  # only the CLI needs pillow
+  spec = SyntheticSpec(image_size=args.image_size, seed=args.seed)
+  split = "train" if args.split == "train" else "zeroshot"
+  meta = {}
+  for start in range(0, args.num, 256):
+    b = make_batch(spec, split, start, min(256, args.num - start))
+    for j, im in enumerate(b["images"]):
+      name = f"{start + j:05d}.png"
+      Image.fromarray(im).save(os.path.join(tmp, name))
+      meta[name] = b["captions"][j] if split == "train" else b["attributes"][j]["label"]
+  if split == "train":
+    out = ("captions.json", meta)
+  else:
+    names = zeroshot_classes(spec)
+    out = ("labels.json", {"classes": [zeroshot_prompts(c)[0] for c in names], "class_names": names,
+                           "labels": meta})
+  with open(os.path.join(tmp, out[0]), "w") as f:
+    json.dump(out[1], f, indent=1)
 
 
 def main(argv=None) -> int:
-    p = _Parser(description="Write synthetic images as PNGs plus captions.json (train) or labels.json (eval).")
-    p.add_argument("--split", required=True, choices=["train", "eval", "zeroshot"],
-                   help="train: captioned images; eval (= zeroshot): labelled single-object images")
-    p.add_argument("--num", type=int, required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--image_size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true")
-    args = p.parse_args(argv)
-    if args.num <= 0:
-        p.error(f"--num must be positive, got {args.num}.")
-    if not 16 <= args.image_size <= 1024:
-        p.error(f"--image_size must be in [16, 1024], got {args.image_size}.")
-    out = os.path.abspath(args.out)
-    if os.path.exists(out) and not os.path.isdir(out):
-        p.error(f"--out {out} exists and is not a directory.")
-    if os.path.isdir(out) and os.listdir(out) and not args.overwrite:
-        p.error(f"--out {out} exists and is not empty; pass --overwrite to replace it.")
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".synthetic-tmp-", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700
-    try:
-        _write(args, tmp)
-        old = None
-        if os.path.isdir(out) and os.listdir(out):
-            old = tempfile.mkdtemp(prefix=".synthetic-old-", dir=parent)
-            os.rename(out, os.path.join(old, "d"))
-        os.replace(tmp, out)  # an empty existing directory is replaced atomically
-        if old:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    print(f"wrote {args.num} {args.split} images to {out}")
-    return 0
+  p = _Parser(description="Write synthetic images as PNGs plus captions.json (train) "
+                          "or labels.json (eval).")
+  p.add_argument("--split", required=True, choices=["train", "eval", "zeroshot"],
+                 help="train: captioned images; eval (= zeroshot): labelled single-object images")
+  p.add_argument("--num", type=int, required=True)
+  p.add_argument("--out", required=True)
+  p.add_argument("--image_size", type=int, default=64)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--overwrite", action="store_true")
+  args = p.parse_args(argv)
+  if args.num <= 0:
+    p.error(f"--num must be positive, got {args.num}.")
+  if not 16 <= args.image_size <= 1024:
+    p.error(f"--image_size must be in [16, 1024], got {args.image_size}.")
+  out = os.path.abspath(args.out)
+  if os.path.exists(out) and not os.path.isdir(out):
+    p.error(f"--out {out} exists and is not a directory.")
+  if os.path.isdir(out) and os.listdir(out) and not args.overwrite:
+    p.error(f"--out {out} exists and is not empty; pass --overwrite to replace it.")
+  parent = os.path.dirname(out)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".synthetic-tmp-", dir=parent)
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700
+  try:
+    _write(args, tmp)
+    old = None
+    if os.path.isdir(out) and os.listdir(out):
+      old = tempfile.mkdtemp(prefix=".synthetic-old-", dir=parent)
+      os.rename(out, os.path.join(old, "d"))
+    os.replace(tmp, out)  # an empty existing directory is replaced atomically
+    if old:
+      shutil.rmtree(old)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  print(f"wrote {args.num} {args.split} images to {out}")
+  return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+  sys.exit(main())
