@@ -7,6 +7,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import dataclasses  # noqa: E402
+import pickle  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import types  # noqa: E402
@@ -22,7 +24,8 @@ from tinyclip_jax import model_io, tokenizer  # noqa: E402
 from tinyclip_jax.convert import flatten, from_openai  # noqa: E402
 from tinyclip_jax.convert.__main__ import main  # noqa: E402
 from tinyclip_jax.convert.io import read_state_dict, write_safetensors_atomic  # noqa: E402
-from tinyclip_jax.models import CLIP, CLIPConfig, l2_normalize, text_tower, vision_tower  # noqa: E402
+from tinyclip_jax.models import (CLIP, CLIPConfig, l2_normalize, text_tower,  # noqa: E402
+                                 vision_tower)
 from tinyclip_jax.preprocess import normalize  # noqa: E402
 
 # The real vocabulary and context, so the exported tokenizer and HF pipeline apply.
@@ -164,7 +167,8 @@ def test_flax_hf_flax_and_transformers_loads_it(work, tmp_path):
   probs = np.exp(logits - logits.max(-1, keepdims=True))
   probs /= probs.sum(-1, keepdims=True)
   for row, image in zip(probs, pixels):
-    got = {r["label"]: r["score"] for r in classify(Image.fromarray(image), candidate_labels=labels)}
+    result = classify(Image.fromarray(image), candidate_labels=labels)
+    got = {r["label"]: r["score"] for r in result}
     assert np.abs(np.array([got[label] for label in labels]) - row).max() < 1e-5
 
 
@@ -177,7 +181,6 @@ def _bad_inputs(d, flax_dir):
   write_safetensors_atomic(d / "trunc.safetensors", {"w": np.ones((16, 16), np.float32)})
   (d / "trunc.safetensors").write_bytes((d / "trunc.safetensors").read_bytes()[:-100])
   torch.save(torch.nn.Linear(3, 3).state_dict(), d / "linear.pt")
-  import pickle
   (d / "plain.pt").write_bytes(pickle.dumps({"w": [1, 2]}))
   return {
       "missing file": ([f"--src=openai:{d / 'absent.pt'}"], "does not exist"),
@@ -240,8 +243,7 @@ def test_failure_while_writing_leaves_no_destination(work, tmp_path, capsys, mon
 
 
 def test_pruned_model_is_refused_for_hf_before_writing(work, tmp_path, capsys):
-  text = CFG.text
-  pruned = CFG.replace(text=text.__class__(**{**text.__dict__, "heads": (1, 0)}))
+  pruned = CFG.replace(text=dataclasses.replace(CFG.text, heads=(1, 0)))
   params = jax.tree.map(np.copy, work.params)
   del params["text"]["layers_1"]["attn"], params["text"]["layers_1"]["ln_1"]
   model_io.save_model(tmp_path / "pruned", params, pruned)
@@ -257,7 +259,8 @@ def test_command_line_exit_codes(work, tmp_path):
                               f"--dst=flax:{tmp_path / 'out'}"],
                        capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
   assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "does not exist" in bad.stderr
-  good = subprocess.run(cmd + [f"--src=flax:{work.flax}", f"--dst=open_clip:{tmp_path / 'm.safetensors'}"],
+  good = subprocess.run(cmd + [f"--src=flax:{work.flax}",
+                               f"--dst=open_clip:{tmp_path / 'm.safetensors'}"],
                         capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
   assert good.returncode == 0, good.stderr
   assert "wrote open_clip checkpoint" in good.stdout

@@ -142,7 +142,7 @@ def test_archive_tensor_outside_its_storage_is_refused(traced_archive, tmp_path)
     read_torchscript(str(broken))
 
 
-# ----------------------------------------------------------------------------- torch.save / safetensors
+# ----------------------------------------------------------------------------- torch.save, safetensors
 
 
 def test_torch_save_wrapped_half_state_dict(model, tmp_path):
@@ -155,6 +155,12 @@ def test_torch_save_wrapped_half_state_dict(model, tmp_path):
   for key, value in want.items():
     assert got[key].dtype == np.float32
     assert np.array_equal(got[key], value.astype(np.float16).astype(np.float32)), key
+
+
+def test_legacy_torch_save_format(model, tmp_path):
+  torch.save(model.state_dict(), tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+  got = read_state_dict(tmp_path / "legacy.pt")
+  assert all(np.array_equal(got[k], v) for k, v in numpy_state_dict(model).items())
 
 
 def test_safetensors_bf16_and_round_trip(tmp_path):

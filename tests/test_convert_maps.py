@@ -3,6 +3,7 @@ bit-exact round trips, config inference over the zoo, and the error messages."""
 import functools
 
 import jax
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -19,10 +20,10 @@ from tinyclip_jax.models import text_tower, vision_tower
 TOL = 1e-5
 
 
-def tiny(activation="quick_gelu", vocab=50):
+def tiny(activation="quick_gelu"):
   # head_dim 64 everywhere: OpenAI-format state dicts do not record it.
   return CLIPConfig(24, vision_tower(128, 2, 8, image_size=32, mlp=96),
-                    text_tower(64, 2, mlp=80, context_length=12, vocab_size=vocab),
+                    text_tower(64, 2, mlp=80, context_length=12, vocab_size=50),
                     activation=activation)
 
 
@@ -189,19 +190,28 @@ LAYOUTS = {
 
 @pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-@pytest.mark.parametrize("fp16", [False, True], ids=["fp32", "fp16"])
-def test_openai_parity(act, layout, fp16):
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["fp32", "fp16"])
+def test_openai_parity(act, layout, dtype):
   cfg = tiny(act)
   torch.manual_seed(0)
   ref = randomize_(TorchCLIP.from_config(cfg))
   sd = numpy_sd(ref)
-  if fp16:
-    sd = {k: v.astype(np.float16) for k, v in sd.items()}
+  if dtype != np.float32:  # compare against torch run on the rounded weights
+    sd = {k: v.astype(dtype) for k, v in sd.items()}
     ref.load_state_dict({k: torch.from_numpy(v.astype(np.float32)) for k, v in sd.items()})
   params, got_cfg = from_openai(LAYOUTS[layout](sd), act)
   assert got_cfg == cfg
   img, tok = inputs(cfg)
   assert_close(flax_embed(params, cfg, img, tok), ref_embed(ref, img, tok))
+
+
+def test_openai_bfloat16_weights_are_upcast():
+  cfg = tiny()
+  sd = to_open_clip(random_params(cfg), cfg)
+  params, _ = from_openai({k: v.astype(ml_dtypes.bfloat16) for k, v in sd.items()}, "quick_gelu")
+  want = sd["visual.proj"].astype(ml_dtypes.bfloat16).astype(np.float32)
+  assert params["visual"]["proj"].dtype == np.float32
+  assert np.array_equal(params["visual"]["proj"], want)
 
 
 def test_torch_reference_traces_and_scripts():
@@ -286,8 +296,8 @@ def test_zoo_configs_round_trip_and_match_pytorch_counts(name):
   params = zero_params(cfg)
   assert from_openai(to_open_clip(params, cfg), cfg.activation)[1] == cfg
   sd, hf_cfg = to_hf(params, cfg)
+  assert from_hf(sd, hf_cfg)[1] == cfg
   del sd
-  assert from_hf(to_hf(params, cfg)[0], hf_cfg)[1] == cfg
   with torch.device("meta"):
     model = CLIPModel(HFConfig(**hf_cfg))
   count = lambda *mods: sum(p.numel() for m in mods for p in m.parameters())

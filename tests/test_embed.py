@@ -53,7 +53,7 @@ def test_load_image_on_a_small_non_square_image():
   got = load_image(image, 4)
   assert got.shape == (4, 4, 3) and got.dtype == np.float32
   np.testing.assert_allclose(got, want, atol=1e-6)
-  # A file path gives the same; an image already at size is only normalized.
+  # An image already at the target size is only normalized.
   square = random_image(4, 4, seed=1)
   np.testing.assert_allclose(load_image(square, 4), by_hand(np.asarray(square)), atol=1e-6)
 
@@ -163,20 +163,19 @@ def _bad(tmp_path, ckpt):
   np.save(tmp_path / "small.npy", np.zeros((2, 16, 16, 3), np.uint8))
   np.save(tmp_path / "float.npy", np.zeros((2, 32, 32, 3), np.float32))
   (tmp_path / "none.txt").write_text("")
-  c = f"--checkpoint={ckpt}"
+  c, texts = f"--checkpoint={ckpt}", f"--texts={tmp_path / 'none.txt'}"
   return {
       "nothing to embed": ([c], "nothing to embed"),
-      "missing checkpoint": ([f"--checkpoint={tmp_path / 'nope'}", f"--texts={tmp_path / 'none.txt'}"],
-                             "does not exist"),
-      "not a checkpoint": ([f"--checkpoint={tmp_path / 'empty'}", f"--texts={tmp_path / 'none.txt'}"],
+      "missing checkpoint": ([f"--checkpoint={tmp_path / 'nope'}", texts], "does not exist"),
+      "not a checkpoint": ([f"--checkpoint={tmp_path / 'empty'}", texts],
                            "not a model checkpoint"),
       "empty folder": ([c, f"--images={tmp_path / 'empty'}"], "has no image files"),
       "wrong size": ([c, f"--images={tmp_path / 'small.npy'}"], "(N >= 1, 32, 32, 3)"),
       "wrong dtype": ([c, f"--images={tmp_path / 'float.npy'}"], "uint8"),
       "missing images": ([c, f"--images={tmp_path / 'absent'}"], "does not exist"),
-      "empty captions": ([c, f"--texts={tmp_path / 'none.txt'}"], "is empty"),
+      "empty captions": ([c, texts], "is empty"),
       "missing captions": ([c, f"--texts={tmp_path / 'absent.txt'}"], "is not a file"),
-      "bad batch size": ([c, f"--texts={tmp_path / 'none.txt'}", "--batch_size=0"], "at least 1"),
+      "bad batch size": ([c, texts, "--batch_size=0"], "at least 1"),
   }
 
 

@@ -25,6 +25,11 @@ from tinyclip_jax.models import count_params
 from tinyclip_jax.train import loop
 
 
+# Training without a teacher is plain CLIP: its contrastive loss with the learned
+# temperature starting at 1/0.07, as CLIP trains (the distilled student keeps τ=50).
+_CLIP_LOSS = {"loss.alpha": 0.0, "loss.learn_scale": True, "loss.student_scale": 1 / 0.07}
+
+
 def _stage(config, workdir: str, name: str, **overrides) -> dict:
   """One training run in DIR/runs/NAME; its export moves to DIR/NAME."""
   c = copy.deepcopy(config)
@@ -81,13 +86,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   teacher = _stage(config, workdir, "teacher", **{
       "teacher.model": "", "teacher.checkpoint": "", "teacher.custom.vision_width": 0,
-      "student.custom": config.teacher.custom, "student.init": "scratch", "loss.alpha": 0.0,
+      "student.custom": config.teacher.custom, "student.init": "scratch", **_CLIP_LOSS,
       "total_steps": d.teacher_steps, "optimizer.lr": d.teacher_lr})
   distilled = _stage(config, workdir, "distilled", **{
       "teacher.checkpoint": teacher["checkpoint"], "student.init": "inherit"})
   scratch = _stage(config, workdir, "scratch", **{
       "teacher.model": "", "teacher.checkpoint": "", "teacher.custom.vision_width": 0,
-      "student.init": "scratch", "loss.alpha": 0.0})
+      "student.init": "scratch", **_CLIP_LOSS})
 
   task = evaluate.load_task("synthetic", distilled["student_config"].vision.image_size,
                             config.eval.num_examples)

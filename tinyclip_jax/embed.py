@@ -57,42 +57,43 @@ def list_images(folder: str) -> list[str]:
   return names
 
 
-def load_image_folder(folder: str, size: int) -> np.ndarray:
+def _load_one(path: str, size: int) -> np.ndarray:
   from PIL import UnidentifiedImageError
   from tinyclip_jax.preprocess import load_image
-  out = []
-  for name in list_images(folder):
-    try:
-      out.append(load_image(os.path.join(folder, name), size))
-    except (UnidentifiedImageError, OSError) as e:
-      raise UsageError(f"{os.path.join(folder, name)} is not a readable image ({e}).") from None
-  return np.stack(out)
-
-
-def load_image_array(path: str, size: int) -> np.ndarray:
-  from tinyclip_jax.preprocess import normalize
   try:
-    arr = np.load(path, allow_pickle=False)
+    return load_image(path, size)
+  except (UnidentifiedImageError, OSError) as e:
+    raise UsageError(f"{path} is not a readable image ({e}).") from None
+
+
+def open_image_array(path: str, size: int) -> np.ndarray:
+  """The .npy images, memory-mapped (batches are read and normalized one at a time)."""
+  try:
+    arr = np.load(path, mmap_mode="r", allow_pickle=False)
   except (ValueError, OSError) as e:
     raise UsageError(f"{path} is not a readable .npy array ({e}).") from None
   if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[1:] != (size, size, 3) or not len(arr):
     raise UsageError(f"{path} holds {arr.dtype} of shape {arr.shape}, but uint8 images of "
                      f"shape (N >= 1, {size}, {size}, 3) are expected for this model.")
-  return normalize(arr)
+  return arr
 
 
-def load_images(path: str, size: int) -> tuple[np.ndarray, list[str]]:
-  """(normalized NHWC float32 images, their names)."""
+def image_source(path: str, size: int) -> tuple[list[str], Callable[[int, int], np.ndarray]]:
+  """(names, load(start, stop) → normalized NHWC float32 images); images are read lazily,
+  so a large folder never has to fit in memory at once."""
+  from tinyclip_jax.preprocess import normalize
   if os.path.isdir(path):
-    return load_image_folder(path, size), list_images(path)
+    names = list_images(path)
+    return names, lambda a, b: np.stack([_load_one(os.path.join(path, n), size)
+                                         for n in names[a:b]])
   if not os.path.isfile(path):
     raise UsageError(f"{path} does not exist; give a folder of images or a .npy array.")
   if not path.endswith(".npy"):
     raise UsageError(f"{path} is a file but not a .npy array; give a folder of images or a "
                      ".npy array of uint8 NHWC images.")
-  images = load_image_array(path, size)
+  arr = open_image_array(path, size)
   base = os.path.basename(path)
-  return images, [f"{base}[{i}]" for i in range(len(images))]
+  return [f"{base}[{i}]" for i in range(len(arr))], lambda a, b: normalize(np.asarray(arr[a:b]))
 
 
 def load_texts(path: str) -> list[str]:
@@ -108,11 +109,13 @@ def load_texts(path: str) -> list[str]:
 # --------------------------------------------------------------------------- model
 
 
-def batched(fn: Callable, inputs: np.ndarray, batch_size: int) -> np.ndarray:
-  """fn over fixed-size batches (the last one padded, so fn compiles once)."""
+def batched(fn: Callable, count: int, load: Callable[[int, int], np.ndarray],
+            batch_size: int) -> np.ndarray:
+  """fn over load(start, stop) in fixed-size batches (the last one padded, so fn
+  compiles once)."""
   outs = []
-  for start in range(0, len(inputs), batch_size):
-    chunk = inputs[start:start + batch_size]
+  for start in range(0, count, batch_size):
+    chunk = load(start, min(start + batch_size, count))
     pad = batch_size - len(chunk)
     if pad:
       chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
@@ -153,34 +156,38 @@ def run(argv: list[str]) -> dict[str, np.ndarray]:
   from tinyclip_jax.model_io import load_model
   from tinyclip_jax.tokenizer import tokenize
   params, config = load_model(args.checkpoint)
-  # Read every input before computing anything, so bad input fails fast.
-  images = names = tokens = None
+  # Check every input before computing anything, so bad input fails fast.
+  names = load = tokens = None
   if args.images is not None:
-    images, names = load_images(args.images, config.vision.image_size)
+    names, load = image_source(args.images, config.vision.image_size)
   if args.texts is not None:
     tokens = tokenize(load_texts(args.texts), context_length=config.text.context_length)
   image_fn, text_fn = encoders(params, config)
   out = {}
-  if images is not None:
-    out["image_embeds"] = batched(image_fn, images, args.batch_size).astype(np.float32)
+  if names is not None:
+    out["image_embeds"] = batched(image_fn, len(names), load, args.batch_size)
     out["image_files"] = np.asarray(names, dtype=str)
   if tokens is not None:
-    out["text_embeds"] = batched(text_fn, tokens, args.batch_size).astype(np.float32)
+    out["text_embeds"] = batched(text_fn, len(tokens), lambda a, b: tokens[a:b], args.batch_size)
     out["tokens"] = tokens.astype(np.int32)
+  out = {k: v.astype(np.float32) if k.endswith("_embeds") else v for k, v in out.items()}
   write_npz(args.output, out)
   print(f"wrote {', '.join(f'{k} {v.shape}' for k, v in out.items())} to {args.output}")
   return out
+
+
+def _one_line(e: BaseException) -> str:
+  if isinstance(e, OSError) and e.strerror:
+    return f"{e.strerror}: {e.filename}." if e.filename else f"{e.strerror}."
+  return " ".join(str(e).split())
 
 
 def main(argv: list[str] | None = None) -> int:
   """Runs the CLI; returns the exit code (0, or 2 for bad input)."""
   try:
     run(sys.argv[1:] if argv is None else list(argv))
-  except (UsageError, CheckpointError, ConfigError) as e:
-    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-    return 2
-  except OSError as e:
-    print(f"error: {e.strerror or e}: {e.filename}.", file=sys.stderr)
+  except (UsageError, CheckpointError, ConfigError, OSError) as e:
+    print(f"error: {_one_line(e)}", file=sys.stderr)
     return 2
   return 0
 

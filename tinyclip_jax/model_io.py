@@ -6,7 +6,9 @@
 
 Folders are built under a temporary name next to the destination and renamed
 when complete, so a crash never leaves a half-written checkpoint in place.
-Paths go through etils.epath, so gs:// works wherever orbax supports it.
+Paths go through etils.epath, so gs:// works wherever orbax supports it. Saving
+is for a single process (conversion, export); multi-host training checkpoints
+are tinyclip_jax.checkpoint's job.
 """
 from __future__ import annotations
 

@@ -111,7 +111,8 @@ def to_canonical(layout: Layout, key: str, x, head_dim: int) -> np.ndarray:
 
 
 def from_canonical(layout: Layout, x) -> np.ndarray:
-  return np.ascontiguousarray(layout.from_canonical(as_f32(x)))
+  # C order for safetensors; not ascontiguousarray, which turns a 0-d logit_scale into (1,).
+  return np.asarray(layout.from_canonical(as_f32(x)), order="C")
 
 
 # ----------------------------------------------------------------------------- misc

@@ -184,32 +184,26 @@ def _rebuild_tensor(storage, offset, size, stride, *unused):
   last = int(offset) + sum((n - 1) * st for n, st in zip(size, stride))
   if offset < 0 or min(stride, default=0) < 0 or last >= storage.size:
     raise pickle.UnpicklingError("a tensor reaches outside its storage")
+  if np.prod(size, dtype=np.int64) > storage.size:  # stride-0 views could inflate memory
+    raise pickle.UnpicklingError("a tensor has more elements than its storage")
   base = storage[int(offset):]
   strides = tuple(st * storage.itemsize for st in stride)
   return np.lib.stride_tricks.as_strided(base, size, strides, writeable=False).copy()
 
 
-def _rebuild_parameter(data, *unused):
-  return data
-
-
-def _identity(value, *unused):
+def _first(value, *unused):
+  """_rebuild_parameter(data, ...) and TorchScript's typed-list builders: the value itself."""
   return value
-
-
-def _ordered_dict(*args):
-  return dict(*args)
 
 
 _ALLOWED = {
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("collections", "OrderedDict"): _ordered_dict,
-    # TorchScript's typed-list helpers only return the list they are given.
-    **{("torch.jit._pickle", f"build_{t}list"): _identity
+    ("torch._utils", "_rebuild_parameter"): _first,
+    ("collections", "OrderedDict"): dict,  # the (empty) backward-hooks argument
+    **{("torch.jit._pickle", f"build_{t}list"): _first
        for t in ("int", "float", "bool", "double", "tensor")},
-    ("torch.jit._pickle", "restore_type_tag"): _identity,
+    ("torch.jit._pickle", "restore_type_tag"): _first,
     **{("torch", name): _StorageType(dtype) for name, dtype in _STORAGE_DTYPES.items()},
 }
 
@@ -347,14 +341,12 @@ def atomic_write(path: str | os.PathLike, write_fn) -> None:
 def _fsync_dir(folder: str) -> None:
   try:
     fd = os.open(folder, os.O_RDONLY)
+    try:
+      os.fsync(fd)
+    finally:
+      os.close(fd)
   except OSError:
-    return
-  try:
-    os.fsync(fd)
-  except OSError:
-    pass  # some filesystems cannot fsync directories
-  finally:
-    os.close(fd)
+    pass  # not every filesystem can fsync a directory
 
 
 def write_safetensors_atomic(path, tensors: Mapping[str, Any],

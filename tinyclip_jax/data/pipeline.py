@@ -56,6 +56,9 @@ class SyntheticPairs:
 
 def make_train_input(cfg: ml_collections.ConfigDict, image_size: int, context_length: int,
                      global_batch: int):
+  if cfg.kind == "webdataset":
+    raise ValueError("data.kind='webdataset' (sharded image-text input) is not built yet; "
+                     "use data.kind='synthetic' until the webdataset/TFDS pipeline lands.")
   if cfg.kind != "synthetic":
     raise ValueError(f"data.kind {cfg.kind!r} is unknown; use 'synthetic'.")
   return SyntheticPairs(cfg, image_size, context_length, global_batch,

@@ -1,7 +1,7 @@
 """CLIP in Flax linen: the OpenAI/open_clip vision and text towers.
 
 Parameter layout (the canonical one every conversion, inheritance and pruning
-function maps; see docs/params.md; LayerNorms are {scale, bias}):
+function maps; LayerNorms are {scale, bias}):
 
   visual/conv1 (p, p, 3, W)   visual/class_embedding (W,)
   visual/positional_embedding (g*g+1, W)   visual/ln_pre   visual/layers_i

@@ -62,7 +62,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.remat = False
 
   c.data = ml_collections.ConfigDict({
-      "kind": "synthetic",     # the embedded generated dataset
+      "kind": "synthetic",     # the embedded generated dataset; "webdataset" for shards
+      "train": "",             # shard pattern, e.g. "gs://bucket/laion/{00000..41455}.tar"
       "seed": 0,
       "max_objects": 2,
       "prefetch": 2,
@@ -96,3 +97,33 @@ def build_model_config(spec: ml_collections.ConfigDict, what: str) -> CLIPConfig
                    context_length=m.context_length, vocab_size=m.vocab_size),
         activation=m.activation)
   return cfg.replace(activation=spec.activation) if spec.activation else cfg
+
+
+# TinyCLIP's released distillation recipes (manual inheritance): AdamW β=(0.9, 0.98),
+# ε=1e-6, weight decay 0.2 (not on biases, norms, logit scale), lr 1e-4 with linear
+# warm-up then cosine decay, global-norm clipping 5, logit scale fixed to 50 for
+# student and teacher, pure affinity mimicking (α=1, w=1).
+def paper_recipe(teacher: str, student: str, *, batch_size: int, total_steps: int,
+                 warmup: int, teacher_activation: str):
+  c = base_config()
+  c.teacher.model = teacher
+  c.teacher.activation = teacher_activation
+  c.teacher.checkpoint = ""   # set to the converted teacher: --config.teacher.checkpoint=DIR
+  c.student.model = student
+  c.student.init = "inherit"
+  c.loss.alpha = 1.0
+  c.loss.distill_weight = 1.0
+  c.loss.student_scale = 50.0
+  c.loss.teacher_scale = 50.0
+  c.loss.learn_scale = False
+  c.optimizer.update(lr=1e-4, warmup_steps=warmup, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2,
+                     grad_clip=5.0)
+  c.batch_size = batch_size
+  c.total_steps = total_steps
+  c.precision = "bfloat16"
+  c.log_every = 100
+  c.eval_every = 2000
+  c.checkpoint_every = 1000
+  c.data.kind = "webdataset"
+  c.data.train = ""           # --config.data.train="gs://bucket/yfcc15m/{00000..01499}.tar"
+  return c

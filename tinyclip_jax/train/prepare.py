@@ -60,6 +60,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.student.init == "inherit" and not has_teacher:
     raise SetupError("student.init='inherit' needs a teacher; set teacher.model or "
                      "teacher.checkpoint, or use student.init='scratch'.")
+  if config.data.kind == "webdataset":
+    raise SetupError("data.kind='webdataset' (sharded image-text input) is not built yet; use "
+                     "data.kind='synthetic' until the webdataset/TFDS pipeline lands.")
+  if config.data.kind != "synthetic":
+    raise SetupError(f"data.kind {config.data.kind!r} is unknown; use 'synthetic'.")
   if config.student.init == "checkpoint" and not config.student.checkpoint:
     raise SetupError("student.init='checkpoint' but student.checkpoint is empty; give the "
                      "folder of a flax model checkpoint.")
@@ -98,8 +103,13 @@ def _shardings(config: CLIPConfig, mesh):
                                 shapes), shapes
 
 
-def build(config: ml_collections.ConfigDict, restoring: bool) -> tuple[Setup, Any]:
-  """Returns (setup, initial train state or None when `restoring`)."""
+def build(config: ml_collections.ConfigDict, restoring: bool,
+          model_configs: tuple[CLIPConfig | None, CLIPConfig] | None = None
+          ) -> tuple[Setup, Any]:
+  """Returns (setup, initial train state or None when `restoring`).
+
+  `model_configs` (teacher, student) replaces the configs named in `config` (benchmarks
+  use it for other image sizes); the teacher then has random weights."""
   validate(config)
   try:
     mesh = parallel.make_mesh(config.mesh.to_dict())
@@ -120,6 +130,8 @@ def build(config: ml_collections.ConfigDict, restoring: bool) -> tuple[Setup, An
     student_host, student_cfg = _load_checkpoint(config.student.checkpoint, "student.checkpoint")
   else:
     student_host, student_cfg = None, _model_config(config.student, "student")
+  if model_configs is not None:
+    (teacher_cfg, student_cfg), teacher_host = model_configs, None
   if teacher_cfg is not None:
     _check_compatible(teacher_cfg, student_cfg)
     if config.student.init == "inherit":
