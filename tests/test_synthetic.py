@@ -20,7 +20,7 @@ def _chromatic(img):
   """Mask of coloured pixels (backgrounds are grey) and each pixel's nearest palette index."""
   x = img.astype(np.float32)
   mask = x.max(-1) - x.min(-1) > 60
-  nearest = ((x[..., None, :] - syn.PALETTE) ** 2).sum(-1).argmin(-1)
+  nearest = ((x[..., None, :] - syn.PALETTE)**2).sum(-1).argmin(-1)
   return mask, nearest
 
 
@@ -90,7 +90,7 @@ def test_images_depict_attributes():
     for o in attrs["objects"]:
       cx, cy = o["center"]
       near = mask & (np.hypot(xx - cx, yy - cy) < 1.25 * o["radius"])
-      assert near.sum() > 0.5 * o["radius"] ** 2
+      assert near.sum() > 0.5 * o["radius"]**2
       ci = syn.COLOUR_NAMES.index(o["colour"])
       assert np.bincount(nearest[near], minlength=8).argmax() == ci, (o, attrs)
       if colours.count(o["colour"]) > 1:
@@ -149,7 +149,7 @@ def test_zeroshot_split():
 
 def _nearest_centroid(ftr, ytr, fte, yte, n):
   cent = np.stack([ftr[ytr == k].mean(0) for k in range(n)])
-  d = (fte ** 2).sum(1)[:, None] - 2 * fte @ cent.T + (cent ** 2).sum(1)[None]
+  d = (fte**2).sum(1)[:, None] - 2 * fte @ cent.T + (cent**2).sum(1)[None]
   return (d.argmin(1) == yte).mean()
 
 
@@ -164,6 +164,7 @@ def test_zeroshot_not_trivial_but_learnable():
     mask, nearest = _chromatic(x)
     h = np.stack([(mask & (nearest == k)).sum((1, 2)) for k in range(8)], 1).astype(np.float32)
     return h / np.maximum(h.sum(1, keepdims=True), 1)
+
   acc_col = _nearest_centroid(colour_hist(xtr), ytr, colour_hist(xte), yte, n)
   print(f"nearest-centroid acc: raw pixels {acc_raw:.3f}, colour histogram {acc_col:.3f}, "
         f"chance {1 / n:.3f}")
@@ -193,17 +194,19 @@ def test_cli_writes_files(tmp_path):
   tr = tmp_path / "tr"
   assert syn.main(["--split=train", "--num=3", f"--out={tr}", "--image_size=32", "--seed=7"]) == 0
   caps = json.load(open(tr / "captions.json"))
-  assert caps == dict(zip([f"{i:05d}.png" for i in range(3)],
-                          make_batch(SyntheticSpec(32, seed=7), "train", 0, 3)["captions"]))
+  assert caps == dict(
+      zip([f"{i:05d}.png" for i in range(3)],
+          make_batch(SyntheticSpec(32, seed=7), "train", 0, 3)["captions"]))
   assert syn.main(["--split=train", "--num=2", f"--out={out}", "--overwrite",
                    "--image_size=32"]) == 0
   assert sorted(os.listdir(out)) == ["00000.png", "00001.png", "captions.json"]
   assert sorted(os.listdir(tmp_path)) == ["tr", "zs"]  # no temp dirs left behind
 
 
-@pytest.mark.parametrize("args", [["--split=eval", "--num=0"], ["--split=test", "--num=3"],
-                                  ["--split=train", "--num=3", "--image_size=8"],
-                                  ["--split=train", "--num=3", "NONEMPTY"]])
+@pytest.mark.parametrize(
+    "args",
+    [["--split=eval", "--num=0"], ["--split=test", "--num=3"],
+     ["--split=train", "--num=3", "--image_size=8"], ["--split=train", "--num=3", "NONEMPTY"]])
 def test_cli_bad_args_exit_2(tmp_path, args):
   full = tmp_path / "full"
   full.mkdir()
@@ -211,7 +214,9 @@ def test_cli_bad_args_exit_2(tmp_path, args):
   out = full if "NONEMPTY" in args else tmp_path / "out"
   args = [a for a in args if a != "NONEMPTY"] + [f"--out={out}"]
   r = subprocess.run([sys.executable, "-m", "tinyclip_jax.data.synthetic", *args],
-                     capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+                     capture_output=True,
+                     text=True,
+                     cwd=os.path.dirname(os.path.dirname(__file__)))
   assert r.returncode == 2, r.stderr
   assert len(r.stderr.strip().splitlines()) == 1 and r.stdout == ""
   assert sorted(os.listdir(tmp_path)) == ["full"] and os.listdir(full) == ["keep.txt"]

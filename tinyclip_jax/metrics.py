@@ -42,8 +42,13 @@ def truncate_jsonl(path: str, last_step: int) -> None:
   """On resume, drop lines logged after the restored checkpoint: the run replays them."""
   if not os.path.exists(path):
     return
+  def step(line: str):
+    try:
+      return json.loads(line)["step"]
+    except ValueError:  # the last line, cut off by a kill mid-write
+      return None
   with open(path) as f:
-    keep = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+    keep = [line for line in f if (s := step(line)) is not None and s <= last_step]
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     f.writelines(keep)

@@ -36,9 +36,17 @@ _SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big", "
 _SIZE_RANGE = {"small": (0.10, 0.13), "large": (0.16, 0.20)}  # radius / image_size
 _GRID = (0.22, 0.5, 0.78)  # cell centres / image_size
 _JITTER = 0.04
-_POS_NAMES = {(0, 0): "top left", (0, 1): "top", (0, 2): "top right", (1, 0): "left",
-              (1, 1): "centre", (1, 2): "right", (2, 0): "bottom left", (2, 1): "bottom",
-              (2, 2): "bottom right"}
+_POS_NAMES = {
+    (0, 0): "top left",
+    (0, 1): "top",
+    (0, 2): "top right",
+    (1, 0): "left",
+    (1, 1): "centre",
+    (1, 2): "right",
+    (2, 0): "bottom left",
+    (2, 1): "bottom",
+    (2, 2): "bottom right"
+}
 _CELLS = tuple(_POS_NAMES)
 
 
@@ -64,9 +72,9 @@ _LAYOUTS = {k: _layouts(k) for k in range(1, 5)}  # 9, 16, 8 and 1 layouts
 class SyntheticSpec:
   image_size: int = 64
   seed: int = 0
-  max_objects: int = 2           # 1..4 for 'train'/'eval'; 'zeroshot' always has 1
+  max_objects: int = 2  # 1..4 for 'train'/'eval'; 'zeroshot' always has 1
   single_object_prob: float = 0.5
-  colour_jitter: float = 20.0    # +- per RGB channel
+  colour_jitter: float = 20.0  # +- per RGB channel
 
   def __post_init__(self):
     if not 16 <= self.image_size <= 1024:
@@ -92,11 +100,14 @@ def _a(phrase):
 
 def zeroshot_prompts(class_name: str) -> list[str]:
   """Prompt templates for one class; the first is the canonical 'a photo of a {class}.'."""
-  return [t.format(class_name) if t.startswith(("a small", "a large")) else t.format(_a(class_name))
-          for t in _PROMPTS]
+  return [
+      t.format(class_name) if t.startswith(("a small", "a large")) else t.format(_a(class_name))
+      for t in _PROMPTS
+  ]
 
 
 # ---- sampling --------------------------------------------------------------------------------
+
 
 def _pick(u, seq):
   return seq[min(int(u * len(seq)), len(seq) - 1)]
@@ -119,14 +130,19 @@ def _sample(spec, split, index):
   bg = _pick(u[8], BACKGROUNDS)
   b = u[9:16]
   level = {"black": 10 + 30 * b[0], "white": 215 + 35 * b[0]}.get(bg, 90 + 80 * b[0])
-  bgp = {"kind": bg, "level": level,
-         "contrast": 40 + 50 * b[1], "period": S * (0.12 + 0.15 * b[2]), "angle": np.pi * b[3],
-         "phase": b[4]}
+  bgp = {
+      "kind": bg,
+      "level": level,
+      "contrast": 40 + 50 * b[1],
+      "period": S * (0.12 + 0.15 * b[2]),
+      "angle": np.pi * b[3],
+      "phase": b[4]
+  }
   if bg == "noisy":
     bgp["noise"] = rng.normal(0.0, 28.0, (S, S)).astype(np.float32)
   objs = []
   for k in range(n):
-    v = u[16 + 14 * k: 30 + 14 * k]
+    v = u[16 + 14 * k:30 + 14 * k]
     if split == "zeroshot":
       label = index % (len(COLOUR_NAMES) * len(SHAPES))
       colour, shape = COLOUR_NAMES[label // len(SHAPES)], SHAPES[label % len(SHAPES)]
@@ -135,14 +151,21 @@ def _sample(spec, split, index):
     size = _pick(v[2], SIZES)
     lo, hi = _SIZE_RANGE[size]
     row, col = cells[k]
-    rgb = tuple(min(255.0, max(0.0, c + spec.colour_jitter * (2 * j - 1)))
-                for c, j in zip(COLOURS[colour], v[3:6]))
-    objs.append({"shape": shape, "colour": colour, "size": size, "position": _POS_NAMES[(row, col)],
-                 "center": (float(S * (_GRID[col] + _JITTER * (2 * v[6] - 1))),
-                            float(S * (_GRID[row] + _JITTER * (2 * v[7] - 1)))),
-                 "radius": float(S * (lo + (hi - lo) * v[8])),
-                 "angle": float(np.pi / 6 * (v[9] - 0.5)), "rgb": rgb,
-                 "_u": v[10:14]})
+    rgb = tuple(
+        min(255.0, max(0.0, c + spec.colour_jitter * (2 * j - 1)))
+        for c, j in zip(COLOURS[colour], v[3:6]))
+    objs.append({
+        "shape": shape,
+        "colour": colour,
+        "size": size,
+        "position": _POS_NAMES[(row, col)],
+        "center": (float(S * (_GRID[col] + _JITTER * (2 * v[6] - 1))),
+                   float(S * (_GRID[row] + _JITTER * (2 * v[7] - 1)))),
+        "radius": float(S * (lo + (hi - lo) * v[8])),
+        "angle": float(np.pi / 6 * (v[9] - 0.5)),
+        "rgb": rgb,
+        "_u": v[10:14]
+    })
   attrs = {"objects": objs, "background": bg}
   if split == "zeroshot":
     attrs["label"] = index % (len(COLOUR_NAMES) * len(SHAPES))
@@ -151,12 +174,14 @@ def _sample(spec, split, index):
 
 # ---- captions --------------------------------------------------------------------------------
 
-_POS_PHRASES = {"corner": ("in the {} corner", "at the {}", "in the {}"),
-                "top": ("at the {}", "near the {}", "along the {}"),
-                "bottom": ("at the {}", "near the {}", "along the {}"),
-                "left": ("on the {}", "at the {}", "on the {} side"),
-                "right": ("on the {}", "at the {}", "on the {} side"),
-                "centre": ("in the centre", "in the middle", "at the center")}
+_POS_PHRASES = {
+    "corner": ("in the {} corner", "at the {}", "in the {}"),
+    "top": ("at the {}", "near the {}", "along the {}"),
+    "bottom": ("at the {}", "near the {}", "along the {}"),
+    "left": ("on the {}", "at the {}", "on the {} side"),
+    "right": ("on the {}", "at the {}", "on the {} side"),
+    "centre": ("in the centre", "in the middle", "at the center")
+}
 _OBJ_TEMPLATES = ("{size} {colour} {shape} {pos}", "{size} {colour} {shape} located {pos}",
                   "{size} {shape} in {colour} {pos}", "{colour} {size} {shape} {pos}")
 _IMG_TEMPLATES = ("{objs}, on a {bg} background.", "a {bg} background with {objs}.",
@@ -170,9 +195,12 @@ def _caption(attrs, u):
     w = o["_u"]
     pos = o["position"]
     key = "corner" if " " in pos else pos
-    fields = {"size": _pick(w[0], _SIZE_WORDS[o["size"]]), "colour": o["colour"],
-              "shape": o["shape"],
-              "pos": _pick(w[1], _POS_PHRASES[key]).format(pos)}
+    fields = {
+        "size": _pick(w[0], _SIZE_WORDS[o["size"]]),
+        "colour": o["colour"],
+        "shape": o["shape"],
+        "pos": _pick(w[1], _POS_PHRASES[key]).format(pos)
+    }
     phrases.append(_a(_pick(w[2], _OBJ_TEMPLATES).format(**fields)))
   if u[0] < 0.5:  # caption order need not be drawing order
     phrases = phrases[::-1]
@@ -186,6 +214,7 @@ def _public(attrs):
 
 
 # ---- rendering (vectorised over the batch) ----------------------------------------------------
+
 
 def _sdf(shape, x, y):
   """Approximate signed distance in units of the object radius (negative inside)."""
@@ -243,16 +272,18 @@ def _render(samples, S):
   B = min(S, int(np.ceil(2.4 * _SIZE_RANGE["large"][1] * S)) + 4)
   ar = np.arange(B)
   for slot in range(max(len(a["objects"]) for a, _, _ in samples)):
-    objs = [(i, a["objects"][slot]) for i, (a, _, _) in enumerate(samples)
-            if slot < len(a["objects"])]
+    objs = [
+        (i, a["objects"][slot]) for i, (a, _, _) in enumerate(samples) if slot < len(a["objects"])
+    ]
     for shape in SHAPES:
       sel = [(i, o) for i, o in objs if o["shape"] == shape]
       if not sel:
         continue
       ii = np.array([i for i, _ in sel])[:, None, None]
       p = np.array([(*o["center"], o["radius"], o["angle"]) for _, o in sel], np.float32)
-      ox, oy = (np.clip(np.rint(p[:, k] - B / 2), 0, S - B).astype(np.int64)[:, None, None]
-                for k in (0, 1))
+      ox, oy = (
+          np.clip(np.rint(p[:, k] - B / 2), 0, S - B).astype(np.int64)[:, None, None]
+          for k in (0, 1))
       cx, cy, r, ang = (p[:, k, None, None] for k in range(4))
       dx, dy = ox + ar[None, None, :] + 0.5 - cx, oy + ar[None, :, None] + 0.5 - cy  # pixel centres
       c, s = np.cos(ang), np.sin(ang)
@@ -269,15 +300,18 @@ def _render(samples, S):
 
 # ---- public API -------------------------------------------------------------------------------
 
+
 def make_batch(spec: SyntheticSpec, split: str, start: int, count: int) -> dict:
   """Examples start..start+count-1 as
   {'images': uint8 NHWC, 'captions': [str], 'attributes': [dict]}."""
   if count <= 0:
     raise ValueError(f"count must be > 0, got {count}")
   samples = [_sample(spec, split, i) for i in range(start, start + count)]
-  return {"images": _render(samples, spec.image_size),
-          "captions": [_caption(a, u) for a, _, u in samples],
-          "attributes": [_public(a) for a, _, _ in samples]}
+  return {
+      "images": _render(samples, spec.image_size),
+      "captions": [_caption(a, u) for a, _, u in samples],
+      "attributes": [_public(a) for a, _, _ in samples]
+  }
 
 
 def make_example(spec: SyntheticSpec, split: str, index: int) -> tuple[np.ndarray, str, dict]:
@@ -293,7 +327,9 @@ def make_zeroshot(spec: SyntheticSpec, count: int, start: int = 0) -> tuple[np.n
 
 # ---- CLI --------------------------------------------------------------------------------------
 
+
 class _Parser(argparse.ArgumentParser):
+
   def error(self, message):
     sys.stderr.write(f"error: {message}\n")
     sys.exit(2)
@@ -314,17 +350,23 @@ def _write(args, tmp):
     out = ("captions.json", meta)
   else:
     names = zeroshot_classes(spec)
-    out = ("labels.json", {"classes": [zeroshot_prompts(c)[0] for c in names], "class_names": names,
-                           "labels": meta})
+    out = ("labels.json", {
+        "classes": [zeroshot_prompts(c)[0] for c in names],
+        "class_names": names,
+        "labels": meta
+    })
   with open(os.path.join(tmp, out[0]), "w") as f:
     json.dump(out[1], f, indent=1)
 
 
 def main(argv=None) -> int:
   p = _Parser(description="Write synthetic images as PNGs plus captions.json (train) "
-                          "or labels.json (eval).")
-  p.add_argument("--split", required=True, choices=["train", "eval", "zeroshot"],
-                 help="train: captioned images; eval (= zeroshot): labelled single-object images")
+              "or labels.json (eval).")
+  p.add_argument(
+      "--split",
+      required=True,
+      choices=["train", "eval", "zeroshot"],
+      help="train: captioned images; eval (= zeroshot): labelled single-object images")
   p.add_argument("--num", type=int, required=True)
   p.add_argument("--out", required=True)
   p.add_argument("--image_size", type=int, default=64)
