@@ -22,10 +22,14 @@ import jax
 import numpy as np
 import pytest
 
-from tinyclip_jax import checkpoint, main as main_lib, model_io, parallel
+from tinyclip_jax import checkpoint, main as main_lib, metrics as metrics_lib, model_io, parallel
 from tinyclip_jax.data import pipeline
 from tinyclip_jax.metrics import read_jsonl
 from tinyclip_jax.train import defaults, loop, prepare
+
+# The module fixtures are shared runs: keep this file on one xdist worker
+# (effective with `pytest -n 2 --dist loadgroup`; plain `-n` would run them once per worker).
+pytestmark = pytest.mark.xdist_group("train")
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.py"
@@ -41,12 +45,10 @@ def smoke_config(overrides: dict | None = None):
   return config
 
 
-def run_on(devices, config, workdir):
-  """loop.run with the mesh built over `devices` instead of all of jax.devices()."""
+def mesh_on(mp: pytest.MonkeyPatch, devices) -> None:
+  """Makes the run build its mesh over `devices` instead of all of jax.devices()."""
   make_mesh = parallel.make_mesh
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(parallel, "make_mesh", lambda sizes, _=None: make_mesh(sizes, devices))
-    return loop.run(config, str(workdir))
+  mp.setattr(parallel, "make_mesh", lambda sizes, _=None: make_mesh(sizes, devices))
 
 
 def losses_by_step(rows):
@@ -87,7 +89,9 @@ def fast_config(sharded, overrides=None):
 def single(tmp_path_factory, sharded):
   """The same run on one device."""
   workdir = tmp_path_factory.mktemp("single")
-  run_on(jax.devices()[:1], fast_config(sharded), workdir)
+  with pytest.MonkeyPatch.context() as mp:
+    mesh_on(mp, jax.devices()[:1])
+    loop.run(fast_config(sharded), str(workdir))
   return read_jsonl(workdir / "metrics.jsonl")
 
 
@@ -193,7 +197,8 @@ def cli(workdir, *args, devices=1, log=None, cache=None) -> subprocess.Popen:
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
   if cache:  # runs of one config compile once
-    env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    env.update(JAX_COMPILATION_CACHE_DIR=str(cache),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   cmd = [sys.executable, "-m", "tinyclip_jax.main", f"--config={SMOKE}", f"--workdir={workdir}",
          *args]
   return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
@@ -236,8 +241,7 @@ def cli_runs(tmp_path_factory, sharded):
   return types.SimpleNamespace(a_dir=a_dir, b_dir=b_dir, a_rc=a.returncode, b_rc=b.returncode,
                                b2_rc=b2.returncode, killed_at=killed_at,
                                a_log=(base / "a.log").read_text(),
-                               b2_log=(base / "b2.log").read_text(),
-                               cache=sorted(p.name for p in (base / "cache").iterdir()))
+                               b2_log=(base / "b2.log").read_text())
 
 
 def test_cli_entry_with_overrides(cli_runs):
@@ -286,24 +290,30 @@ def assert_one_sentence(stderr: str, *words: str) -> str:
   return line
 
 
-def test_unknown_config_field_cli(tmp_path):
+@pytest.mark.parametrize("flag, words", [
+    ("--config.nonexistent=1", ("--config.nonexistent", "check the spelling")),
+    ("--config.mesh.dta=3", ("--config.mesh.dta", "did you mean 'data'?")),
+])
+def test_unknown_config_field_cli(flag, words, tmp_path):
   workdir = tmp_path / "run"
   t0 = time.time()
-  p = cli(workdir, "--config.nonexistent=1", "--config.batch_sise=4", devices=8)
+  p = cli(workdir, flag, devices=8)
   _, stderr = p.communicate(timeout=120)
   assert p.returncode == 2, stderr[-3000:]
-  assert_one_sentence(stderr, "--config.nonexistent", "tinyclip_jax/train/defaults.py")
+  assert_one_sentence(stderr, *words, "tinyclip_jax/train/defaults.py")
   assert not workdir.exists()
   assert time.time() - t0 < 60
 
 
 def test_impossible_mesh_cli(tmp_path):
   workdir = tmp_path / "run"
+  t0 = time.time()
   p = cli(workdir, "--config.mesh.data=3", devices=8)
   _, stderr = p.communicate(timeout=120)
   assert p.returncode == 2, stderr[-3000:]
   assert_one_sentence(stderr, "mesh", "3 devices", "8 are available", "-1")
   assert not workdir.exists() or not list(workdir.iterdir())
+  assert time.time() - t0 < 90
 
 
 class CompileCounter:
@@ -378,8 +388,7 @@ def test_nonfinite_updates_are_skipped_then_the_run_stops(tmp_path, sharded, mon
     saved[step] = prepare.as_numpy(state.params)
     return True
 
-  make_mesh = parallel.make_mesh
-  monkeypatch.setattr(parallel, "make_mesh", lambda sizes, _=None: make_mesh(sizes, [jax.devices()[0]]))
+  mesh_on(monkeypatch, jax.devices()[:1])
   monkeypatch.setattr(pipeline.SyntheticPairs, "__next__", poisoned)
   monkeypatch.setattr(checkpoint, "save", record)
   rc = run_main(monkeypatch, config, tmp_path)
@@ -397,3 +406,10 @@ def test_nonfinite_updates_are_skipped_then_the_run_stops(tmp_path, sharded, mon
     jax.tree.map(np.testing.assert_array_equal, saved[s], saved[2])
   changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), saved[2], saved[1])
   assert any(jax.tree.leaves(changed))
+
+
+def test_resume_drops_lines_after_the_checkpoint_and_a_torn_last_line(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 1}\n{"step": 3}\n\n{"step": 4}\n{"step": 5, "lo')
+  metrics_lib.truncate_jsonl(str(path), 3)
+  assert path.read_text() == '{"step": 1}\n{"step": 3}\n'

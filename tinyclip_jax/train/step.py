@@ -48,7 +48,7 @@ def make_train_step(student: CLIP, teacher: CLIP | None, loss_cfg, mesh, tx,
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     consecutive, total = nonfinite_counts(opt_state)
-    metrics = dict(terms, loss=loss, grad_norm=optax.global_norm(grads),
+    metrics = dict(terms, loss=loss, grad_norm=optax.tree.norm(grads),
                    learning_rate=lr_fn(state.step),
                    student_scale=student_scale(state.params, loss_cfg),
                    teacher_scale=jnp.asarray(loss_cfg.teacher_scale, jnp.float32),
