@@ -63,8 +63,8 @@ class VisionTransformer(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = LayerNorm(name="ln_pre", **kw)(x)
     x = transformer(x, c.heads, c.mlp, c.head_dim, self.activation, causal=False,
-                    remat=self.remat, **kw)
-    x = LayerNorm(name="ln_post", **kw)(x[:, 0])
+                    remat=self.remat, pool_index=jnp.zeros((b,), jnp.int32), **kw)
+    x = LayerNorm(name="ln_post", **kw)(x)  # the class token
     proj = self.param("proj", normal(scale, ("embed", "proj")), (c.width, self.embed_dim),
                       self.param_dtype)
     return jnp.dot(x, proj.astype(self.dtype)).astype(jnp.float32)
@@ -93,10 +93,10 @@ class TextTransformer(nn.Module):
                      (c.context_length, c.width), self.param_dtype)
     x = jnp.take(emb, tokens, axis=0).astype(self.dtype) + pos[:n].astype(self.dtype)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    eot = jnp.argmax(tokens, axis=-1)  # LayerNorm is per token: pool first
     x = transformer(x, c.heads, c.mlp, c.head_dim, self.activation, causal=True,
-                    remat=self.remat, **kw)
+                    remat=self.remat, pool_index=eot, **kw)
     x = LayerNorm(name="ln_final", **kw)(x)
-    x = x[jnp.arange(b), jnp.argmax(tokens, axis=-1)]
     proj = self.param("text_projection", normal(c.width ** -0.5, ("embed", "proj")),
                       (c.width, self.embed_dim), self.param_dtype)
     return jnp.dot(x, proj.astype(self.dtype)).astype(jnp.float32)
