@@ -20,24 +20,19 @@ from typing import Callable
 
 import numpy as np
 
-from tinyclip_jax.convert.common import CheckpointError
-from tinyclip_jax.models.config import ConfigError
+from tinyclip_jax import cli
+from tinyclip_jax.cli import UsageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-class UsageError(ValueError):
-  """Input that cannot be embedded."""
-
-
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):  # one sentence instead of usage + message
-    raise UsageError(f"{message}; usage: python -m tinyclip_jax.embed --checkpoint=DIR "
-                     "[--images=PATH] [--texts=FILE] --output=OUT.npz [--batch_size=N]")
+USAGE = ("python -m tinyclip_jax.embed --checkpoint=DIR [--images=PATH] [--texts=FILE] "
+         "--output=OUT.npz [--batch_size=N]")
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = _Parser(prog="python -m tinyclip_jax.embed", description=__doc__.split("\n\n")[0])
+  p = cli.Parser(prog="python -m tinyclip_jax.embed", usage_line=USAGE,
+                 description=__doc__.split("\n\n")[0])
   p.add_argument("--checkpoint", required=True, help="a tinyclip_jax.model_io folder")
   p.add_argument("--images", help="folder of image files, or a uint8 NHWC .npy array")
   p.add_argument("--texts", help="text file, one caption per line")
@@ -176,20 +171,9 @@ def run(argv: list[str]) -> dict[str, np.ndarray]:
   return out
 
 
-def _one_line(e: BaseException) -> str:
-  if isinstance(e, OSError) and e.strerror:
-    return f"{e.strerror}: {e.filename}." if e.filename else f"{e.strerror}."
-  return " ".join(str(e).split())
-
-
 def main(argv: list[str] | None = None) -> int:
   """Runs the CLI; returns the exit code (0, or 2 for bad input)."""
-  try:
-    run(sys.argv[1:] if argv is None else list(argv))
-  except (UsageError, CheckpointError, ConfigError, OSError) as e:
-    print(f"error: {_one_line(e)}", file=sys.stderr)
-    return 2
-  return 0
+  return cli.run_main(run, argv)
 
 
 if __name__ == "__main__":

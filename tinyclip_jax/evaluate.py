@@ -7,7 +7,6 @@ Standalone: python -m tinyclip_jax.evaluate --checkpoint=DIR --dataset=synthetic
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -17,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tinyclip_jax import preprocess, tokenizer
+from tinyclip_jax import cli, preprocess, tokenizer
 from tinyclip_jax.models import CLIP, CLIPConfig, l2_normalize
 
 
@@ -108,25 +107,26 @@ def evaluate(config: CLIPConfig, params, dataset: str, num_examples: int = 512,
 
 
 def main(argv=None) -> int:
-  from tinyclip_jax import model_io  # pylint: disable=import-outside-toplevel
-  p = argparse.ArgumentParser(prog="python -m tinyclip_jax.evaluate", description=__doc__)
+  p = cli.Parser(prog="python -m tinyclip_jax.evaluate", description=__doc__,
+                 usage_line="python -m tinyclip_jax.evaluate --checkpoint=DIR "
+                 "[--dataset=synthetic|folder:PATH] [--num_examples=N] [--output=FILE]")
   p.add_argument("--checkpoint", required=True, help="flax model folder")
   p.add_argument("--dataset", default="synthetic", help="'synthetic' or 'folder:PATH'")
   p.add_argument("--num_examples", type=int, default=512)
   p.add_argument("--batch_size", type=int, default=256)
   p.add_argument("--output", default="", help="write the metrics as JSON here")
-  args = p.parse_args(argv)
-  try:
-    params, config = model_io.load_model(args.checkpoint)
-    metrics = evaluate(config, params, args.dataset, args.num_examples, args.batch_size)
-  except (ValueError, FileNotFoundError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  return cli.run_main(lambda a: _run(p.parse_args(a)), argv)
+
+
+def _run(args) -> dict:
+  from tinyclip_jax import model_io  # pylint: disable=import-outside-toplevel
+  params, config = model_io.load_model(args.checkpoint)
+  metrics = evaluate(config, params, args.dataset, args.num_examples, args.batch_size)
   print(json.dumps(metrics))
   if args.output:
     with open(args.output, "w") as f:
       json.dump(metrics, f, indent=2)
-  return 0
+  return metrics
 
 
 if __name__ == "__main__":

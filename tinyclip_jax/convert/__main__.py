@@ -19,8 +19,9 @@ import json
 import os
 import sys
 
-from tinyclip_jax.convert.common import CheckpointError
-from tinyclip_jax.models.config import ACTIVATIONS, CLIPConfig, ConfigError
+from tinyclip_jax import cli
+from tinyclip_jax.cli import UsageError
+from tinyclip_jax.models.config import ACTIVATIONS, CLIPConfig
 from tinyclip_jax.preprocess import CLIP_MEAN, CLIP_STD
 
 SOURCES = ("openai", "open_clip", "hf", "flax")
@@ -31,18 +32,13 @@ DEFAULT_ACTIVATION = {"openai": "quick_gelu", "open_clip": "gelu"}
 OPEN_CLIP_SUFFIXES = (".safetensors", ".pt", ".bin")
 
 
-class UsageError(ValueError):
-  """A command line that cannot be carried out."""
-
-
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):  # one sentence instead of usage + message
-    raise UsageError(f"{message}; usage: python -m tinyclip_jax.convert --src=KIND:PATH "
-                     "--dst=KIND:PATH [--activation=gelu|quick_gelu] [--overwrite]")
+USAGE = ("python -m tinyclip_jax.convert --src=KIND:PATH --dst=KIND:PATH "
+         "[--activation=gelu|quick_gelu] [--overwrite]")
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = _Parser(prog="python -m tinyclip_jax.convert", description=__doc__.split("\n\n")[0])
+  p = cli.Parser(prog="python -m tinyclip_jax.convert", usage_line=USAGE,
+                 description=__doc__.split("\n\n")[0])
   p.add_argument("--src", required=True, help=f"KIND:PATH, KIND in {', '.join(SOURCES)}")
   p.add_argument("--dst", required=True, help=f"KIND:PATH, KIND in {', '.join(DESTINATIONS)}")
   p.add_argument("--activation", choices=ACTIVATIONS, default=None,
@@ -183,20 +179,9 @@ def run(argv: list[str]) -> None:
   print(f"wrote {dst_kind} checkpoint {dst}", flush=True)
 
 
-def _one_line(e: BaseException) -> str:
-  if isinstance(e, OSError) and e.strerror:
-    return f"{e.strerror}: {e.filename}." if e.filename else f"{e.strerror}."
-  return " ".join(str(e).split())
-
-
 def main(argv: list[str] | None = None) -> int:
   """Runs the conversion; returns the exit code (0, or 2 for bad input)."""
-  try:
-    run(sys.argv[1:] if argv is None else list(argv))
-  except (UsageError, CheckpointError, ConfigError, OSError) as e:
-    print(f"error: {_one_line(e)}", file=sys.stderr)
-    return 2
-  return 0
+  return cli.run_main(run, argv)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import optax
 
 from tinyclip_jax import parallel
 from tinyclip_jax.inherit import manual
-from tinyclip_jax.models import CLIP, CLIPConfig, ConfigError, init_params, param_shapes
+from tinyclip_jax.models import CLIPConfig, ConfigError, init_params, param_shapes
 from tinyclip_jax.models.clip import logical_axes
 from tinyclip_jax.train import defaults, state as state_lib
 
