@@ -7,6 +7,7 @@ Standalone: python -m tinyclip_jax.evaluate --checkpoint=DIR --dataset=synthetic
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -20,11 +21,18 @@ from tinyclip_jax import cli, preprocess, tokenizer
 from tinyclip_jax.models import CLIP, CLIPConfig, l2_normalize
 
 
-def encoders(config: CLIPConfig, params, dtype=jnp.float32):
-  """Jitted (images → normalized embeds, tokens → normalized embeds)."""
+@functools.lru_cache(maxsize=16)
+def _jitted_encoders(config: CLIPConfig, dtype):
+  """Compiled once per model config: periodic evals in training reuse them."""
   model = CLIP(config, dtype=dtype)
   img = jax.jit(lambda p, x: l2_normalize(model.apply({"params": p}, x, method=CLIP.encode_image)))
   txt = jax.jit(lambda p, t: l2_normalize(model.apply({"params": p}, t, method=CLIP.encode_text)))
+  return img, txt
+
+
+def encoders(config: CLIPConfig, params, dtype=jnp.float32):
+  """(images → normalized embeds, tokens → normalized embeds) for these params."""
+  img, txt = _jitted_encoders(config, dtype)
   return (lambda x: img(params, x)), (lambda t: txt(params, t))
 
 
