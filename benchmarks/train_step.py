@@ -56,15 +56,22 @@ def run_jax(args) -> dict:
   c.teacher.model, c.student.model = args.teacher, args.student
   c.batch_size, c.total_steps, c.precision, c.remat = args.batch, 1000, args.precision, args.remat
   c.optimizer.warmup_steps = 10
+  c.microbatch_size = args.microbatch
   setup, state = prepare.build(c, restoring=False, model_configs=(teacher_cfg, student_cfg))
   batch_abs = prepare.batch_abstract(c, setup.student_config, setup.mesh)
   step = make_train_step(CLIP(setup.student_config, remat=c.remat, dtype=setup.dtype),
                          CLIP(setup.teacher_config, dtype=setup.dtype), c.loss, setup.mesh,
-                         setup.tx, setup.lr_fn)
+                         setup.tx, setup.lr_fn, c.batch_size, c.microbatch_size)
   t0 = time.time()
   compiled = jax.jit(step, donate_argnums=(0,)).lower(
       setup.abstract_state, setup.teacher_params, batch_abs).compile()
   compile_s = time.time() - t0
+  try:  # the compiled executable's own account, where the backend gives one
+    mem = compiled.memory_analysis()
+    compiled_mb = (mem.argument_size_in_bytes + mem.output_size_in_bytes +
+                   mem.temp_size_in_bytes - mem.alias_size_in_bytes) / 2**20
+  except Exception:  # noqa: BLE001
+    compiled_mb = None
   rng = np.random.default_rng(0)
   batch = {"images": rng.standard_normal(batch_abs["images"].shape, np.float32),
            "tokens": rng.integers(1, 49407, batch_abs["tokens"].shape).astype(np.int32)}
@@ -80,7 +87,7 @@ def run_jax(args) -> dict:
   step_s = statistics.median(times)
   flops = prepare.model_flops_per_pair(setup.student_config, setup.teacher_config) * args.batch
   return {"step_s": step_s, "pairs_per_s": args.batch / step_s, "compile_s": compile_s,
-          "peak_rss_mb": _peak_rss_mb(), "model_flops_per_s": flops / step_s,
+          "peak_rss_mb": _peak_rss_mb(), "compiled_memory_mb": compiled_mb, "model_flops_per_s": flops / step_s,
           "loss": float(m["loss"]), "device": jax.devices()[0].device_kind,
           "num_devices": jax.device_count()}
 
@@ -140,6 +147,8 @@ def main(argv=None) -> int:
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--precision", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--remat", action="store_true")
+  p.add_argument("--microbatch", type=int, default=0,
+                 help="microbatch_size (gradient caching); 0 = one pass")
   p.add_argument("--no_torch", action="store_true", help="skip the PyTorch baseline")
   p.add_argument("--_torch_worker", action="store_true", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
@@ -147,7 +156,8 @@ def main(argv=None) -> int:
     print(json.dumps(run_torch(args)))
     return 0
   result = {"benchmark": "train_step", "student": args.student, "teacher": args.teacher,
-            "batch": args.batch, "image": args.image, "precision": args.precision}
+            "batch": args.batch, "image": args.image, "precision": args.precision,
+            "microbatch": args.microbatch}
   result.update(run_jax(args))
   if not args.no_torch:
     cmd = [sys.executable, "-m", "benchmarks.train_step", "--_torch_worker"] + [

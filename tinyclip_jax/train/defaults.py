@@ -50,6 +50,10 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.total_steps = 100_000
   c.batch_size = 1024          # global
+  # Rows each device pushes through the towers at once; 0 = its whole share of the
+  # batch. Smaller values trade one extra student forward for memory, exactly
+  # (gradient caching: the loss still sees the whole global batch).
+  c.microbatch_size = 0
   c.seed = 0
   c.log_every = 50
   c.eval_every = 2000

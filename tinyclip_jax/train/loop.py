@@ -78,7 +78,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     writer.write_hparams({k: str(v) for k, v in config.to_dict().items()})
   student = CLIP(student_cfg, remat=config.remat, dtype=setup.dtype)
   teacher = CLIP(setup.teacher_config, dtype=setup.dtype) if setup.teacher_config else None
-  step_fn = make_train_step(student, teacher, config.loss, mesh, setup.tx, setup.lr_fn)
+  step_fn = make_train_step(student, teacher, config.loss, mesh, setup.tx, setup.lr_fn,
+                            config.batch_size, config.microbatch_size)
   batch_abs = prepare.batch_abstract(config, student_cfg, mesh)
   repl = parallel.replicated(mesh)
   jit_step = jax.jit(step_fn, in_shardings=(setup.state_shardings, setup.teacher_shardings,

@@ -119,6 +119,11 @@ def build(config: ml_collections.ConfigDict, restoring: bool,
   if config.batch_size % per_step:
     raise SetupError(f"batch_size {config.batch_size} is not divisible by the data-parallel "
                      f"size {per_step} (mesh.data × mesh.fsdp); use a multiple of {per_step}.")
+  per_device, micro = config.batch_size // per_step, int(config.microbatch_size)
+  if micro < 0 or micro > per_device or (micro and per_device % micro):
+    raise SetupError(f"microbatch_size {micro} does not divide the per-device batch "
+                     f"{per_device} (batch_size {config.batch_size} over {per_step} "
+                     "data-parallel devices); use a divisor of it, or 0 for no microbatches.")
   rng_teacher, rng_student = jax.random.split(jax.random.key(config.seed))
 
   teacher_cfg = teacher_host = None

@@ -1,17 +1,29 @@
 """The pure train step: teacher forward (frozen), student forward/backward,
-affinity-mimicking loss on all-gathered embeddings, optimizer update."""
+affinity-mimicking loss on all-gathered embeddings, optimizer update.
+
+With `microbatch_size` the gradient is computed by gradient caching, exactly: the
+loss depends on the student's parameters only through the batch's embeddings (and
+the logit scale), so (1) embed the whole batch microbatch by microbatch keeping no
+activations, (2) take the loss and its gradient w.r.t. those embeddings, (3) run each
+microbatch forward again under `jax.vjp` with its slice of that gradient and sum the
+parameter gradients. Cost: one extra student forward per step.
+"""
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from tinyclip_jax import losses
 from tinyclip_jax.models import CLIP
 from tinyclip_jax.parallel import BATCH_AXES
 from tinyclip_jax.train.state import TrainState, nonfinite_counts
+
+EMBEDS = ("image_embeds", "text_embeds")
 
 
 def student_scale(params, loss_cfg) -> jax.Array:
@@ -21,30 +33,95 @@ def student_scale(params, loss_cfg) -> jax.Array:
   return jnp.asarray(loss_cfg.student_scale, jnp.float32)
 
 
-def make_train_step(student: CLIP, teacher: CLIP | None, loss_cfg, mesh, tx,
-                    lr_fn: Callable[[Any], Any]):
-  """Returns step(state, teacher_params, batch) -> (state, metrics)."""
+def _embeds(model: CLIP, params, batch) -> tuple[jax.Array, jax.Array]:
+  out = model.apply({"params": params}, batch["images"], batch["tokens"])
+  return out["image_embeds"], out["text_embeds"]
+
+
+class _Microbatches:
+  """Views a global batch (B, ...) as (K, n·m, ...): step k holds the k-th m rows of
+  each of the n data-parallel shards, so every device keeps working on its own rows
+  (the reshapes move no data between devices)."""
+
+  def __init__(self, mesh, batch_size: int, microbatch_size: int):
+    self.mesh = mesh
+    self.n = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    self.m = microbatch_size
+    self.k = batch_size // (self.n * self.m)
+
+  def _constrain(self, x, lead: int):
+    spec = P(*([None] * lead), BATCH_AXES, *([None] * (x.ndim - lead - 1)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
+
+  def split(self, x):
+    x = x.reshape(self.n, self.k, self.m, *x.shape[1:]).swapaxes(0, 1)
+    return self._constrain(x.reshape(self.k, self.n * self.m, *x.shape[3:]), 1)
+
+  def merge(self, x):
+    x = x.reshape(self.k, self.n, self.m, *x.shape[2:]).swapaxes(0, 1)
+    return self._constrain(x.reshape(self.k * self.n * self.m, *x.shape[3:]), 0)
+
+
+def make_grad_fn(student: CLIP, teacher: CLIP | None, loss_cfg, mesh, batch_size: int,
+                 microbatch_size: int = 0):
+  """Returns grad_fn(params, teacher_params, batch) -> ((loss, terms), grads)."""
   weights = losses.LossConfig(alpha=loss_cfg.alpha, distill_weight=loss_cfg.distill_weight,
                               image_image=loss_cfg.image_image, text_text=loss_cfg.text_text,
                               embedding=loss_cfg.embedding)
   loss_fn = losses.sharded_distill_loss(mesh, BATCH_AXES, weights)
 
+  def loss_of(embeds, params, t_out):
+    s_out = dict(zip(EMBEDS, embeds), logit_scale=student_scale(params, loss_cfg))
+    return loss_fn(s_out, t_out)
+
+  def teacher_out(t_embeds):
+    if t_embeds is None:
+      return None
+    return jax.lax.stop_gradient(dict(zip(EMBEDS, t_embeds), logit_scale=jnp.asarray(
+        loss_cfg.teacher_scale, jnp.float32)))
+
+  def one_shot(params, teacher_params, batch):
+    t_out = teacher_out(_embeds(teacher, teacher_params, batch) if teacher else None)
+    return jax.value_and_grad(lambda p: loss_of(_embeds(student, p, batch), p, t_out),
+                              has_aux=True)(params)
+
+  if not microbatch_size:
+    return one_shot
+  mb = _Microbatches(mesh, batch_size, microbatch_size)
+
+  def cached(params, teacher_params, batch):
+    chunks = jax.tree.map(mb.split, batch)
+
+    def embed_chunk(_, chunk):  # (1) forward only: nothing is kept for a backward pass
+      s = _embeds(student, params, chunk)
+      t = _embeds(teacher, teacher_params, chunk) if teacher else None
+      return None, (s, t)
+    _, (s_chunks, t_chunks) = jax.lax.scan(embed_chunk, None, chunks)
+    s_embeds = tuple(mb.merge(e) for e in s_chunks)
+    t_out = teacher_out(tuple(mb.merge(e) for e in t_chunks) if teacher else None)
+
+    # (2) the loss on the whole batch and its gradient w.r.t. the embeddings
+    (loss, terms), (g_embeds, grads) = jax.value_and_grad(
+        loss_of, argnums=(0, 1), has_aux=True)(s_embeds, params, t_out)
+    g_chunks = tuple(mb.split(g) for g in g_embeds)
+
+    def backprop_chunk(acc, xs):  # (3) re-run each chunk under vjp with its cotangent
+      chunk, g = xs
+      _, vjp = jax.vjp(lambda p: _embeds(student, p, chunk), params)
+      return jax.tree.map(jnp.add, acc, vjp(g)[0]), None
+    grads, _ = jax.lax.scan(backprop_chunk, grads, (chunks, g_chunks))
+    return (loss, terms), grads
+
+  return cached
+
+
+def make_train_step(student: CLIP, teacher: CLIP | None, loss_cfg, mesh, tx,
+                    lr_fn: Callable[[Any], Any], batch_size: int = 0, microbatch_size: int = 0):
+  """Returns step(state, teacher_params, batch) -> (state, metrics)."""
+  grad_fn = make_grad_fn(student, teacher, loss_cfg, mesh, batch_size, microbatch_size)
+
   def step(state: TrainState, teacher_params, batch):
-    images, tokens = batch["images"], batch["tokens"]
-    t_out = None
-    if teacher is not None:
-      out = teacher.apply({"params": teacher_params}, images, tokens)
-      t_out = jax.lax.stop_gradient({
-          "image_embeds": out["image_embeds"], "text_embeds": out["text_embeds"],
-          "logit_scale": jnp.asarray(loss_cfg.teacher_scale, jnp.float32)})
-
-    def compute(params):
-      out = student.apply({"params": params}, images, tokens)
-      s_out = {"image_embeds": out["image_embeds"], "text_embeds": out["text_embeds"],
-               "logit_scale": student_scale(params, loss_cfg)}
-      return loss_fn(s_out, t_out)
-
-    (loss, terms), grads = jax.value_and_grad(compute, has_aux=True)(state.params)
+    (loss, terms), grads = grad_fn(state.params, teacher_params, batch)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     consecutive, total = nonfinite_counts(opt_state)
