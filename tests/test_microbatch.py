@@ -110,3 +110,35 @@ def test_bad_microbatch_size_is_one_sentence_before_compiling(micro):
   with pytest.raises(prepare.SetupError, match=f"microbatch_size {micro} does not divide the "
                      "per-device batch 2"):
     prepare.build(c, restoring=False)
+
+
+def test_composes_with_bfloat16_and_remat_in_one_loop(monkeypatch):
+  """bf16 compute + remat + microbatches: close to the one-shot bf16 step (bf16
+  rounding, 2e-2), and the microbatch loop is a single while loop in the program, so
+  compile time does not grow with the number of microbatches."""
+  real = parallel.make_mesh
+  monkeypatch.setattr(parallel, "make_mesh", lambda s, d=None: real(s, jax.devices()[:1]))
+  c = _config(8, {"data": 1, "fsdp": 1, "tensor": 1})
+  c.precision, c.remat = "bfloat16", True
+  setup, state = prepare.build(c, restoring=False)
+  batch = _batch(c, setup)
+  student = CLIP(setup.student_config, remat=True, dtype=setup.dtype)
+  teacher = CLIP(setup.teacher_config, dtype=setup.dtype)
+  texts = {}
+  results = {}
+  for micro in (0, 1, 2):
+    fn = jax.jit(make_grad_fn(student, teacher, c.loss, setup.mesh, c.batch_size, micro))
+    lowered = fn.lower(state.params, setup.teacher_params, batch)
+    texts[micro] = lowered.as_text()
+    results[micro] = jax.device_get(lowered.compile()(state.params, setup.teacher_params, batch))
+  (l0, _), g0 = results[0]
+  for micro in (1, 2):
+    (l1, _), g1 = results[micro]
+    np.testing.assert_allclose(l1, l0, rtol=2e-2)
+    n0 = np.sqrt(sum(np.sum(np.asarray(a, np.float64) ** 2) for a in jax.tree.leaves(g0)))
+    d = np.sqrt(sum(np.sum((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
+                    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1))))
+    assert d <= 5e-2 * n0, d / n0
+  # 8 microbatches and 4 lower to programs of the same size: the loop is not unrolled.
+  assert texts[1].count("stablehlo.while") == texts[2].count("stablehlo.while") == 2
+  assert abs(len(texts[1]) - len(texts[2])) < 0.02 * len(texts[1])
