@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import logging
 
 from tinyclip_jax import parallel
 from tinyclip_jax.inherit import manual
@@ -162,6 +163,8 @@ def build(config: ml_collections.ConfigDict, restoring: bool,
   if teacher_cfg is not None:
     t_shard, _ = _shardings(teacher_cfg, mesh)
     if teacher_host is None:  # a zoo teacher with random weights (smoke runs, benchmarks)
+      logging.warning("the teacher has random weights (teacher.checkpoint is empty); for a "
+                      "real distillation convert one and pass --config.teacher.checkpoint=DIR")
       t_params = jax.jit(lambda r: init_params(teacher_cfg, r), out_shardings=t_shard)(rng_teacher)
     else:
       t_params = jax.device_put(teacher_host, t_shard)
