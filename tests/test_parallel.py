@@ -71,3 +71,18 @@ def test_logical_rules_map_model_axes_to_the_mesh():
   assert got["w"].spec == P("fsdp", "tensor")
   assert got["b"].spec == P("tensor", None)
   assert got["x"].spec == P(("data", "fsdp"), None)
+
+
+def test_orbax_info_chatter_is_filtered_but_warnings_and_ours_kept():
+  import logging
+
+  from tinyclip_jax import main
+
+  def record(path, level):
+    return logging.LogRecord("absl", level, path, 1, "msg", None, None)
+
+  quiet = main._QuietLibraries()
+  orbax = "/site-packages/orbax/checkpoint/checkpoint_manager.py"
+  assert not quiet.filter(record(orbax, logging.INFO))
+  assert quiet.filter(record(orbax, logging.WARNING))
+  assert quiet.filter(record("/work/tinyclip_jax/train/loop.py", logging.INFO))

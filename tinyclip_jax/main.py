@@ -31,7 +31,7 @@ class _QuietLibraries(logging.logging.Filter):
   """Orbax logs every save step at INFO; keep its warnings, drop the chatter."""
 
   def filter(self, record):
-    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+    return record.levelno >= logging.logging.WARNING or "/orbax/" not in record.pathname
 
 
 def main(argv) -> int:
@@ -43,7 +43,7 @@ def main(argv) -> int:
   from tinyclip_jax.train import loop, prepare  # pylint: disable=import-outside-toplevel
   jax.config.update("jax_threefry_partitionable", True)
   _hide_accelerators_from_tf()
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  logging.get_absl_logger().addFilter(_QuietLibraries())
   config = FLAGS.config
   logging.info("devices: %s", jax.devices())
   try:
