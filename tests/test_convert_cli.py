@@ -20,12 +20,11 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from torch_reference import CLIP as TorchCLIP  # noqa: E402
-from tinyclip_jax import model_io, tokenizer  # noqa: E402
+from tinyclip_jax import evaluate, model_io, tokenizer  # noqa: E402
 from tinyclip_jax.convert import flatten, from_openai  # noqa: E402
 from tinyclip_jax.convert.__main__ import main  # noqa: E402
 from tinyclip_jax.convert.io import read_state_dict, write_safetensors_atomic  # noqa: E402
-from tinyclip_jax.models import (CLIP, CLIPConfig, l2_normalize, text_tower,  # noqa: E402
-                                 vision_tower)
+from tinyclip_jax.models import CLIPConfig, text_tower, vision_tower  # noqa: E402
 from tinyclip_jax.preprocess import normalize  # noqa: E402
 
 # The real vocabulary and context, so the exported tokenizer and HF pipeline apply.
@@ -123,15 +122,6 @@ def test_flax_open_clip_flax_is_bit_exact_and_loads_strictly(work, tmp_path):
   assert_trees_equal(params, work.params)
 
 
-def flax_encoders(params, cfg):
-  model = CLIP(cfg)
-  image = jax.jit(lambda x: l2_normalize(model.apply({"params": params}, x,
-                                                     method=CLIP.encode_image)))
-  text = jax.jit(lambda t: l2_normalize(model.apply({"params": params}, t,
-                                                    method=CLIP.encode_text)))
-  return image, text
-
-
 def _features(x):  # transformers 5 may return a model output instead of a tensor
   return (x.pooler_output if hasattr(x, "pooler_output") else x).detach().numpy()
 
@@ -148,7 +138,7 @@ def test_flax_hf_flax_and_transformers_loads_it(work, tmp_path):
   pixels = np.random.RandomState(0).randint(0, 256, (2, 32, 32, 3)).astype(np.uint8)
   labels = ["a diagram", "a dog", "a cat"]
   texts = [f"This is a photo of {label}." for label in labels]  # the pipeline's template
-  image_fn, text_fn = flax_encoders(work.params, CFG)
+  image_fn, text_fn = evaluate.encoders(CFG, work.params)
   img = np.asarray(image_fn(normalize(pixels)))
   txt = np.asarray(text_fn(tokenizer.tokenize(texts, 77)))
 

@@ -2,17 +2,16 @@
 `python -m tinyclip_jax.embed` CLI, in-process through main(argv)."""
 import os
 
-import jax
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from torch_reference import CLIP as TorchCLIP
-from tinyclip_jax import model_io
+from tinyclip_jax import evaluate, model_io
 from tinyclip_jax.convert import from_openai
 from tinyclip_jax.embed import main
-from tinyclip_jax.models import CLIP, CLIPConfig, l2_normalize, text_tower, vision_tower
+from tinyclip_jax.models import CLIPConfig, text_tower, vision_tower
 from tinyclip_jax.preprocess import (CLIP_MEAN, CLIP_STD, center_crop_box, load_image, normalize,
                                      resized_size)
 from tinyclip_jax.tokenizer import tokenize
@@ -108,13 +107,7 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(checkpoint):
-  params = checkpoint[1]
-  model = CLIP(CFG)
-  image = jax.jit(lambda x: l2_normalize(model.apply({"params": params}, x,
-                                                     method=CLIP.encode_image)))
-  text = jax.jit(lambda t: l2_normalize(model.apply({"params": params}, t,
-                                                    method=CLIP.encode_text)))
-  return image, text
+  return evaluate.encoders(CFG, checkpoint[1])
 
 
 def test_embed_image_folder_and_captions(checkpoint, reference, tmp_path):

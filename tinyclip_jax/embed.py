@@ -104,34 +104,6 @@ def load_texts(path: str) -> list[str]:
 # --------------------------------------------------------------------------- model
 
 
-def batched(fn: Callable, count: int, load: Callable[[int, int], np.ndarray],
-            batch_size: int) -> np.ndarray:
-  """fn over load(start, stop) in fixed-size batches (the last one padded, so fn
-  compiles once)."""
-  outs = []
-  for start in range(0, count, batch_size):
-    chunk = load(start, min(start + batch_size, count))
-    pad = batch_size - len(chunk)
-    if pad:
-      chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
-    outs.append(np.asarray(fn(chunk))[:batch_size - pad])
-  return np.concatenate(outs)
-
-
-def encoders(params, config):
-  """(images → normalized embeddings, tokens → normalized embeddings), jitted."""
-  import jax
-  from tinyclip_jax.models.clip import CLIP, l2_normalize
-  model = CLIP(config)
-  # params are arguments, not closure constants: XLA would embed constants in the program.
-  image_fn = jax.jit(lambda p, x: l2_normalize(
-      model.apply({"params": p}, x, method=CLIP.encode_image)))
-  text_fn = jax.jit(lambda p, t: l2_normalize(
-      model.apply({"params": p}, t, method=CLIP.encode_text)))
-  params = jax.device_put(params)
-  return (lambda x: image_fn(params, x)), (lambda t: text_fn(params, t))
-
-
 def write_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
   from tinyclip_jax.convert.io import atomic_write
   buf = io.BytesIO()
@@ -157,7 +129,9 @@ def run(argv: list[str]) -> dict[str, np.ndarray]:
     names, load = image_source(args.images, config.vision.image_size)
   if args.texts is not None:
     tokens = tokenize(load_texts(args.texts), context_length=config.text.context_length)
-  image_fn, text_fn = encoders(params, config)
+  import jax  # pylint: disable=import-outside-toplevel
+  from tinyclip_jax.evaluate import batched, encoders  # pylint: disable=import-outside-toplevel
+  image_fn, text_fn = encoders(config, jax.device_put(params))
   out = {}
   if names is not None:
     out["image_embeds"] = batched(image_fn, len(names), load, args.batch_size)

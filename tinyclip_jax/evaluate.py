@@ -36,16 +36,22 @@ def encoders(config: CLIPConfig, params, dtype=jnp.float32):
   return (lambda x: img(params, x)), (lambda t: txt(params, t))
 
 
+def batched(fn: Callable, count: int, load: Callable[[int, int], np.ndarray],
+            batch_size: int) -> np.ndarray:
+  """fn over load(start, stop) in fixed-size batches; the last one is zero-padded so
+  fn compiles once, and the padding rows are dropped from the result."""
+  outs = []
+  for start in range(0, count, batch_size):
+    chunk = load(start, min(start + batch_size, count))
+    pad = batch_size - len(chunk)
+    if pad:
+      chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
+    outs.append(np.asarray(fn(chunk))[:batch_size - pad])
+  return np.concatenate(outs)
+
+
 def _batched(fn: Callable, x: np.ndarray, batch: int) -> np.ndarray:
-  """fn over x in fixed-size batches (the last one padded, so one compilation)."""
-  out = []
-  for i in range(0, len(x), batch):
-    chunk = x[i:i + batch]
-    n = len(chunk)
-    if n < batch:
-      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n, axis=0)])
-    out.append(np.asarray(fn(chunk))[:n])
-  return np.concatenate(out)
+  return batched(fn, len(x), lambda a, b: x[a:b], batch)
 
 
 def zeroshot_classifier(encode_text: Callable, classnames: Sequence[str],
