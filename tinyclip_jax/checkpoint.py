@@ -1,5 +1,7 @@
-"""Orbax checkpoints of a run: train state (student params, optimizer state, step),
-input position and the config. The teacher is frozen data and is never saved."""
+"""Orbax checkpoints of a run: train state (student params, optimizer state, mask
+state, step), input position, the run config and the student's model config (which
+changes at the prune step of automatic inheritance). The teacher is frozen data
+and is never saved."""
 from __future__ import annotations
 
 import os
@@ -18,10 +20,20 @@ def manager(workdir: str, keep: int) -> ocp.CheckpointManager:
 
 
 def save(mgr: ocp.CheckpointManager, step: int, state: Any, data_state: dict,
-         config: dict) -> bool:
-  return mgr.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-      config=ocp.args.JsonSave(config)), force=True)
+         config: dict, model: dict | None = None) -> bool:
+  items = dict(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+               config=ocp.args.JsonSave(config))
+  if model is not None:
+    items["model"] = ocp.args.JsonSave(model)
+  return mgr.save(step, args=ocp.args.Composite(**items), force=True)
+
+
+def latest_model(mgr: ocp.CheckpointManager) -> dict | None:
+  """The student model config saved with the newest checkpoint (None if absent)."""
+  step = mgr.latest_step()
+  if step is None or not (mgr.directory / str(step) / "model").exists():
+    return None
+  return mgr.restore(step, args=ocp.args.Composite(model=ocp.args.JsonRestore()))["model"]
 
 
 def restore_latest(mgr: ocp.CheckpointManager, abstract_state: Any):

@@ -28,6 +28,14 @@ from tinyclip_jax.models.layers import LayerNorm, normal, transformer
 Dtype = Any
 
 
+def _hidden_gate(x, gates):
+  """Embeddings times the hidden-dim gates, and which dims the LayerNorms keep."""
+  hidden = (gates or {}).get("hidden")
+  if hidden is None:
+    return x, None
+  return x * hidden.astype(x.dtype), hidden != 0
+
+
 class VisionTransformer(nn.Module):
   """Images (B, H, W, 3) float, already normalized → unnormalized embeddings (B, E)."""
   config: VisionConfig
@@ -38,7 +46,7 @@ class VisionTransformer(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, images):
+  def __call__(self, images, gates=None):
     c = self.config
     b, hgt, wid, ch = images.shape
     if (hgt, wid, ch) != (c.image_size, c.image_size, 3):
@@ -60,11 +68,12 @@ class VisionTransformer(nn.Module):
                      (g * g + 1, c.width), self.param_dtype)
     x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, c.width)), x], axis=1)
     x = x + pos.astype(self.dtype)
+    x, keep = _hidden_gate(x, gates)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = LayerNorm(name="ln_pre", **kw)(x)
+    x = LayerNorm(name="ln_pre", **kw)(x, keep)
     x = transformer(x, c.heads, c.mlp, c.head_dim, self.activation, causal=False,
-                    remat=self.remat, pool_index=jnp.zeros((b,), jnp.int32), **kw)
-    x = LayerNorm(name="ln_post", **kw)(x)  # the class token
+                    remat=self.remat, pool_index=jnp.zeros((b,), jnp.int32), gates=gates, **kw)
+    x = LayerNorm(name="ln_post", **kw)(x, keep)  # the class token
     proj = self.param("proj", normal(scale, ("embed", "proj")), (c.width, self.embed_dim),
                       self.param_dtype)
     return jnp.dot(x, proj.astype(self.dtype)).astype(jnp.float32)
@@ -81,7 +90,7 @@ class TextTransformer(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, tokens):
+  def __call__(self, tokens, gates=None):
     c = self.config
     b, n = tokens.shape
     if n > c.context_length:
@@ -92,11 +101,12 @@ class TextTransformer(nn.Module):
     pos = self.param("positional_embedding", normal(0.01, (None, "embed")),
                      (c.context_length, c.width), self.param_dtype)
     x = jnp.take(emb, tokens, axis=0).astype(self.dtype) + pos[:n].astype(self.dtype)
+    x, keep = _hidden_gate(x, gates)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     eot = jnp.argmax(tokens, axis=-1)  # LayerNorm is per token: pool first
     x = transformer(x, c.heads, c.mlp, c.head_dim, self.activation, causal=True,
-                    remat=self.remat, pool_index=eot, **kw)
-    x = LayerNorm(name="ln_final", **kw)(x)
+                    remat=self.remat, pool_index=eot, gates=gates, **kw)
+    x = LayerNorm(name="ln_final", **kw)(x, keep)
     proj = self.param("text_projection", normal(c.width ** -0.5, ("embed", "proj")),
                       (c.width, self.embed_dim), self.param_dtype)
     return jnp.dot(x, proj.astype(self.dtype)).astype(jnp.float32)
@@ -128,15 +138,17 @@ class CLIP(nn.Module):
         "logit_scale", nn.with_logical_partitioning(nn.initializers.constant(math.log(1 / 0.07)), ()),
         (), self.param_dtype)
 
-  def encode_image(self, images):
-    return self.visual(images)
+  def encode_image(self, images, gates=None):
+    return self.visual(images, gates)
 
-  def encode_text(self, tokens):
-    return self.text(tokens)
+  def encode_text(self, tokens, gates=None):
+    return self.text(tokens, gates)
 
-  def __call__(self, images, tokens):
-    return {"image_embeds": l2_normalize(self.visual(images)),
-            "text_embeds": l2_normalize(self.text(tokens)),
+  def __call__(self, images, tokens, gates=None):
+    """gates: optional structure masks {"visual": {...}, "text": {...}} (inherit/masks.py)."""
+    gates = gates or {}
+    return {"image_embeds": l2_normalize(self.visual(images, gates.get("visual"))),
+            "text_embeds": l2_normalize(self.text(tokens, gates.get("text"))),
             "logit_scale": jnp.exp(self.logit_scale.astype(jnp.float32))}
 
 

@@ -43,20 +43,30 @@ def ones(axes):
 
 
 class LayerNorm(nn.Module):
-  """LayerNorm over the last axis, statistics in float32 whatever the compute dtype."""
+  """LayerNorm over the last axis, statistics in float32 whatever the compute dtype.
+
+  With `keep` (W,) bool (a hidden-dim mask), statistics are over the kept dims only
+  and the dropped dims output 0: exactly a LayerNorm of the pruned width."""
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, keep=None):
     width = x.shape[-1]
     scale = self.param("scale", ones(("embed",)), (width,), self.param_dtype)
     bias = self.param("bias", zeros(("embed",)), (width,), self.param_dtype)
     x32 = x.astype(jnp.float32)
-    mean = x32.mean(-1, keepdims=True)
-    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    if keep is None:
+      mean = x32.mean(-1, keepdims=True)
+      var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    else:
+      n = jnp.maximum(keep.sum(), 1).astype(jnp.float32)
+      mean = jnp.where(keep, x32, 0.0).sum(-1, keepdims=True) / n
+      var = jnp.where(keep, jnp.square(x32 - mean), 0.0).sum(-1, keepdims=True) / n
     y = (x32 - mean) * jax.lax.rsqrt(var + LN_EPS)
     y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    if keep is not None:
+      y = jnp.where(keep, y, 0.0)
     return y.astype(self.dtype)
 
 
@@ -102,9 +112,10 @@ class Attention(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, query_index=None):
+  def __call__(self, x, query_index=None, head_gate=None):
     """x (b, n, W) → (b, n, W); with query_index (b,) only that token of each row
-    attends (to all keys, or the earlier ones when causal) and the result is (b, W)."""
+    attends (to all keys, or the earlier ones when causal) and the result is (b, W).
+    head_gate (heads,) scales each head's output before out_proj (structure masks)."""
     b, n, width = x.shape
     h, d = self.heads, self.head_dim
     w_in = self.param("in_proj_kernel", normal(self.in_std, ("embed", None, "heads", "kv")),
@@ -133,7 +144,10 @@ class Attention(nn.Module):
     if self.causal:
       logits = jnp.where(key_pos <= query_pos, logits, -jnp.inf)
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = jnp.einsum("bhqk,bhkd->bhqd", probs, v).transpose(0, 2, 1, 3)
+    out = jnp.einsum("bhqk,bhkd->bhqd", probs, v)
+    if head_gate is not None:
+      out = out * head_gate.astype(self.dtype)[None, :, None, None]
+    out = out.transpose(0, 2, 1, 3)
     out = out.reshape(b, -1, h * d)
     out = dense_2d(out, w_out.reshape(h * d, width), b_out, self.dtype)
     return out if query_index is None else out[:, 0]
@@ -148,10 +162,12 @@ class MLP(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, unit_gate=None):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     y = Dense(self.hidden, ("embed", "mlp"), self.fc_std, name="c_fc", **kw)(x)
     y = ACTIVATION_FNS[self.activation](y)
+    if unit_gate is not None:
+      y = y * unit_gate.astype(self.dtype)
     return Dense(x.shape[-1], ("mlp", "embed"), self.proj_std, name="c_proj", **kw)(y)
 
 
@@ -168,27 +184,60 @@ class ResidualBlock(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, query_index=None):
+  def __call__(self, x, query_index=None, gates=None):
     """With query_index (b,), only that token's output is computed: (b, W). The
-    last block of a tower needs nothing else (its output is pooled there)."""
+    last block of a tower needs nothing else (its output is pooled there).
+
+    gates (structure masks, see inherit/masks.py), each optional: hidden (W,),
+    heads (heads,), intermediate (mlp,), mha (), ffn (); as the reference applies
+    them: per head before out_proj, per unit after the activation, hidden on each
+    sub-layer's output, mha/ffn on the whole sub-layer."""
     width = x.shape[-1]
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     attn_std = width ** -0.5
     proj_std = attn_std * (2 * self.num_layers) ** -0.5
+    gates = gates or {}
+    hidden = gates.get("hidden")
+    keep = None if hidden is None else hidden != 0
+
+    def gated(y, layer_gate):
+      if hidden is not None:
+        y = y * hidden.astype(y.dtype)
+      return y if layer_gate is None else y * layer_gate.astype(y.dtype)
+
     out = x if query_index is None else x[jnp.arange(x.shape[0]), query_index]
     if self.heads:
-      y = LayerNorm(name="ln_1", **kw)(x)
-      out = out + Attention(self.heads, self.head_dim, self.causal, attn_std, proj_std,
-                            name="attn", **kw)(y, query_index)
+      y = LayerNorm(name="ln_1", **kw)(x, keep)
+      y = Attention(self.heads, self.head_dim, self.causal, attn_std, proj_std, name="attn",
+                    **kw)(y, query_index, gates.get("heads"))
+      out = out + gated(y, gates.get("mha"))
     if self.mlp:
-      y = LayerNorm(name="ln_2", **kw)(out)
-      out = out + MLP(self.mlp, self.activation, (2 * width) ** -0.5, proj_std, name="mlp",
-                      **kw)(y)
+      y = LayerNorm(name="ln_2", **kw)(out, keep)
+      y = MLP(self.mlp, self.activation, (2 * width) ** -0.5, proj_std, name="mlp",
+              **kw)(y, gates.get("intermediate"))
+      out = out + gated(y, gates.get("ffn"))
     return out
 
 
+def layer_gates(gates, i: int, heads: int, mlp: int):
+  """Layer i's slice of a tower's gates (rows are padded to the widest layer)."""
+  if not gates:
+    return None
+  out = {}
+  for kind, z in gates.items():
+    if kind == "hidden":
+      out[kind] = z
+    elif kind == "heads":
+      out[kind] = z[i, :heads]
+    elif kind == "intermediate":
+      out[kind] = z[i, :mlp]
+    else:  # mha / ffn: one gate per layer
+      out[kind] = z[i]
+  return out
+
+
 def transformer(x, heads, mlp, head_dim, activation, causal, remat=False, dtype=jnp.float32,
-                param_dtype=jnp.float32, pool_index=None):
+                param_dtype=jnp.float32, pool_index=None, gates=None):
   """Residual blocks layers_0 … layers_{L-1}; call inside a tower's compact method so
   the blocks sit directly under the tower (the canonical flat layout).
 
@@ -201,5 +250,5 @@ def transformer(x, heads, mlp, head_dim, activation, causal, remat=False, dtype=
   for i, (h, m) in enumerate(zip(heads, mlp)):
     x = block_cls(h, m, head_dim, activation, causal, len(heads), dtype=dtype,
                   param_dtype=param_dtype, name=f"layers_{i}")(
-                      x, pool_index if i == last else None)
+                      x, pool_index if i == last else None, layer_gates(gates, i, h, m))
   return x

@@ -61,6 +61,28 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.max_nonfinite = 10         # stop after this many non-finite losses in a row
 
+  # Automatic weight inheritance: learn hard-concrete structure masks while
+  # distilling, then prune at `prune_step` and keep distilling the smaller model.
+  c.masks = ml_collections.ConfigDict({
+      "enabled": False,
+      "towers": ("visual", "text"),
+      # any of "hidden", "heads", "intermediate", "layer" (whole attention / MLP
+      # sub-layers); TinyCLIP's released runs learn the first three.
+      "kinds": ("hidden", "heads", "intermediate"),
+      "start_sparsity": 0.0,     # target sparsity ramps linearly from here...
+      "target_sparsity": 0.25,   # ...to here (fraction of the teacher's prunable params)
+      "sparsity_warmup": 1000,   # ...over these many steps
+      "prune_step": 2000,        # fix the gates, prune, continue without masks
+      "joint": False,            # one sparsity over both towers (λs averaged)
+      "lr": 0.02,                # Adam on log α
+      "lambda_lr": -0.02,        # Adam ascent on λ₁, λ₂
+  })
+  # Progressive stages: a tuple of ConfigDicts, each overriding fields of this
+  # config (plus `name` and `from_stage`); stage k starts from stage from_stage's
+  # final student (default k-1) and distils from the same teacher. See
+  # configs/auto_vit_b32_25pct.py. Empty = a single run.
+  c.stages = ()
+
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
   c.precision = "float32"      # compute dtype: "float32" or "bfloat16"
   c.remat = False

@@ -5,6 +5,7 @@ step in prepare.py.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -18,8 +19,8 @@ from clu import periodic_actions
 
 from tinyclip_jax import checkpoint, evaluate, metrics as metrics_lib, parallel
 from tinyclip_jax.data import pipeline
-from tinyclip_jax.models import CLIP
-from tinyclip_jax.train import prepare
+from tinyclip_jax.models import CLIP, CLIPConfig, count_params
+from tinyclip_jax.train import masking, prepare
 from tinyclip_jax.train.step import make_train_step
 
 
@@ -50,18 +51,118 @@ def _export(workdir: str, params, config) -> str:
   return path
 
 
+@dataclasses.dataclass
+class _Run:
+  """What every phase of a run shares."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  mgr: Any
+  writer: Any
+  batches: Any
+  eval_task: Any
+  config_json: dict
+  evals: list
+  last: dict
+  data_state: dict = dataclasses.field(default_factory=dict)
+
+
+def _compile(config, setup):
+  student_cfg, mesh = setup.student_config, setup.mesh
+  student = CLIP(student_cfg, remat=config.remat, dtype=setup.dtype)
+  teacher = CLIP(setup.teacher_config, dtype=setup.dtype) if setup.teacher_config else None
+  step_fn = make_train_step(student, teacher, config.loss, mesh, setup.tx, setup.lr_fn,
+                            config.batch_size, config.microbatch_size, setup.masking)
+  batch_abs = prepare.batch_abstract(config, student_cfg, mesh)
+  jit_step = jax.jit(step_fn, in_shardings=(setup.state_shardings, setup.teacher_shardings,
+                                            {k: v.sharding for k, v in batch_abs.items()}),
+                     out_shardings=(setup.state_shardings, parallel.replicated(mesh)),
+                     donate_argnums=(0,))
+  t0 = time.time()
+  compiled = jit_step.lower(setup.abstract_state, setup.teacher_params, batch_abs).compile()
+  logging.info("compiled the train step in %.1f s", time.time() - t0)
+  _log_compiled(compiled)
+  return compiled, batch_abs
+
+
+def _evaluate(run: _Run, setup, state, step: int) -> dict:
+  """Zero-shot eval of the student; in the masked phase, of the model the current
+  deterministic gates prune to (which equals the masked model), plus its structure."""
+  cfg, params = setup.student_config, state.params
+  if setup.masking is not None:
+    params, pruned_cfg, gates = masking.prune_state(params, cfg, state.masks, setup.masking)
+    masking.write_structure(run.workdir, step, cfg, "masked", gates, count_params(params))
+    cfg = pruned_cfg
+  return evaluate.zeroshot(cfg, params, run.eval_task, run.config.eval.batch_size)
+
+
+def _train(run: _Run, setup, state, start: int, end: int) -> tuple[Any, int, bool]:
+  """Steps start+1 … end of one phase → (state, last step, preempted)."""
+  config = run.config
+  compiled, batch_abs = _compile(config, setup)
+  flops_per_pair = prepare.model_flops_per_pair(setup.student_config, setup.teacher_config)
+  progress = periodic_actions.ReportProgress(num_train_steps=config.total_steps,
+                                             every_steps=config.log_every, every_secs=None)
+  model_json = setup.student_config.to_dict()
+  prev_metrics, t_log, step_log, step = None, time.time(), start, start
+  for step in range(start + 1, end + 1):
+    local, data_state = next(run.batches)
+    state, m = compiled(state, setup.teacher_params, _global_batch(local, batch_abs))
+    # Check the previous step's count while this one runs (no per-step sync).
+    if prev_metrics is not None and int(prev_metrics["nonfinite_in_a_row"]) >= config.max_nonfinite:
+      raise NonFiniteError(f"{config.max_nonfinite} non-finite losses in a row before step "
+                           f"{step}; lower optimizer.lr or check the data and teacher.")
+    prev_metrics = m
+    progress(step)
+    final = step == config.total_steps
+    do_eval = run.eval_task is not None and (step % config.eval_every == 0 or final)
+    if step % config.log_every == 0 or final or do_eval:
+      m = jax.device_get(m)
+      now = time.time()
+      pairs_s = (step - step_log) * config.batch_size / max(now - t_log, 1e-9)
+      run.last = {k: float(v) for k, v in m.items()}
+      run.last.update(pairs_per_s=pairs_s, model_flops_per_s=pairs_s * flops_per_pair)
+      t_log, step_log = now, step
+      if do_eval:
+        ev = _evaluate(run, setup, state, step)
+        run.evals.append({"step": step, **ev})
+        run.last.update({f"eval/{k}": v for k, v in ev.items()})
+      run.writer.write_scalars(step, run.last)
+    # The masked phase's last state is saved after pruning (by the caller).
+    masked_end = setup.masking is not None and step == end
+    if not masked_end and (step % config.checkpoint_every == 0 or final or
+                           run.mgr.reached_preemption(step)):
+      checkpoint.save(run.mgr, step, state, data_state, run.config_json, model_json)
+      if run.mgr.reached_preemption(step):
+        run.mgr.wait_until_finished()
+        logging.info("preempted: saved step %d", step)
+        return state, step, True
+    run.data_state = data_state
+  return state, step, False
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains per `config` in `workdir`; resumes from the newest checkpoint there.
 
+  With masks on, steps 1 … masks.prune_step learn the structure masks; the student
+  is then pruned and distilled on to total_steps (the checkpoint records which).
   Returns {"params", "student_config", "metrics" (last logged), "evals" (history)}.
   """
   prepare.validate(config)
   if "://" not in workdir:
     os.makedirs(workdir, exist_ok=True)
   mgr = checkpoint.manager(workdir, config.keep_checkpoints)
-  resuming = mgr.latest_step() is not None
-  setup, state = prepare.build(config, restoring=resuming)
-  student_cfg, mesh = setup.student_config, setup.mesh
+  latest = mgr.latest_step()
+  resuming = latest is not None
+  pruned = None
+  if resuming and config.masks.enabled and latest >= config.masks.prune_step:
+    model = checkpoint.latest_model(mgr)
+    if model is None:
+      raise prepare.SetupError(f"the checkpoint of step {latest} in {workdir} has no model "
+                               "config, so the pruned student cannot be rebuilt; start a new "
+                               "workdir.")
+    pruned = prepare.Pruned(CLIPConfig.from_dict(model))
+  setup, state = prepare.build(config, restoring=resuming, pruned=pruned)
+  student_cfg = setup.student_config
   data = pipeline.make_train_input(config.data, student_cfg.vision.image_size,
                                    student_cfg.text.context_length, config.batch_size)
   jsonl = os.path.join(workdir, "metrics.jsonl")
@@ -76,65 +177,28 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   writer = metrics_lib.create_writer(workdir)
   if start == 0:
     writer.write_hparams({k: str(v) for k, v in config.to_dict().items()})
-  student = CLIP(student_cfg, remat=config.remat, dtype=setup.dtype)
-  teacher = CLIP(setup.teacher_config, dtype=setup.dtype) if setup.teacher_config else None
-  step_fn = make_train_step(student, teacher, config.loss, mesh, setup.tx, setup.lr_fn,
-                            config.batch_size, config.microbatch_size)
-  batch_abs = prepare.batch_abstract(config, student_cfg, mesh)
-  repl = parallel.replicated(mesh)
-  jit_step = jax.jit(step_fn, in_shardings=(setup.state_shardings, setup.teacher_shardings,
-                                            {k: v.sharding for k, v in batch_abs.items()}),
-                     out_shardings=(setup.state_shardings, repl), donate_argnums=(0,))
-  t0 = time.time()
-  compiled = jit_step.lower(setup.abstract_state, setup.teacher_params, batch_abs).compile()
-  logging.info("compiled the train step in %.1f s", time.time() - t0)
-  _log_compiled(compiled)
-
   eval_task = None
   if config.eval.kind:
     eval_task = evaluate.load_task(config.eval.kind, student_cfg.vision.image_size,
                                    config.eval.num_examples)
-  flops_per_pair = prepare.model_flops_per_pair(student_cfg, setup.teacher_config)
-  progress = periodic_actions.ReportProgress(num_train_steps=config.total_steps,
-                                             every_steps=config.log_every, every_secs=None)
-  config_json = json.loads(config.to_json_best_effort())
-  batches = pipeline.prefetch(data, config.data.prefetch)
-  last, evals, prev_metrics = {}, [], None
-  t_log, step_log = time.time(), start
-  step = start
-  for step in range(start + 1, config.total_steps + 1):
-    local, data_state = next(batches)
-    state, m = compiled(state, setup.teacher_params, _global_batch(local, batch_abs))
-    # Check the previous step's count while this one runs (no per-step sync).
-    if prev_metrics is not None and int(prev_metrics["nonfinite_in_a_row"]) >= config.max_nonfinite:
-      raise NonFiniteError(f"{config.max_nonfinite} non-finite losses in a row before step "
-                           f"{step}; lower optimizer.lr or check the data and teacher.")
-    prev_metrics = m
-    progress(step)
-    final = step == config.total_steps
-    do_eval = eval_task is not None and (step % config.eval_every == 0 or final)
-    if step % config.log_every == 0 or final or do_eval:
-      m = jax.device_get(m)
-      now = time.time()
-      pairs_s = (step - step_log) * config.batch_size / max(now - t_log, 1e-9)
-      last = {k: float(v) for k, v in m.items()}
-      last.update(pairs_per_s=pairs_s, model_flops_per_s=pairs_s * flops_per_pair)
-      t_log, step_log = now, step
-      if do_eval:
-        ev = evaluate.zeroshot(student_cfg, state.params, eval_task, config.eval.batch_size)
-        evals.append({"step": step, **ev})
-        last.update({f"eval/{k}": v for k, v in ev.items()})
-      writer.write_scalars(step, last)
-    if step % config.checkpoint_every == 0 or step == config.total_steps or \
-        mgr.reached_preemption(step):
-      checkpoint.save(mgr, step, state, data_state, config_json)
-      if mgr.reached_preemption(step):
-        mgr.wait_until_finished()
-        logging.info("preempted: saved step %d", step)
-        break
+  run_ = _Run(config, workdir, mgr, writer, pipeline.prefetch(data, config.data.prefetch),
+              eval_task, json.loads(config.to_json_best_effort()), [], {})
+
+  end = config.masks.prune_step if setup.masking is not None else config.total_steps
+  state, step, preempted = _train(run_, setup, state, start, end)
+  if setup.masking is not None and not preempted:
+    params, cfg, gates = masking.prune_state(state.params, student_cfg, state.masks, setup.masking)
+    masking.write_structure(workdir, step, student_cfg, "pruned", gates, count_params(params))
+    setup, state = prepare.build(config, restoring=False,
+                                 pruned=prepare.Pruned(cfg, params, step))
+    checkpoint.save(mgr, step, state, run_.data_state, run_.config_json, cfg.to_dict())
+    state, step, preempted = _train(run_, setup, state, step, config.total_steps)
   mgr.wait_until_finished()
   writer.flush()
-  export = _export(workdir, state.params, student_cfg)
+  if preempted:
+    return {"params": state.params, "student_config": setup.student_config,
+            "metrics": run_.last, "evals": run_.evals, "step": step, "preempted": True}
+  export = _export(workdir, state.params, setup.student_config)
   logging.info("exported the student to %s", export)
-  return {"params": state.params, "student_config": student_cfg, "metrics": last,
-          "evals": evals, "step": step}
+  return {"params": state.params, "student_config": setup.student_config, "metrics": run_.last,
+          "evals": run_.evals, "step": step}

@@ -20,7 +20,7 @@ from tinyclip_jax import parallel
 from tinyclip_jax.inherit import manual
 from tinyclip_jax.models import CLIPConfig, ConfigError, init_params, param_shapes
 from tinyclip_jax.models.clip import logical_axes
-from tinyclip_jax.train import defaults, state as state_lib
+from tinyclip_jax.train import defaults, masking, state as state_lib
 
 PRECISIONS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 INITS = ("inherit", "scratch", "checkpoint")
@@ -43,6 +43,7 @@ class Setup:
   lr_fn: Any
   state_shardings: Any
   abstract_state: Any
+  masking: masking.MaskTraining | None = None   # the masked phase of auto inheritance
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -69,6 +70,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.student.init == "checkpoint" and not config.student.checkpoint:
     raise SetupError("student.init='checkpoint' but student.checkpoint is empty; give the "
                      "folder of a flax model checkpoint.")
+  masking.check(config, SetupError)
 
 
 def _load_checkpoint(path: str, what: str):
@@ -104,13 +106,23 @@ def _shardings(config: CLIPConfig, mesh):
                                 shapes), shapes
 
 
+@dataclasses.dataclass(frozen=True)
+class Pruned:
+  """The student after the prune step: its config, and its params unless restoring."""
+  config: CLIPConfig
+  params: Any = None
+  step: int = 0
+
+
 def build(config: ml_collections.ConfigDict, restoring: bool,
-          model_configs: tuple[CLIPConfig | None, CLIPConfig] | None = None
-          ) -> tuple[Setup, Any]:
+          model_configs: tuple[CLIPConfig | None, CLIPConfig] | None = None,
+          pruned: Pruned | None = None) -> tuple[Setup, Any]:
   """Returns (setup, initial train state or None when `restoring`).
 
   `model_configs` (teacher, student) replaces the configs named in `config` (benchmarks
-  use it for other image sizes); the teacher then has random weights."""
+  use it for other image sizes); the teacher then has random weights. With masks on,
+  the setup is the masked phase unless `pruned` gives the student after the prune
+  step (a fresh optimizer; training continues at pruned.step)."""
   validate(config)
   try:
     mesh = parallel.make_mesh(config.mesh.to_dict())
@@ -138,6 +150,7 @@ def build(config: ml_collections.ConfigDict, restoring: bool,
     student_host, student_cfg = None, _model_config(config.student, "student")
   if model_configs is not None:
     (teacher_cfg, student_cfg), teacher_host = model_configs, None
+
   if teacher_cfg is not None:
     _check_compatible(teacher_cfg, student_cfg)
     if config.student.init == "inherit":
@@ -147,15 +160,32 @@ def build(config: ml_collections.ConfigDict, restoring: bool,
       except manual.InheritError as e:
         raise SetupError(str(e)) from e
 
+  if pruned is not None:
+    student_cfg = pruned.config
+  mask_training = mask_state = mask_tx = None
+  if config.masks.enabled and pruned is None:
+    mask_tx = state_lib.make_mask_optimizer(config.masks, config.optimizer)
+    try:
+      mask_training, mask_state = masking.make(config, student_cfg, teacher_cfg or student_cfg,
+                                               mask_tx)
+    except ValueError as e:
+      raise SetupError(str(e)) from e
+  warmup = config.masks.prune_step if config.masks.enabled else None
+
   dtype = PRECISIONS[config.precision]
   s_shard, s_shapes = _shardings(student_cfg, mesh)
-  tx = state_lib.make_optimizer(config.optimizer, config.total_steps, config.max_nonfinite + 2)
-  lr_fn = state_lib.learning_rate_fn(config.optimizer, config.total_steps)
-  abstract = jax.eval_shape(lambda p: state_lib.init_state(p, tx), s_shapes)
+  tx = state_lib.make_optimizer(config.optimizer, config.total_steps, config.max_nonfinite + 2,
+                                warmup)
+  lr_fn = state_lib.learning_rate_fn(config.optimizer, config.total_steps, warmup)
+  abstract = jax.eval_shape(lambda p, m: state_lib.init_state(p, tx, m, mask_tx), s_shapes,
+                            mask_state)
   repl = parallel.replicated(mesh)
   opt_shard = optax.tree_map_params(tx, lambda _, s: s, abstract.opt_state, s_shard,
                                     transform_non_params=lambda _: repl)
-  state_shard = state_lib.TrainState(step=repl, params=s_shard, opt_state=opt_shard)
+  state_shard = state_lib.TrainState(
+      step=repl, params=s_shard, opt_state=opt_shard,
+      masks=jax.tree.map(lambda _: repl, abstract.masks),
+      mask_opt_state=jax.tree.map(lambda _: repl, abstract.mask_opt_state))
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, state_shard)
 
@@ -170,10 +200,14 @@ def build(config: ml_collections.ConfigDict, restoring: bool,
       t_params = jax.device_put(teacher_host, t_shard)
 
   setup = Setup(mesh, dtype, student_cfg, teacher_cfg, t_params, s_shard, t_shard, tx, lr_fn,
-                state_shard, abstract)
+                state_shard, abstract, mask_training)
   if restoring:
     return setup, None
 
+  if pruned is not None:
+    state = jax.jit(lambda p: state_lib.init_state(p, tx, step=pruned.step),
+                    out_shardings=state_shard)(jax.device_put(pruned.params, s_shard))
+    return setup, state
   if config.student.init == "scratch":
     params = jax.jit(lambda r: init_params(student_cfg, r), out_shardings=s_shard)(rng_student)
   elif config.student.init == "inherit":
@@ -184,7 +218,8 @@ def build(config: ml_collections.ConfigDict, restoring: bool,
   if config.loss.learn_scale:  # a learned τ_s starts at student_scale
     params = dict(params, logit_scale=jax.device_put(
         jnp.log(jnp.float32(config.loss.student_scale)), s_shard["logit_scale"]))
-  state = jax.jit(lambda p: state_lib.init_state(p, tx), out_shardings=state_shard)(params)
+  state = jax.jit(lambda p, m: state_lib.init_state(p, tx, m, mask_tx),
+                  out_shardings=state_shard)(params, mask_state)
   return setup, state
 
 

@@ -19,6 +19,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from tinyclip_jax import losses
+from tinyclip_jax.inherit import masks as masks_lib
 from tinyclip_jax.models import CLIP
 from tinyclip_jax.parallel import BATCH_AXES
 from tinyclip_jax.train.state import TrainState, nonfinite_counts
@@ -33,8 +34,8 @@ def student_scale(params, loss_cfg) -> jax.Array:
   return jnp.asarray(loss_cfg.student_scale, jnp.float32)
 
 
-def _embeds(model: CLIP, params, batch) -> tuple[jax.Array, jax.Array]:
-  out = model.apply({"params": params}, batch["images"], batch["tokens"])
+def _embeds(model: CLIP, params, batch, gates=None) -> tuple[jax.Array, jax.Array]:
+  out = model.apply({"params": params}, batch["images"], batch["tokens"], gates=gates)
   return out["image_embeds"], out["text_embeds"]
 
 
@@ -64,15 +65,26 @@ class _Microbatches:
 
 def make_grad_fn(student: CLIP, teacher: CLIP | None, loss_cfg, mesh, batch_size: int,
                  microbatch_size: int = 0):
-  """Returns grad_fn(params, teacher_params, batch) -> ((loss, terms), grads)."""
+  """Returns grad_fn(trainable, teacher_params, batch, gates_of=None) -> ((loss, terms), grads).
+
+  `trainable` is the student's params, or with `gates_of` a pair (params, log α of
+  the structure masks) and gates_of(log α) the gates the student runs with; the
+  gradient is then taken w.r.t. both."""
   weights = losses.LossConfig(alpha=loss_cfg.alpha, distill_weight=loss_cfg.distill_weight,
                               image_image=loss_cfg.image_image, text_text=loss_cfg.text_text,
                               embedding=loss_cfg.embedding)
   loss_fn = losses.sharded_distill_loss(mesh, BATCH_AXES, weights)
 
-  def loss_of(embeds, params, t_out):
+  def loss_of(embeds, trainable, t_out, gates_of):
+    params = trainable if gates_of is None else trainable[0]
     s_out = dict(zip(EMBEDS, embeds), logit_scale=student_scale(params, loss_cfg))
     return loss_fn(s_out, t_out)
+
+  def student_embeds(trainable, chunk, gates_of):
+    if gates_of is None:
+      return _embeds(student, trainable, chunk)
+    params, logas = trainable
+    return _embeds(student, params, chunk, gates_of(logas))
 
   def teacher_out(t_embeds):
     if t_embeds is None:
@@ -80,20 +92,21 @@ def make_grad_fn(student: CLIP, teacher: CLIP | None, loss_cfg, mesh, batch_size
     return jax.lax.stop_gradient(dict(zip(EMBEDS, t_embeds), logit_scale=jnp.asarray(
         loss_cfg.teacher_scale, jnp.float32)))
 
-  def one_shot(params, teacher_params, batch):
+  def one_shot(trainable, teacher_params, batch, gates_of=None):
     t_out = teacher_out(_embeds(teacher, teacher_params, batch) if teacher else None)
-    return jax.value_and_grad(lambda p: loss_of(_embeds(student, p, batch), p, t_out),
-                              has_aux=True)(params)
+    return jax.value_and_grad(
+        lambda tr: loss_of(student_embeds(tr, batch, gates_of), tr, t_out, gates_of),
+        has_aux=True)(trainable)
 
   if not microbatch_size:
     return one_shot
   mb = _Microbatches(mesh, batch_size, microbatch_size)
 
-  def cached(params, teacher_params, batch):
+  def cached(trainable, teacher_params, batch, gates_of=None):
     chunks = jax.tree.map(mb.split, batch)
 
     def embed_chunk(_, chunk):  # (1) forward only: nothing is kept for a backward pass
-      s = _embeds(student, params, chunk)
+      s = student_embeds(trainable, chunk, gates_of)
       t = _embeds(teacher, teacher_params, chunk) if teacher else None
       return None, (s, t)
     _, (s_chunks, t_chunks) = jax.lax.scan(embed_chunk, None, chunks)
@@ -102,12 +115,12 @@ def make_grad_fn(student: CLIP, teacher: CLIP | None, loss_cfg, mesh, batch_size
 
     # (2) the loss on the whole batch and its gradient w.r.t. the embeddings
     (loss, terms), (g_embeds, grads) = jax.value_and_grad(
-        loss_of, argnums=(0, 1), has_aux=True)(s_embeds, params, t_out)
+        loss_of, argnums=(0, 1), has_aux=True)(s_embeds, trainable, t_out, gates_of)
     g_chunks = tuple(mb.split(g) for g in g_embeds)
 
     def backprop_chunk(acc, xs):  # (3) re-run each chunk under vjp with its cotangent
       chunk, g = xs
-      _, vjp = jax.vjp(lambda p: _embeds(student, p, chunk), params)
+      _, vjp = jax.vjp(lambda tr: student_embeds(tr, chunk, gates_of), trainable)
       return jax.tree.map(jnp.add, acc, vjp(g)[0]), None
     grads, _ = jax.lax.scan(backprop_chunk, grads, (chunks, g_chunks))
     return (loss, terms), grads
@@ -116,20 +129,42 @@ def make_grad_fn(student: CLIP, teacher: CLIP | None, loss_cfg, mesh, batch_size
 
 
 def make_train_step(student: CLIP, teacher: CLIP | None, loss_cfg, mesh, tx,
-                    lr_fn: Callable[[Any], Any], batch_size: int = 0, microbatch_size: int = 0):
-  """Returns step(state, teacher_params, batch) -> (state, metrics)."""
+                    lr_fn: Callable[[Any], Any], batch_size: int = 0, microbatch_size: int = 0,
+                    sparsity=None):
+  """Returns step(state, teacher_params, batch) -> (state, metrics).
+
+  `sparsity` (a MaskTraining) makes it the masked step of automatic weight
+  inheritance: the student runs with hard-concrete gates sampled once per step,
+  and the Lagrangian sparsity term trains log α (descent) and λ (ascent)."""
   grad_fn = make_grad_fn(student, teacher, loss_cfg, mesh, batch_size, microbatch_size)
 
   def step(state: TrainState, teacher_params, batch):
-    (loss, terms), grads = grad_fn(state.params, teacher_params, batch)
+    extra, new_masks, mask_opt_state = {}, state.masks, state.mask_opt_state
+    if sparsity is None:
+      (loss, terms), grads = grad_fn(state.params, teacher_params, batch)
+    else:
+      logas, lambdas = state.masks["logas"], state.masks["lambdas"]
+      noise = masks_lib.uniform_noise(jax.random.fold_in(sparsity.rng, state.step), logas)
+      gates_of = lambda l: masks_lib.training_gates(l, sparsity.valid, noise)  # noqa: E731
+      (loss, terms), (grads, g_logas) = grad_fn((state.params, logas), teacher_params, batch,
+                                                gates_of)
+      (lag, extra), (g_lag, g_lambdas) = jax.value_and_grad(
+          sparsity.terms, argnums=(0, 1), has_aux=True)(logas, lambdas, state.step)
+      g_masks = {"logas": jax.tree.map(jnp.add, g_logas, g_lag), "lambdas": g_lambdas}
+      updates, mask_opt_state = sparsity.tx.update(g_masks, state.mask_opt_state, state.masks)
+      new_masks = optax.apply_updates(state.masks, updates)
+      new_masks = dict(new_masks, logas=masks_lib.clamp(new_masks["logas"]))
+      extra = dict(extra, distill_loss=loss)
+      loss = loss + lag
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     consecutive, total = nonfinite_counts(opt_state)
-    metrics = dict(terms, loss=loss, grad_norm=optax.tree.norm(grads),
+    metrics = dict(terms, **extra, loss=loss, grad_norm=optax.tree.norm(grads),
                    learning_rate=lr_fn(state.step),
                    student_scale=student_scale(state.params, loss_cfg),
                    teacher_scale=jnp.asarray(loss_cfg.teacher_scale, jnp.float32),
                    nonfinite_in_a_row=consecutive, nonfinite_total=total)
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state, masks=new_masks,
+                      mask_opt_state=mask_opt_state), metrics
 
   return step
