@@ -7,7 +7,13 @@
 4. evaluate all three zero-shot; write DIR/summary.json, DIR/top1.png and the final
    Flax checkpoints DIR/teacher, DIR/distilled, DIR/scratch.
 
+With demo.auto (configs/demo_auto.py) it runs automatic weight inheritance instead:
+the teacher-sized student learns structure masks while distilling, is pruned at
+masks.prune_step and distilled on; the result joins DIR/summary.json as "auto",
+reusing DIR/teacher when the demo already made one.
+
 Run: python -m tinyclip_jax.main --config=configs/demo.py --workdir=/tmp/demo
+     python -m tinyclip_jax.main --config=configs/demo_auto.py --workdir=/tmp/demo
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import time
 import ml_collections
 from absl import logging
 
+from tinyclip_jax.inherit import prune
 from tinyclip_jax.models import count_params
 from tinyclip_jax.train import loop, prepare
 
@@ -34,6 +41,7 @@ def _stage(config, workdir: str, name: str, **overrides) -> dict:
   c = copy.deepcopy(config)
   with c.unlocked():
     del c["demo"]
+    c.stages = ()
     for key, value in overrides.items():
       target = c
       *path, leaf = key.split(".")
@@ -82,16 +90,59 @@ def _plot(path: str, distilled: list[dict], scratch: list[dict], teacher_top1: f
   plt.close(fig)
 
 
+def _teacher(config, workdir: str) -> dict:
+  d = config.demo
+  return _stage(config, workdir, "teacher", **{
+      "teacher.model": "", "teacher.checkpoint": "", "teacher.custom.vision_width": 0,
+      "student.custom": config.teacher.custom, "student.init": "scratch", **_CLIP_LOSS,
+      "masks.enabled": False, "total_steps": d.teacher_steps, "optimizer.lr": d.teacher_lr})
+
+
+def _print_table(summary: dict) -> None:
+  print(f"\n{'model':<10} {'params':>10} {'top-1':>7} {'top-5':>7}")
+  for name in ("teacher", "distilled", "scratch", "auto"):
+    if name in summary:
+      s = summary[name]
+      print(f"{name:<10} {s['params']:>10,} {100 * s['top1']:>6.1f}% {100 * s['top5']:>6.1f}%")
+
+
+def run_auto(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """The auto path: masks → prune → distil on, from the demo's teacher."""
+  path = os.path.join(workdir, "summary.json")
+  summary = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      summary = json.load(f)
+  if "teacher" in summary and os.path.exists(os.path.join(workdir, "teacher")):
+    logging.info("reusing the demo's teacher in %s/teacher", workdir)
+  else:
+    summary["teacher"] = _final(_teacher(config, workdir))
+    summary["teacher_steps"] = config.demo.teacher_steps
+  auto = _stage(config, workdir, "auto", **{
+      "teacher.checkpoint": os.path.join(workdir, "teacher"), "student.init": "inherit"})
+  summary["auto"] = _final(auto)
+  summary["auto"].update(steps=config.total_steps, prune_step=config.masks.prune_step,
+                         target_sparsity=config.masks.target_sparsity,
+                         structure=prune.structure(auto["student_config"]))
+  summary.setdefault("seconds", {})["auto"] = round(auto["seconds"], 1)
+  summary.setdefault("history", {})["auto"] = auto["evals"]
+  with open(path, "w") as f:
+    json.dump(summary, f, indent=2)
+  _print_table(summary)
+  print(f"auto: masks learned for {config.masks.prune_step} steps, pruned, distilled to step "
+        f"{config.total_steps}; structure plots in {workdir}/runs/auto/structure")
+  return summary
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   d = config.demo
   if config.eval.kind != "synthetic":
     raise prepare.SetupError(f"eval.kind {config.eval.kind!r}: the demo compares its models on "
                              "the generated zero-shot split; leave eval.kind='synthetic'.")
   os.makedirs(workdir, exist_ok=True)
-  teacher = _stage(config, workdir, "teacher", **{
-      "teacher.model": "", "teacher.checkpoint": "", "teacher.custom.vision_width": 0,
-      "student.custom": config.teacher.custom, "student.init": "scratch", **_CLIP_LOSS,
-      "total_steps": d.teacher_steps, "optimizer.lr": d.teacher_lr})
+  if d.get("auto"):
+    return run_auto(config, workdir)
+  teacher = _teacher(config, workdir)
   distilled = _stage(config, workdir, "distilled", **{
       "teacher.checkpoint": teacher["checkpoint"], "student.init": "inherit"})
   scratch = _stage(config, workdir, "scratch", **{
@@ -100,6 +151,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   summary = {name: _final(r)
              for name, r in (("teacher", teacher), ("distilled", distilled), ("scratch", scratch))}
+  old = os.path.join(workdir, "summary.json")
+  if os.path.exists(old):  # keep an auto result from configs/demo_auto.py
+    with open(old) as f:
+      previous = json.load(f)
+    if "auto" in previous:
+      summary["auto"] = previous["auto"]
   summary["steps"] = config.total_steps
   summary["teacher_steps"] = d.teacher_steps
   summary["distilled_reached_scratch_at"] = reached_at(distilled["evals"],
@@ -112,10 +169,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   _plot(os.path.join(workdir, "top1.png"), distilled["evals"], scratch["evals"],
         summary["teacher"]["top1"])
 
-  print(f"\n{'model':<10} {'params':>10} {'top-1':>7} {'top-5':>7}")
-  for name in ("teacher", "distilled", "scratch"):
-    s = summary[name]
-    print(f"{name:<10} {s['params']:>10,} {100 * s['top1']:>6.1f}% {100 * s['top5']:>6.1f}%")
+  _print_table(summary)
   print(f"students trained {config.total_steps} steps each; distilled reached scratch's final "
         f"top-1 at step {summary['distilled_reached_scratch_at']}")
   print(f"wrote {workdir}/summary.json, {workdir}/top1.png and checkpoints "

@@ -40,7 +40,7 @@ def main(argv) -> int:
           file=sys.stderr)
     return 2
   import jax  # pylint: disable=import-outside-toplevel
-  from tinyclip_jax.train import loop, prepare  # pylint: disable=import-outside-toplevel
+  from tinyclip_jax.train import loop, prepare, stages  # pylint: disable=import-outside-toplevel
   jax.config.update("jax_threefry_partitionable", True)
   _hide_accelerators_from_tf()
   logging.get_absl_logger().addFilter(_QuietLibraries())
@@ -51,7 +51,7 @@ def main(argv) -> int:
       from tinyclip_jax import demo  # pylint: disable=import-outside-toplevel
       demo.run(config, FLAGS.workdir)
     else:
-      loop.run(config, FLAGS.workdir)
+      stages.run(config, FLAGS.workdir)
   except (prepare.SetupError, loop.NonFiniteError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

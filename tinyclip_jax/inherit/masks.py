@@ -26,15 +26,15 @@ import numpy as np
 
 from tinyclip_jax.models.config import CLIPConfig, TowerConfig
 
-LIMIT_A, LIMIT_B, EPSILON = -0.1, 1.1, 1e-6   # γ, ζ, ε
-TEMPERATURE = 2.0 / 3.0                        # β
-MAGICAL_NUMBER = 0.8                           # deterministic-gate sharpening (Wang et al. 2020)
-INIT_LOGA = 10.0                               # all gates open
+LIMIT_A, LIMIT_B, EPSILON = -0.1, 1.1, 1e-6  # γ, ζ, ε
+TEMPERATURE = 2.0 / 3.0  # β
+MAGICAL_NUMBER = 0.8  # deterministic-gate sharpening (Wang et al. 2020)
+INIT_LOGA = 10.0  # all gates open
 LOGA_MIN, LOGA_MAX = math.log(1e-2), math.log(1e2)
 INIT_LAMBDA = 10.0
 
 KINDS = ("hidden", "heads", "intermediate", "layer")
-TOWERS = {"visual": "vision", "text": "text"}   # param key → CLIPConfig field
+TOWERS = {"visual": "vision", "text": "text"}  # param key → CLIPConfig field
 
 
 class MaskError(ValueError):
@@ -42,6 +42,7 @@ class MaskError(ValueError):
 
 
 # ----------------------------------------------------------------------------- gates
+
 
 def cdf_qz(x, loga):
   """CDF at x of the stretched concrete distribution, clamped to [ε, 1-ε]."""
@@ -67,7 +68,8 @@ def uniform_noise(rng, logas):
   keys = jax.random.split(rng, max(len(leaves), 1))
   return jax.tree.unflatten(treedef, [
       jax.random.uniform(k, x.shape, jnp.float32, EPSILON, 1.0 - EPSILON)
-      for k, x in zip(keys, leaves)])
+      for k, x in zip(keys, leaves)
+  ])
 
 
 def _deterministic_rows(loga, valid):
@@ -108,6 +110,7 @@ def clamp(logas):
 
 
 # ----------------------------------------------------------------------------- layout
+
 
 def _padded(sizes: Sequence[int]) -> np.ndarray:
   width = max(list(sizes) + [1])
@@ -158,6 +161,7 @@ def init_lambdas(towers: Sequence[str]) -> dict:
 
 # ----------------------------------------------------------------------------- accounting
 
+
 def params_per_head(cfg: TowerConfig) -> int:
   """(4d² + 4d) / H of the reference = 4·head_dim·(d + 1) per head."""
   return 4 * cfg.head_dim * (cfg.width + 1)
@@ -204,7 +208,7 @@ def target_sparsity(step, start: float, target: float, warmup: int):
 def lagrangian(expected_sparsity, target, lambdas):
   """λ₁·max(t - ŝ, 0) + λ₂·max(t - ŝ, 0)²."""
   gap = jnp.maximum(target - expected_sparsity, 0.0)
-  return lambdas[0] * gap + lambdas[1] * gap ** 2
+  return lambdas[0] * gap + lambdas[1] * gap**2
 
 
 def sparsity_terms(logas, lambdas, valid, config: CLIPConfig, reference: CLIPConfig, step,

@@ -42,8 +42,10 @@ def _prune_block(block: Mapping[str, Any], g: Mapping[str, np.ndarray], hidden: 
       scale_out = (head_z[kh][:, None, None] * hidden[keep][None, None, :] * layer_z)
       out["ln_1"] = {k: _np(v)[keep] for k, v in block["ln_1"].items()}
       out["attn"] = {
-          "in_proj_kernel": _np(a["in_proj_kernel"])[keep][:, :, kh],
-          "in_proj_bias": _np(a["in_proj_bias"])[:, kh],
+          "in_proj_kernel":
+              _np(a["in_proj_kernel"])[keep][:, :, kh],
+          "in_proj_bias":
+              _np(a["in_proj_bias"])[:, kh],
           "out_proj_kernel": (_np(a["out_proj_kernel"])[kh][:, :, keep] * scale_out).astype(
               _np(a["out_proj_kernel"]).dtype),
           "out_proj_bias": (_np(a["out_proj_bias"])[keep] * hidden[keep] * layer_z).astype(
@@ -59,11 +61,15 @@ def _prune_block(block: Mapping[str, Any], g: Mapping[str, np.ndarray], hidden: 
       w = _np(proj["kernel"])
       out["ln_2"] = {k: _np(v)[keep] for k, v in block["ln_2"].items()}
       out["mlp"] = {
-          "c_fc": {"kernel": _np(fc["kernel"])[keep][:, ku], "bias": _np(fc["bias"])[ku]},
+          "c_fc": {
+              "kernel": _np(fc["kernel"])[keep][:, ku],
+              "bias": _np(fc["bias"])[ku]
+          },
           "c_proj": {
-              "kernel": (w[ku][:, keep] * unit_z[ku][:, None] * hidden[keep][None, :]
-                         * layer_z).astype(w.dtype),
-              "bias": (_np(proj["bias"])[keep] * hidden[keep] * layer_z).astype(w.dtype)},
+              "kernel": (w[ku][:, keep] * unit_z[ku][:, None] * hidden[keep][None, :] *
+                         layer_z).astype(w.dtype),
+              "bias": (_np(proj["bias"])[keep] * hidden[keep] * layer_z).astype(w.dtype)
+          },
       }
       kept_units = int(ku.size)
   return out, kept_heads, kept_units
@@ -120,8 +126,8 @@ def prune(params: Mapping[str, Any], config: CLIPConfig,
   return out, config.replace(**changes)
 
 
-def structure(config: CLIPConfig, gates: Mapping[str, Mapping[str, Any]] | None = None
-              ) -> dict[str, Any]:
+def structure(config: CLIPConfig,
+              gates: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
   """Kept width, heads and MLP units per layer of each tower — of the model the
   gates would prune to (per original layer, 0 where a sub-layer goes), or of
   `config` itself without gates."""

@@ -30,6 +30,9 @@ def base_config() -> ml_collections.ConfigDict:
   # How the student starts: "inherit" (manual weight inheritance from the teacher),
   # "scratch" (random init), or "checkpoint" (student.checkpoint as is).
   c.student.init = "inherit"
+  # With init="inherit": the model folder to inherit from instead of the teacher
+  # (a previous stage's student in progressive manual inheritance); "" = the teacher.
+  c.student.inherit_from = ""
 
   c.loss = ml_collections.ConfigDict({
       "alpha": 1.0,            # share of affinity mimicking vs. the hard CLIP loss

@@ -24,10 +24,10 @@ from tinyclip_jax.models import CLIPConfig, count_params
 
 @dataclasses.dataclass(frozen=True)
 class MaskTraining:
-  rng: Any                     # gate noise of step s: fold_in(rng, s)
-  valid: dict                  # which gates exist (numpy bools)
-  tx: Any                      # optax transform of {"logas", "lambdas"}
-  terms: Callable              # (logas, lambdas, step) -> (lagrangian, metrics)
+  rng: Any  # gate noise of step s: fold_in(rng, s)
+  valid: dict  # which gates exist (numpy bools)
+  tx: Any  # optax transform of {"logas", "lambdas"}
+  terms: Callable  # (logas, lambdas, step) -> (lagrangian, metrics)
 
 
 def check(config: ml_collections.ConfigDict, error) -> None:
@@ -56,7 +56,8 @@ def check(config: ml_collections.ConfigDict, error) -> None:
     raise error(f"masks.prune_step {m.prune_step} comes before masks.sparsity_warmup "
                 f"{m.sparsity_warmup} ends; prune after the target sparsity is reached.")
   if not 0 < m.prune_step <= config.total_steps:
-    raise error(f"masks.prune_step {m.prune_step} must be in [1, total_steps={config.total_steps}].")
+    raise error(
+        f"masks.prune_step {m.prune_step} must be in [1, total_steps={config.total_steps}].")
 
 
 def make(config: ml_collections.ConfigDict, student: CLIPConfig, reference: CLIPConfig, tx):
@@ -68,8 +69,9 @@ def make(config: ml_collections.ConfigDict, student: CLIPConfig, reference: CLIP
                                   int(m.sparsity_warmup), bool(m.joint))
 
   def terms(logas, lambdas, step):
-    return masks_lib.sparsity_terms(logas, lambdas, valid, student, reference, step, start,
-                                    target, warmup, joint)
+    return masks_lib.sparsity_terms(logas, lambdas, valid, student, reference, step, start, target,
+                                    warmup, joint)
+
   state = {"logas": masks_lib.init_logas(valid), "lambdas": masks_lib.init_lambdas(towers)}
   rng = jax.random.fold_in(jax.random.key(config.seed), 0x6d61736b)  # "mask"
   return MaskTraining(rng, valid, tx, terms), state
@@ -90,8 +92,12 @@ def _describe(t) -> str:
   return f"width {t.width}, heads {list(t.heads)}, mlp {list(t.mlp)}"
 
 
-def write_structure(workdir: str, step: int, config: CLIPConfig, tag: str,
-                    gates=None, params: int | None = None) -> str:
+def write_structure(workdir: str,
+                    step: int,
+                    config: CLIPConfig,
+                    tag: str,
+                    gates=None,
+                    params: int | None = None) -> str:
   """structure/<tag>_<step>.{json,png}: kept width, heads and MLP units per layer of
   each tower (of the model the gates would prune to, when given)."""
   if jax.process_index() != 0:
@@ -117,8 +123,10 @@ def _plot(path: str, config: CLIPConfig, kept: dict, title: str) -> None:
       ax = axes[row][col]
       ax.bar(np.arange(full.layers), getattr(full, what), color="0.85", label="before")
       ax.bar(np.arange(full.layers), kept[tower][what], color="tab:blue", label="kept")
-      ax.set_title(f"{field}: {'heads' if what == 'heads' else 'MLP width'} per layer "
-                   f"(width {kept[tower]['width']}/{full.width})", fontsize=9)
+      ax.set_title(
+          f"{field}: {'heads' if what == 'heads' else 'MLP width'} per layer "
+          f"(width {kept[tower]['width']}/{full.width})",
+          fontsize=9)
       ax.set_xlabel("layer")
   axes[0][0].legend(fontsize=8)
   fig.suptitle(title)

@@ -59,7 +59,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not has_teacher and config.loss.alpha != 0:
     raise SetupError("there is no teacher (teacher.model, .checkpoint and .custom are empty) but "
                      "loss.alpha is not 0; set loss.alpha=0 to train with the CLIP loss alone.")
-  if config.student.init == "inherit" and not has_teacher:
+  if config.student.init == "inherit" and not has_teacher and not config.student.inherit_from:
     raise SetupError("student.init='inherit' needs a teacher; set teacher.model or "
                      "teacher.checkpoint, or use student.init='scratch'.")
   if config.data.kind == "webdataset":
@@ -153,12 +153,19 @@ def build(config: ml_collections.ConfigDict, restoring: bool,
 
   if teacher_cfg is not None:
     _check_compatible(teacher_cfg, student_cfg)
-    if config.student.init == "inherit":
-      try:  # shape-only dry run: a student wider than its teacher fails here
-        jax.eval_shape(lambda p: manual.inherit(p, teacher_cfg, student_cfg),
-                       param_shapes(teacher_cfg))
-      except manual.InheritError as e:
-        raise SetupError(str(e)) from e
+  source_host = source_cfg = None  # what a manual-inheritance student is cut from
+  if config.student.init == "inherit" and pruned is None:
+    if config.student.inherit_from:
+      source_host, source_cfg = _load_checkpoint(config.student.inherit_from,
+                                                 "student.inherit_from")
+      _check_compatible(source_cfg, student_cfg)
+    else:
+      source_cfg = teacher_cfg
+    try:  # shape-only dry run: a student wider than its source fails here
+      jax.eval_shape(lambda p: manual.inherit(p, source_cfg, student_cfg),
+                     param_shapes(source_cfg))
+    except manual.InheritError as e:
+      raise SetupError(str(e)) from e
 
   if pruned is not None:
     student_cfg = pruned.config
@@ -211,8 +218,9 @@ def build(config: ml_collections.ConfigDict, restoring: bool,
   if config.student.init == "scratch":
     params = jax.jit(lambda r: init_params(student_cfg, r), out_shardings=s_shard)(rng_student)
   elif config.student.init == "inherit":
-    params = jax.jit(lambda p: manual.inherit(p, teacher_cfg, student_cfg),
-                     out_shardings=s_shard)(t_params)
+    source = t_params if source_host is None else source_host
+    params = jax.jit(lambda p: manual.inherit(p, source_cfg, student_cfg),
+                     out_shardings=s_shard)(source)
   else:
     params = jax.device_put(student_host, s_shard)
   if config.loss.learn_scale:  # a learned τ_s starts at student_scale

@@ -1,0 +1,25 @@
+"""The embedded demo's automatic-inheritance path: the demo's teacher is copied into a
+teacher-sized student that learns structure masks (hidden dims, heads, MLP units)
+while distilling, is pruned at masks.prune_step and distilled on.
+
+python -m tinyclip_jax.main --config=configs/demo.py --workdir=/tmp/demo       # first
+python -m tinyclip_jax.main --config=configs/demo_auto.py --workdir=/tmp/demo  # adds "auto"
+
+Without the first command it trains the demo's teacher itself.
+"""
+from configs import demo
+
+
+def get_config():
+  c = demo.get_config()
+  c.demo.auto = True
+  c.student.custom.update(c.teacher.custom)   # start as a copy of the teacher
+  c.student.init = "inherit"
+  c.masks.enabled = True
+  c.masks.kinds = ("hidden", "heads", "intermediate")
+  c.masks.start_sparsity = 0.0
+  c.masks.target_sparsity = 0.5   # half of the teacher's attention + MLP parameters
+  c.masks.sparsity_warmup = 100
+  c.masks.prune_step = 150
+  c.total_steps = 300             # as the demo's students
+  return c
