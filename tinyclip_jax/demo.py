@@ -139,6 +139,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.eval.kind != "synthetic":
     raise prepare.SetupError(f"eval.kind {config.eval.kind!r}: the demo compares its models on "
                              "the generated zero-shot split; leave eval.kind='synthetic'.")
+  prepare.validate(config)  # before the teacher trains for minutes
   os.makedirs(workdir, exist_ok=True)
   if d.get("auto"):
     return run_auto(config, workdir)
