@@ -187,7 +187,7 @@ def _bad_inputs(d, flax_dir):
       "malformed location": (["--src=openai"], "is not KIND:PATH"),
       "missing --src": ([], "required"),
       "activation for hf": ([f"--src=flax:{flax_dir}", "--activation=gelu"],
-                            "--activation applies to openai and open_clip"),
+                            "--activation applies to openai, open_clip and tinyclip"),
       "bad activation": ([f"--src=openai:{d / 'absent.pt'}", "--activation=relu"],
                          "invalid choice"),
   }
