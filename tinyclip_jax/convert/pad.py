@@ -22,8 +22,8 @@ TOWERS = (("vision", "visual"), ("text", "text"))
 
 def exportable(tower) -> bool:
   """True when the tower is already what a uniform PyTorch module builds."""
-  return (tower.uniform and tower.layers > 0 and tower.heads[0] > 0 and tower.mlp[0] > 0
-          and tower.heads[0] * tower.head_dim == tower.width)
+  return (tower.uniform and tower.layers > 0 and tower.heads[0] > 0 and tower.mlp[0] > 0 and
+          tower.heads[0] * tower.head_dim == tower.width)
 
 
 def _padded_tower(tower, name: str, fmt: str):
@@ -36,15 +36,16 @@ def _padded_tower(tower, name: str, fmt: str):
         f"{list(tower.heads)} of {tower.head_dim} channels, which {fmt} cannot hold exactly "
         f"(it needs heads * {tower.head_dim} == width in every layer); export it with "
         "--dst=tinyclip:PATH (TinyCLIP's pruned layout) or --dst=flax:PATH instead.")
-  return dataclasses.replace(tower, heads=(heads,) * tower.layers,
-                             mlp=(max(max(tower.mlp, default=0), 1),) * tower.layers)
+  return dataclasses.replace(
+      tower, heads=(heads,) * tower.layers, mlp=(max(max(tower.mlp, default=0), 1),) * tower.layers)
 
 
 def padded_config(config: CLIPConfig, fmt: str) -> CLIPConfig:
   """`config` with every tower padded to uniform heads (width // head_dim) and MLP
   width (the largest layer's), or CheckpointError when that is not exact."""
-  return config.replace(vision=_padded_tower(config.vision, "vision", fmt),
-                        text=_padded_tower(config.text, "text", fmt))
+  return config.replace(
+      vision=_padded_tower(config.vision, "vision", fmt),
+      text=_padded_tower(config.text, "text", fmt))
 
 
 def describe(config: CLIPConfig, padded: CLIPConfig) -> str | None:
@@ -57,8 +58,8 @@ def describe(config: CLIPConfig, padded: CLIPConfig) -> str | None:
                    f"{new.mlp[0]} in all {new.layers} layers")
   if not parts:
     return None
-  return ("padded the pruned model with zero weights to uniform widths (exact): "
-          + "; ".join(parts) + ".")
+  return ("padded the pruned model with zero weights to uniform widths (exact): " +
+          "; ".join(parts) + ".")
 
 
 def _grow(x: np.ndarray, axis: int, size: int) -> np.ndarray:
@@ -75,29 +76,45 @@ def _pad_layer(layer: Mapping[str, Any], width: int, heads: int, mlp: int,
   if "attn" in layer:
     a = {k: as_f32(v) for k, v in layer["attn"].items()}
     out["ln_1"] = layer["ln_1"]
-    out["attn"] = {"in_proj_kernel": _grow(a["in_proj_kernel"], 2, heads),
-                   "in_proj_bias": _grow(a["in_proj_bias"], 1, heads),
-                   "out_proj_kernel": _grow(a["out_proj_kernel"], 0, heads),
-                   "out_proj_bias": a["out_proj_bias"]}
+    out["attn"] = {
+        "in_proj_kernel": _grow(a["in_proj_kernel"], 2, heads),
+        "in_proj_bias": _grow(a["in_proj_bias"], 1, heads),
+        "out_proj_kernel": _grow(a["out_proj_kernel"], 0, heads),
+        "out_proj_bias": a["out_proj_bias"]
+    }
   else:
     out["ln_1"] = ln()
-    out["attn"] = {"in_proj_kernel": np.zeros((width, 3, heads, head_dim), np.float32),
-                   "in_proj_bias": np.zeros((3, heads, head_dim), np.float32),
-                   "out_proj_kernel": np.zeros((heads, head_dim, width), np.float32),
-                   "out_proj_bias": np.zeros(width, np.float32)}
+    out["attn"] = {
+        "in_proj_kernel": np.zeros((width, 3, heads, head_dim), np.float32),
+        "in_proj_bias": np.zeros((3, heads, head_dim), np.float32),
+        "out_proj_kernel": np.zeros((heads, head_dim, width), np.float32),
+        "out_proj_bias": np.zeros(width, np.float32)
+    }
   if "mlp" in layer:
     fc, proj = layer["mlp"]["c_fc"], layer["mlp"]["c_proj"]
     out["ln_2"] = layer["ln_2"]
-    out["mlp"] = {"c_fc": {"kernel": _grow(as_f32(fc["kernel"]), 1, mlp),
-                           "bias": _grow(as_f32(fc["bias"]), 0, mlp)},
-                  "c_proj": {"kernel": _grow(as_f32(proj["kernel"]), 0, mlp),
-                             "bias": proj["bias"]}}
+    out["mlp"] = {
+        "c_fc": {
+            "kernel": _grow(as_f32(fc["kernel"]), 1, mlp),
+            "bias": _grow(as_f32(fc["bias"]), 0, mlp)
+        },
+        "c_proj": {
+            "kernel": _grow(as_f32(proj["kernel"]), 0, mlp),
+            "bias": proj["bias"]
+        }
+    }
   else:
     out["ln_2"] = ln()
-    out["mlp"] = {"c_fc": {"kernel": np.zeros((width, mlp), np.float32),
-                           "bias": np.zeros(mlp, np.float32)},
-                  "c_proj": {"kernel": np.zeros((mlp, width), np.float32),
-                             "bias": np.zeros(width, np.float32)}}
+    out["mlp"] = {
+        "c_fc": {
+            "kernel": np.zeros((width, mlp), np.float32),
+            "bias": np.zeros(mlp, np.float32)
+        },
+        "c_proj": {
+            "kernel": np.zeros((mlp, width), np.float32),
+            "bias": np.zeros(width, np.float32)
+        }
+    }
   return out
 
 
@@ -116,8 +133,8 @@ def pad_uniform(params: Mapping[str, Any], config: CLIPConfig,
       continue
     tower = dict(params[key])
     for i in range(new.layers):
-      tower[f"layers_{i}"] = _pad_layer(params[key].get(f"layers_{i}", {}), new.width,
-                                        new.heads[0], new.mlp[0], new.head_dim)
+      tower[f"layers_{i}"] = _pad_layer(params[key].get(f"layers_{i}", {}), new.width, new.heads[0],
+                                        new.mlp[0], new.head_dim)
     out[key] = tower
   logging.info("%s", note)
   return out, padded

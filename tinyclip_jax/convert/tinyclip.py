@@ -21,8 +21,7 @@ from tinyclip_jax.convert.common import CheckpointError, check_params, flatten, 
 
 # Tower prefixes (after `module.` components are dropped) → OpenAI's top level.
 IMAGE, TEXT, SCALE = "image_encoder_without_ddp.", "text_encoder_without_ddp.", "_logit_scale."
-ALIASES = ((IMAGE, ""), ("_image_encoder.", ""), (TEXT, ""), ("_text_encoder.", ""),
-           (SCALE, ""))
+ALIASES = ((IMAGE, ""), ("_image_encoder.", ""), (TEXT, ""), ("_text_encoder.", ""), (SCALE, ""))
 BLOCKS = ("visual.transformer.resblocks.", "transformer.resblocks.")
 MASKS = "l0_module"
 
@@ -112,5 +111,6 @@ def to_tinyclip(params: Mapping[str, Any], config) -> dict[str, np.ndarray]:
   from tinyclip_jax.convert.openai import _entries
   check_params(params, config)
   flat = flatten(params)
-  return {_wrap(key): from_canonical(layout, flat[path])
-          for key, path, layout, _ in _entries(config)}
+  return {
+      _wrap(key): from_canonical(layout, flat[path]) for key, path, layout, _ in _entries(config)
+  }
