@@ -11,11 +11,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from tinyclip_jax.convert import tinyclip
 from tinyclip_jax.convert.common import (CONV, IN_BIAS, IN_PROJ, LINEAR, OUT_PROJ, SAME, SCALAR,
                                          CheckpointError, check_params, flatten, from_canonical,
                                          layer_indices, require, to_canonical, tower_layout,
                                          unflatten)
-from tinyclip_jax.convert import tinyclip
 from tinyclip_jax.convert.pad import pad_uniform
 from tinyclip_jax.models.config import CLIPConfig, TextConfig, VisionConfig
 

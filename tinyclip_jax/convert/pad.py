@@ -71,51 +71,28 @@ def _grow(x: np.ndarray, axis: int, size: int) -> np.ndarray:
 
 def _pad_layer(layer: Mapping[str, Any], width: int, heads: int, mlp: int,
                head_dim: int) -> dict[str, Any]:
-  ln = lambda: {"scale": np.ones(width, np.float32), "bias": np.zeros(width, np.float32)}
-  out = {}
-  if "attn" in layer:
-    a = {k: as_f32(v) for k, v in layer["attn"].items()}
-    out["ln_1"] = layer["ln_1"]
-    out["attn"] = {
-        "in_proj_kernel": _grow(a["in_proj_kernel"], 2, heads),
-        "in_proj_bias": _grow(a["in_proj_bias"], 1, heads),
-        "out_proj_kernel": _grow(a["out_proj_kernel"], 0, heads),
-        "out_proj_bias": a["out_proj_bias"]
-    }
-  else:
-    out["ln_1"] = ln()
-    out["attn"] = {
-        "in_proj_kernel": np.zeros((width, 3, heads, head_dim), np.float32),
-        "in_proj_bias": np.zeros((3, heads, head_dim), np.float32),
-        "out_proj_kernel": np.zeros((heads, head_dim, width), np.float32),
-        "out_proj_bias": np.zeros(width, np.float32)
-    }
-  if "mlp" in layer:
-    fc, proj = layer["mlp"]["c_fc"], layer["mlp"]["c_proj"]
-    out["ln_2"] = layer["ln_2"]
-    out["mlp"] = {
-        "c_fc": {
-            "kernel": _grow(as_f32(fc["kernel"]), 1, mlp),
-            "bias": _grow(as_f32(fc["bias"]), 0, mlp)
-        },
-        "c_proj": {
-            "kernel": _grow(as_f32(proj["kernel"]), 0, mlp),
-            "bias": proj["bias"]
-        }
-    }
-  else:
-    out["ln_2"] = ln()
-    out["mlp"] = {
-        "c_fc": {
-            "kernel": np.zeros((width, mlp), np.float32),
-            "bias": np.zeros(mlp, np.float32)
-        },
-        "c_proj": {
-            "kernel": np.zeros((mlp, width), np.float32),
-            "bias": np.zeros(width, np.float32)
-        }
-    }
-  return out
+  """One block grown to `heads` heads and `mlp` MLP units; a pruned sub-layer starts
+  from zero heads / units (and a LayerNorm of scale 1, bias 0)."""
+  zeros = lambda *shape: np.zeros(shape, np.float32)
+  ln = {"scale": np.ones(width, np.float32), "bias": zeros(width)}
+  attn = layer.get("attn") or {"in_proj_kernel": zeros(width, 3, 0, head_dim),
+                               "in_proj_bias": zeros(3, 0, head_dim),
+                               "out_proj_kernel": zeros(0, head_dim, width),
+                               "out_proj_bias": zeros(width)}
+  mlp_in = layer.get("mlp") or {"c_fc": {"kernel": zeros(width, 0), "bias": zeros(0)},
+                                "c_proj": {"kernel": zeros(0, width), "bias": zeros(width)}}
+  fc, proj = mlp_in["c_fc"], mlp_in["c_proj"]
+  return {
+      "ln_1": layer.get("ln_1", ln),
+      "attn": {"in_proj_kernel": _grow(as_f32(attn["in_proj_kernel"]), 2, heads),
+               "in_proj_bias": _grow(as_f32(attn["in_proj_bias"]), 1, heads),
+               "out_proj_kernel": _grow(as_f32(attn["out_proj_kernel"]), 0, heads),
+               "out_proj_bias": attn["out_proj_bias"]},
+      "ln_2": layer.get("ln_2", ln),
+      "mlp": {"c_fc": {"kernel": _grow(as_f32(fc["kernel"]), 1, mlp),
+                       "bias": _grow(as_f32(fc["bias"]), 0, mlp)},
+              "c_proj": {"kernel": _grow(as_f32(proj["kernel"]), 0, mlp), "bias": proj["bias"]}},
+  }
 
 
 def pad_uniform(params: Mapping[str, Any], config: CLIPConfig,
