@@ -187,7 +187,7 @@ def _bad_inputs(d, flax_dir):
       "malformed location": (["--src=openai"], "is not KIND:PATH"),
       "missing --src": ([], "required"),
       "activation for hf": ([f"--src=flax:{flax_dir}", "--activation=gelu"],
-                            "--activation applies to openai and open_clip"),
+                            "--activation applies to openai, open_clip and tinyclip"),
       "bad activation": ([f"--src=openai:{d / 'absent.pt'}", "--activation=relu"],
                          "invalid choice"),
   }
@@ -232,14 +232,15 @@ def test_failure_while_writing_leaves_no_destination(work, tmp_path, capsys, mon
   assert os.listdir(tmp_path) == []  # neither the folder nor its staging copy
 
 
-def test_pruned_model_is_refused_for_hf_before_writing(work, tmp_path, capsys):
+def test_pruned_model_is_padded_for_hf(work, tmp_path, capsys):
+  # Parity of padded exports and the refusals: tests/test_convert_pruned.py.
   pruned = CFG.replace(text=dataclasses.replace(CFG.text, heads=(1, 0)))
   params = jax.tree.map(np.copy, work.params)
   del params["text"]["layers_1"]["attn"], params["text"]["layers_1"]["ln_1"]
   model_io.save_model(tmp_path / "pruned", params, pruned)
-  assert main([f"--src=flax:{tmp_path / 'pruned'}", f"--dst=hf:{tmp_path / 'hf'}"]) == 2
-  assert "uniform" in capsys.readouterr().err
-  assert sorted(os.listdir(tmp_path)) == ["pruned"]
+  assert main([f"--src=flax:{tmp_path / 'pruned'}", f"--dst=hf:{tmp_path / 'hf'}"]) == 0
+  assert "text heads [1, 0] -> 1" in capsys.readouterr().err
+  assert sorted(os.listdir(tmp_path)) == ["hf", "pruned"]
 
 
 def test_command_line_exit_codes(work, tmp_path):

@@ -283,9 +283,9 @@ def test_from_openai_reads_pruned_blocks():
   assert "attn" not in params["visual"]["layers_1"]
   img, tok = inputs(got)
   assert all(np.isfinite(x).all() for x in flax_embed(params, got, img, tok))
-  for export in (to_open_clip, to_hf):
-    with pytest.raises(CheckpointError, match="vision tower .* uniform"):
-      export(params, got)
+  # Exports pad pruned towers to uniform widths (parity: tests/test_convert_pruned.py).
+  assert from_openai(to_open_clip(params, got), "quick_gelu")[1].vision.heads == (2, 2)
+  assert from_hf(*to_hf(params, got))[1].text.mlp == (80, 80)
 
 
 # ----------------------------------------------------------------------------- zoo

@@ -123,3 +123,76 @@ class CLIP(nn.Module):
     image_features = F.normalize(self.encode_image(image), dim=-1)
     text_features = F.normalize(self.encode_text(text), dim=-1)
     return image_features, text_features, self.logit_scale.exp()
+
+
+# ----------------------------------------------------------------------------- pruned towers
+# TinyCLIP's pruned models: per-layer heads and MLP widths, sub-layers that are gone
+# (no `ln_1`/`attn` or `ln_2`/`mlp` keys), blocks that are gone entirely (a gap in
+# the block numbers), and a hidden width that need not be heads * 64.
+
+
+class PrunedAttention(nn.Module):
+  """Multi-head attention in plain torch ops with OpenAI's parameter names, for any
+  `heads * head_dim` (nn.MultiheadAttention needs it to equal the width)."""
+
+  def __init__(self, width: int, heads: int, head_dim: int = 64):
+    super().__init__()
+    self.heads, self.head_dim = heads, head_dim
+    self.in_proj_weight = nn.Parameter(width ** -0.5 * torch.randn(3 * heads * head_dim, width))
+    self.in_proj_bias = nn.Parameter(torch.zeros(3 * heads * head_dim))
+    self.out_proj = nn.Linear(heads * head_dim, width)
+
+  def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    n, b, _ = x.shape  # sequence-first, like OpenAI's blocks
+    q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+    q, k, v = (t.reshape(n, b, self.heads, self.head_dim).permute(1, 2, 0, 3) for t in (q, k, v))
+    logits = (q * self.head_dim ** -0.5) @ k.transpose(-1, -2)
+    if attn_mask is not None:
+      logits = logits + attn_mask
+    out = logits.softmax(dim=-1) @ v  # (b, h, n, d)
+    return self.out_proj(out.permute(2, 0, 1, 3).reshape(n, b, self.heads * self.head_dim))
+
+
+class PrunedBlock(nn.Module):
+  """Pre-LN block whose attention (heads == 0) or MLP (mlp == 0) may be gone."""
+
+  def __init__(self, width: int, heads: int, mlp: int, quick_gelu: bool, head_dim: int = 64):
+    super().__init__()
+    self.has_attn, self.has_mlp = heads > 0, mlp > 0
+    if self.has_attn:
+      self.ln_1 = nn.LayerNorm(width)
+      self.attn = PrunedAttention(width, heads, head_dim)
+    if self.has_mlp:
+      self.ln_2 = nn.LayerNorm(width)
+      self.mlp = nn.Sequential(OrderedDict([
+          ("c_fc", nn.Linear(width, mlp)),
+          ("gelu", QuickGELU() if quick_gelu else nn.GELU()),
+          ("c_proj", nn.Linear(mlp, width)),
+      ]))
+
+  def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    if self.has_attn:
+      x = x + self.attn(self.ln_1(x), attn_mask)
+    if self.has_mlp:
+      x = x + self.mlp(self.ln_2(x))
+    return x
+
+
+class PrunedTransformer(Transformer):
+  def __init__(self, width: int, heads, mlp, quick_gelu: bool, head_dim: int = 64):
+    nn.Module.__init__(self)
+    self.resblocks = nn.ModuleList(
+        [PrunedBlock(width, h, m, quick_gelu, head_dim) for h, m in zip(heads, mlp)])
+
+
+def pruned_clip(config) -> CLIP:
+  """The OpenAI-layout CLIP of a `tinyclip_jax` CLIPConfig with per-layer heads and MLP
+  widths (0: that sub-layer is gone) and any width; a layer with neither has no
+  parameters, so its block index is missing from the state dict."""
+  v, t = config.vision, config.text
+  quick = config.activation == "quick_gelu"
+  model = CLIP(config.embed_dim, v.image_size, v.patch_size, v.width, 0, 1, 1, t.context_length,
+               t.vocab_size, t.width, 0, 1, 1, quick_gelu=quick)
+  model.visual.transformer = PrunedTransformer(v.width, v.heads, v.mlp, quick, v.head_dim)
+  model.transformer = PrunedTransformer(t.width, t.heads, t.mlp, quick, t.head_dim)
+  return model

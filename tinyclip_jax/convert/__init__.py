@@ -3,3 +3,4 @@ torch is never imported here — reading and writing files is the I/O layer's jo
 from tinyclip_jax.convert.common import CheckpointError, check_params, flatten, unflatten
 from tinyclip_jax.convert.hf import from_hf, to_hf
 from tinyclip_jax.convert.openai import from_openai, to_open_clip
+from tinyclip_jax.convert.tinyclip import from_tinyclip, to_tinyclip

@@ -4,10 +4,13 @@
       [--activation=gelu|quick_gelu] [--overwrite]
 
 Sources: openai (OpenAI's TorchScript .pt or a state dict), open_clip (state dict
-.pt/.bin/.safetensors, including TinyCLIP's {'state_dict': ...} files), hf (a
+.pt/.bin/.safetensors, including TinyCLIP's {'state_dict': ...} files), tinyclip
+(TinyCLIP's pruned `TinyCLIP-auto-*` files; open_clip detects them too), hf (a
 Hugging Face CLIPModel folder), flax (a tinyclip_jax.model_io folder).
 Destinations: flax, hf (a folder that transformers loads offline, with tokenizer
-and image-processor files) and open_clip (.safetensors, or .pt/.bin via torch.save).
+and image-processor files), open_clip (.safetensors, or .pt/.bin via torch.save)
+and tinyclip (TinyCLIP's pruned layout, per-layer widths kept). hf and open_clip
+hold uniform towers only: pruned towers are padded with zero weights (exact).
 
 Bad input prints one sentence to stderr and exits with code 2; the destination
 is only ever created complete (written under a temporary name, then renamed).
@@ -24,11 +27,12 @@ from tinyclip_jax.cli import UsageError
 from tinyclip_jax.models.config import ACTIVATIONS, CLIPConfig
 from tinyclip_jax.preprocess import CLIP_MEAN, CLIP_STD
 
-SOURCES = ("openai", "open_clip", "hf", "flax")
-DESTINATIONS = ("flax", "hf", "open_clip")
+SOURCES = ("openai", "open_clip", "tinyclip", "hf", "flax")
+DESTINATIONS = ("flax", "hf", "open_clip", "tinyclip")
 # State dicts do not record the activation: OpenAI's models use QuickGELU, models
 # trained with open_clip mostly GELU.
-DEFAULT_ACTIVATION = {"openai": "quick_gelu", "open_clip": "gelu"}
+DEFAULT_ACTIVATION = {"openai": "quick_gelu", "open_clip": "gelu",
+                      "tinyclip": "gelu"}  # auto models are pruned from open_clip's ViT-B/32
 OPEN_CLIP_SUFFIXES = (".safetensors", ".pt", ".bin")
 
 
@@ -42,8 +46,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--src", required=True, help=f"KIND:PATH, KIND in {', '.join(SOURCES)}")
   p.add_argument("--dst", required=True, help=f"KIND:PATH, KIND in {', '.join(DESTINATIONS)}")
   p.add_argument("--activation", choices=ACTIVATIONS, default=None,
-                 help="MLP activation of openai/open_clip sources (defaults: openai "
-                      "quick_gelu, open_clip gelu)")
+                 help="MLP activation of openai/open_clip/tinyclip sources (defaults: "
+                      "openai quick_gelu, open_clip and tinyclip gelu)")
   p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
   return p
 
@@ -64,12 +68,12 @@ def parse_location(text: str, flag: str, kinds: tuple[str, ...]) -> tuple[str, s
 def read_source(kind: str, path: str, activation: str | None):
   """(params, config) of the source checkpoint."""
   from tinyclip_jax.convert import io
-  if kind in ("openai", "open_clip"):
+  if kind in ("openai", "open_clip", "tinyclip"):
     from tinyclip_jax.convert.openai import from_openai
     return from_openai(io.read_state_dict(path), activation or DEFAULT_ACTIVATION[kind])
   if activation is not None:
-    raise UsageError(f"--activation applies to openai and open_clip sources only; a {kind} "
-                     "checkpoint records its own activation.")
+    raise UsageError(f"--activation applies to openai, open_clip and tinyclip sources only; a "
+                     f"{kind} checkpoint records its own activation.")
   if kind == "hf":
     from tinyclip_jax.convert.hf import from_hf
     return from_hf(*io.read_hf_folder(path))
@@ -93,12 +97,12 @@ def describe(config: CLIPConfig) -> str:
 
 def check_destination(kind: str, path: str, overwrite: bool) -> None:
   """Refuses early (before reading the source) what the writers would refuse later."""
-  if kind == "open_clip":
+  if kind in ("open_clip", "tinyclip"):
     if not path.endswith(OPEN_CLIP_SUFFIXES):
-      raise UsageError(f"open_clip destination {path} must end in "
+      raise UsageError(f"{kind} destination {path} must end in "
                        f"{', '.join(OPEN_CLIP_SUFFIXES)}.")
     if os.path.isdir(path):
-      raise UsageError(f"open_clip destination {path} is a folder; give a file path.")
+      raise UsageError(f"{kind} destination {path} is a folder; give a file path.")
     if os.path.exists(path) and not overwrite:
       raise UsageError(f"{path} already exists; pass --overwrite to replace it.")
   elif "://" not in path and os.path.exists(path):
@@ -143,14 +147,32 @@ def _write_json(path: str, value: dict) -> None:
 
 
 def write_open_clip(path: str, params, config: CLIPConfig) -> None:
-  from tinyclip_jax.convert.io import write_safetensors_atomic, write_torch_atomic
   from tinyclip_jax.convert.openai import to_open_clip
-  state_dict = to_open_clip(params, config)
+  _write_state_dict(path, to_open_clip(params, config))
+
+
+def write_tinyclip(path: str, params, config: CLIPConfig) -> None:
+  from tinyclip_jax.convert.tinyclip import to_tinyclip
+  # torch files as released: {'state_dict': ...}, which TinyCLIP's loaders unwrap.
+  _write_state_dict(path, to_tinyclip(params, config), wrap="state_dict")
+
+
+def _write_state_dict(path: str, state_dict, wrap: str | None = None) -> None:
+  from tinyclip_jax.convert.io import write_safetensors_atomic, write_torch_atomic
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   if path.endswith(".safetensors"):
     write_safetensors_atomic(path, state_dict, metadata={"format": "pt"})
   else:
-    write_torch_atomic(path, state_dict)
+    write_torch_atomic(path, state_dict, wrap=wrap)
+
+
+def padding_note(kind: str, config: CLIPConfig) -> str | None:
+  """What the hf/open_clip writers pad (the same sentence they log), checked early."""
+  from tinyclip_jax.convert import pad
+  if kind not in ("hf", "open_clip"):
+    return None
+  fmt = "a Hugging Face CLIPModel" if kind == "hf" else "an open_clip/OpenAI state dict"
+  return pad.describe(config, pad.padded_config(config, fmt))
 
 
 def write_destination(kind: str, path: str, params, config: CLIPConfig, overwrite: bool,
@@ -160,6 +182,8 @@ def write_destination(kind: str, path: str, params, config: CLIPConfig, overwrit
     save_model(path, params, config, extra={"converted_from": source}, overwrite=overwrite)
   elif kind == "hf":
     write_hf(path, params, config, overwrite)
+  elif kind == "tinyclip":
+    write_tinyclip(path, params, config)
   else:
     write_open_clip(path, params, config)
 
@@ -175,6 +199,9 @@ def run(argv: list[str]) -> None:
   print(f"reading {src_kind} checkpoint {src}", flush=True)
   params, config = read_source(src_kind, src, args.activation)
   print(f"model: {describe(config)}", flush=True)
+  note = padding_note(dst_kind, config)
+  if note:
+    print(note, file=sys.stderr, flush=True)
   write_destination(dst_kind, dst, params, config, args.overwrite, args.src)
   print(f"wrote {dst_kind} checkpoint {dst}", flush=True)
 

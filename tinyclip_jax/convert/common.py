@@ -150,7 +150,7 @@ def tower_layout(tower, name: str, fmt: str) -> tuple[int, int]:
     raise CheckpointError(
         f"the {name} tower has per-layer heads {list(heads)} and MLP widths {list(mlp)}, but "
         f"{fmt} needs uniform layers with attention and MLP in every block; pad the pruned "
-        "model to uniform widths first (not supported yet).")
+        "model first with `tinyclip_jax.convert.pad.pad_uniform`.")
   if heads[0] * tower.head_dim != tower.width:
     raise CheckpointError(
         f"the {name} tower has {heads[0]} heads of {tower.head_dim} channels but width "

@@ -14,6 +14,7 @@ from tinyclip_jax.convert.common import (CONV, IN_BIAS, IN_PROJ, LINEAR, OUT_PRO
                                          CheckpointError, check_params, flatten, from_canonical,
                                          layer_indices, require, to_canonical, tower_layout,
                                          unflatten)
+from tinyclip_jax.convert.pad import pad_uniform, padded_config
 from tinyclip_jax.models.config import ACTIVATIONS, CLIPConfig, TextConfig, VisionConfig
 from tinyclip_jax.models.layers import LN_EPS
 
@@ -146,7 +147,9 @@ def infer_config(sd: Mapping[str, Any], hf_config: Mapping[str, Any]) -> CLIPCon
 
 
 def hf_config_dict(config: CLIPConfig) -> dict[str, Any]:
-  """config.json contents for `transformers.CLIPConfig(**d)`."""
+  """config.json contents for `transformers.CLIPConfig(**d)` (of the zero-padded
+  model when `config` has pruned towers; see `pad.py`)."""
+  config = padded_config(config, FORMAT)
   vh, vm = tower_layout(config.vision, "vision", FORMAT)
   th, tm = tower_layout(config.text, "text", FORMAT)
   v, t, e = config.vision, config.text, config.embed_dim
@@ -206,8 +209,10 @@ def from_hf(state_dict: Mapping[str, Any], hf_config: Mapping[str, Any]) -> tupl
 
 
 def to_hf(params: Mapping[str, Any], config: CLIPConfig) -> tuple[dict[str, np.ndarray], dict]:
-  """HF CLIPModel tensors (float32) and config.json contents for `params`."""
+  """HF CLIPModel tensors (float32) and config.json contents for `params`; pruned
+  towers are zero-padded to uniform widths (exact, logged)."""
   check_params(params, config)
+  params, config = pad_uniform(params, config, FORMAT)
   hf_config = hf_config_dict(config)
   flat = flatten(params)
   sd = {key: from_canonical(layout, flat[path]) for key, path, layout in TOP}

@@ -358,8 +358,10 @@ def write_safetensors_atomic(path, tensors: Mapping[str, Any],
   atomic_write(path, lambda f: f.write(data))
 
 
-def write_torch_atomic(path, tensors: Mapping[str, Any]) -> None:
-  """torch.save of {name: tensor} (what open_clip's loaders read), atomically."""
+def write_torch_atomic(path, tensors: Mapping[str, Any], wrap: str | None = None) -> None:
+  """torch.save of {name: tensor} (what open_clip's loaders read), or of
+  {wrap: {name: tensor}} when `wrap` is given, atomically."""
   import torch
   sd = {k: torch.from_numpy(np.asarray(v, order="C")) for k, v in tensors.items()}
-  atomic_write(path, lambda f: torch.save(sd, f))
+  obj = {wrap: sd} if wrap else sd
+  atomic_write(path, lambda f: torch.save(obj, f))

@@ -11,10 +11,12 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from tinyclip_jax.convert import tinyclip
 from tinyclip_jax.convert.common import (CONV, IN_BIAS, IN_PROJ, LINEAR, OUT_PROJ, SAME, SCALAR,
                                          CheckpointError, check_params, flatten, from_canonical,
                                          layer_indices, require, to_canonical, tower_layout,
                                          unflatten)
+from tinyclip_jax.convert.pad import pad_uniform
 from tinyclip_jax.models.config import CLIPConfig, TextConfig, VisionConfig
 
 HEAD_DIM = 64  # every CLIP checkpoint; state dicts do not record it
@@ -187,6 +189,8 @@ def from_openai(state_dict: Mapping[str, Any], activation: str,
   `activation` is not recorded in state dicts: 'quick_gelu' for OpenAI's and
   TinyCLIP's checkpoints, 'gelu' for most open_clip-trained ones.
   """
+  if tinyclip.is_tinyclip(state_dict):  # pruned blocks may be missing: close the gaps
+    state_dict = tinyclip.openai_keys(state_dict)
   sd = normalize_keys(state_dict)
   _check_is_clip_vit(sd)
   config = infer_config(sd, activation, head_dim)
@@ -205,8 +209,10 @@ def from_openai(state_dict: Mapping[str, Any], activation: str,
 
 
 def to_open_clip(params: Mapping[str, Any], config: CLIPConfig) -> dict[str, np.ndarray]:
-  """open_clip `CLIP(...).state_dict()` for a ViT model of `config` (float32 arrays)."""
+  """open_clip `CLIP(...).state_dict()` for a ViT model of `config` (float32 arrays);
+  pruned towers are zero-padded to uniform widths (exact, logged)."""
   check_params(params, config)
+  params, config = pad_uniform(params, config, FORMAT)
   tower_layout(config.vision, "vision", FORMAT)
   tower_layout(config.text, "text", FORMAT)
   flat = flatten(params)

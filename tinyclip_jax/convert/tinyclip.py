@@ -1,0 +1,116 @@
+"""TinyCLIP's pruned (auto weight inheritance) state dicts ↔ canonical params.
+
+The released `TinyCLIP-auto-*` checkpoints are the physically pruned model of
+TinyCLIP's `CLIP`: towers under `image_encoder_without_ddp.visual.*` and
+`text_encoder_without_ddp.*` (or `_image_encoder.*`/`_text_encoder.*`, maybe
+DDP-wrapped in `module.`), the temperature at `_logit_scale.logit_scale`. Inside
+the towers the keys are OpenAI's, with per-layer shapes: in_proj (3·h·64, W'),
+c_fc (m, W'), a hidden width W' that need not be a multiple of 64, blocks without
+`ln_1`/`attn` or `ln_2`/`mlp` where a sub-layer was pruned, and no keys at all
+(a gap in the block numbers) where both were. The model has no empty layers, so
+gaps are closed on import.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+from absl import logging
+
+from tinyclip_jax.convert.common import CheckpointError, check_params, flatten, from_canonical
+
+# Tower prefixes (after `module.` components are dropped) → OpenAI's top level.
+IMAGE, TEXT, SCALE = "image_encoder_without_ddp.", "text_encoder_without_ddp.", "_logit_scale."
+ALIASES = ((IMAGE, ""), ("_image_encoder.", ""), (TEXT, ""), ("_text_encoder.", ""), (SCALE, ""))
+BLOCKS = ("visual.transformer.resblocks.", "transformer.resblocks.")
+MASKS = "l0_module"
+
+
+def _unwrap(key: str) -> str:
+  return ".".join(p for p in str(key).split(".") if p != "module")
+
+
+def _inner(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
+  if set(state_dict) == {"state_dict"} and isinstance(state_dict["state_dict"], Mapping):
+    return state_dict["state_dict"]
+  return state_dict
+
+
+def is_tinyclip(state_dict: Mapping[str, Any]) -> bool:
+  """True when the keys use TinyCLIP's tower wrappers."""
+  return any(_unwrap(k).startswith(tuple(a for a, _ in ALIASES)) for k in _inner(state_dict))
+
+
+def _close_gaps(sd: dict[str, Any], prefix: str) -> dict[str, Any]:
+  """Renumbers the blocks `<prefix>N.*` 0, 1, … in order (pruned-away blocks have no keys)."""
+  found = set()
+  for key in sd:
+    if key.startswith(prefix):
+      head = key[len(prefix):].split(".", 1)[0]
+      if not head.isdigit():
+        raise CheckpointError(f"key `{key}` has `{head}` where a block index was expected; "
+                              f"keys under `{prefix}` must look like `{prefix}0.ln_1.weight`.")
+      found.add(int(head))
+  new = {old: i for i, old in enumerate(sorted(found))}
+  if all(old == i for old, i in new.items()):
+    return sd
+  gone = sorted(set(range(max(found) + 1)) - found)
+  logging.info("blocks %s of `%s` were pruned away entirely; the model drops them", gone, prefix)
+  out = {}
+  for key, value in sd.items():
+    if key.startswith(prefix):
+      head, rest = key[len(prefix):].split(".", 1)
+      key = f"{prefix}{new[int(head)]}.{rest}"
+    out[key] = value
+  return out
+
+
+def openai_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+  """A TinyCLIP pruned state dict with OpenAI's key names and consecutive blocks.
+
+  Refuses masked training checkpoints (L0 mask tensors beside the full weights)."""
+  sd = _inner(state_dict)
+  masks = sorted(k for k in sd if MASKS in _unwrap(k).split("."))
+  if masks:
+    raise CheckpointError(
+        f"the checkpoint holds L0 mask tensors (`{masks[0]}` and {len(masks) - 1} more), so it "
+        "is a masked TinyCLIP training checkpoint rather than a pruned model; masked "
+        "checkpoints need the prune step before they can be converted.")
+  out: dict[str, Any] = {}
+  for key, value in sd.items():
+    name = _unwrap(key)
+    for old, new in ALIASES:
+      if name.startswith(old):
+        name = new + name[len(old):]
+        break
+    if name in out:
+      raise CheckpointError(f"keys `{key}` and another one both name `{name}` once TinyCLIP's "
+                            "wrappers are stripped; the checkpoint holds two models, keep one.")
+    out[name] = value
+  for prefix in BLOCKS:
+    out = _close_gaps(out, prefix)
+  return out
+
+
+def from_tinyclip(state_dict: Mapping[str, Any], activation: str) -> tuple[dict, Any]:
+  """(params, config) of the pruned heterogeneous model in a TinyCLIP state dict
+  (any layout `from_openai` reads is accepted too)."""
+  from tinyclip_jax.convert.openai import from_openai
+  return from_openai(state_dict, activation)
+
+
+def _wrap(key: str) -> str:
+  if key == "logit_scale":
+    return SCALE + key
+  return (IMAGE if key.startswith("visual.") else TEXT) + key
+
+
+def to_tinyclip(params: Mapping[str, Any], config) -> dict[str, np.ndarray]:
+  """TinyCLIP's pruned state dict (float32) for any model, per-layer widths included:
+  what TinyCLIP's pruned `CLIP(...).state_dict()` holds, exactly (no padding)."""
+  from tinyclip_jax.convert.openai import _entries
+  check_params(params, config)
+  flat = flatten(params)
+  return {
+      _wrap(key): from_canonical(layout, flat[path]) for key, path, layout, _ in _entries(config)
+  }
