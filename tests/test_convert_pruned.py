@@ -254,7 +254,7 @@ def test_cli_refuses_unpaddable_width_and_writes_nothing(narrow, tmp_path, capsy
   assert sorted(os.listdir(tmp_path)) == ["narrow.pt"]
 
 
-def test_cli_refuses_masked_checkpoint(narrow, tmp_path, capsys):
+def test_cli_refuses_masks_of_another_model(narrow, tmp_path, capsys):
   _, sd = narrow
   src = tmp_path / "masked.pt"
   write_torch_atomic(
@@ -263,5 +263,5 @@ def test_cli_refuses_masked_checkpoint(narrow, tmp_path, capsys):
       },
       wrap="state_dict")
   assert main([f"--src=tinyclip:{src}", f"--dst=flax:{tmp_path / 'out'}"]) == 2
-  assert "masked TinyCLIP training checkpoint" in _one_error(capsys)
+  assert "masks belong to another model" in _one_error(capsys)
   assert not (tmp_path / "out").exists()

@@ -318,3 +318,29 @@ def test_masks_on_a_tower_the_model_lacks_is_an_error():
     masks.model_valid(small_config(), ("audio",), ("heads",))
   with pytest.raises(masks.MaskError, match="masks.kinds"):
     masks.model_valid(small_config(), ("visual",), ("rows",))
+
+
+def test_masked_tinyclip_checkpoint_imports_as_the_pruned_model(masked_setup):
+  """A TinyCLIP training checkpoint (full weights + L0Module log α) converts to the
+  model TinyCLIP evaluates: the masked forward with the reference's deterministic
+  gates (computed here in torch), as one pruned model."""
+  from tinyclip_jax.convert import from_tinyclip, to_tinyclip  # pylint: disable=import-outside-toplevel
+  cfg, params, valid, logas, images, tokens = masked_setup
+  sd = to_tinyclip(params, cfg)
+  names = {"hidden": "hidden_loga", "heads": "heads_loga", "intermediate": "intermediate_loga",
+           "mha": "mha_loga", "ffn": "ffn_loga"}
+  gates = {}
+  for tower, prefix in (("visual", "_image_encoder.module."), ("text", "_text_encoder.module.")):
+    gates[tower] = {}
+    for kind, loga in logas[tower].items():
+      sd[f"{prefix}l0_module.{names[kind]}"] = np.asarray(loga)
+      t = torch.from_numpy(np.asarray(loga, np.float64))
+      gates[tower][kind] = (torch_deterministic(t) if kind == "hidden" else
+                            torch.stack([torch_deterministic(r) for r in t])).numpy()
+    sd[f"{prefix}l0_module.lambda_1"] = np.float32(10.0)
+  pruned, pcfg = from_tinyclip(sd, cfg.activation)
+  assert pcfg.vision.width < cfg.vision.width
+  out = CLIP(pcfg).apply({"params": jax.tree.map(jnp.asarray, pruned)}, images, tokens)
+  want_i, want_t = torch_masked_clip(params, cfg, gates, images, tokens)
+  np.testing.assert_allclose(np.asarray(out["image_embeds"]), want_i, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(out["text_embeds"]), want_t, atol=1e-5)

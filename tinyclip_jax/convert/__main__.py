@@ -68,7 +68,10 @@ def parse_location(text: str, flag: str, kinds: tuple[str, ...]) -> tuple[str, s
 def read_source(kind: str, path: str, activation: str | None):
   """(params, config) of the source checkpoint."""
   from tinyclip_jax.convert import io
-  if kind in ("openai", "open_clip", "tinyclip"):
+  if kind == "tinyclip":  # pruned, or masked (pruned here with its L0 masks)
+    from tinyclip_jax.convert.tinyclip import from_tinyclip
+    return from_tinyclip(io.read_state_dict(path), activation or DEFAULT_ACTIVATION[kind])
+  if kind in ("openai", "open_clip"):
     from tinyclip_jax.convert.openai import from_openai
     return from_openai(io.read_state_dict(path), activation or DEFAULT_ACTIVATION[kind])
   if activation is not None:

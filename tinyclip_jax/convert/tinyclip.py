@@ -92,11 +92,63 @@ def openai_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
   return out
 
 
+# TinyCLIP's L0Module parameter names → the mask kinds of inherit/masks.py.
+LOGAS = {"hidden_loga": "hidden", "heads_loga": "heads", "intermediate_loga": "intermediate",
+         "mha_loga": "mha", "ffn_loga": "ffn"}
+
+
+def split_masks(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, dict]]:
+  """(state dict without L0 tensors, {"visual"|"text": {kind: log α}})."""
+  rest, logas = {}, {}
+  for key, value in _inner(state_dict).items():
+    parts = _unwrap(key).split(".")
+    if MASKS not in parts:
+      rest[key] = value
+      continue
+    name = parts[-1]
+    tower = "visual" if parts[0] in ("_image_encoder", "image_encoder_without_ddp") else "text"
+    if name in LOGAS:
+      logas.setdefault(tower, {})[LOGAS[name]] = np.asarray(value, np.float32)
+    elif not name.startswith("lambda_"):
+      raise CheckpointError(f"`{key}` is an L0 mask tensor this converter does not know; "
+                            f"expected {sorted(LOGAS)} or lambda_1/lambda_2.")
+  return rest, logas
+
+
+def _prune_masked(params, config, logas):
+  """The masked model → the pruned one, with the reference's deterministic gates."""
+  from tinyclip_jax.inherit import masks, prune  # pylint: disable=import-outside-toplevel
+  valid = {}
+  for tower, kinds in logas.items():
+    cfg = getattr(config, masks.TOWERS[tower])
+    names = [k for k in ("hidden", "heads", "intermediate") if k in kinds]
+    v = masks.tower_valid(cfg, names + (["layer"] if {"mha", "ffn"} & set(kinds) else []))
+    valid[tower] = {k: v[k] for k in kinds}
+    for k, loga in kinds.items():
+      if loga.shape != v[k].shape:
+        raise CheckpointError(f"the {tower} `{k}` mask has shape {loga.shape} but the model's "
+                              f"{tower} tower needs {v[k].shape}; the masks belong to another model.")
+  gates = masks.deterministic_gates(logas, valid)
+  gates = {t: {k: np.asarray(z) for k, z in g.items()} for t, g in gates.items()}
+  pruned, pruned_cfg = prune.prune(params, config, gates)
+  logging.info("applied the checkpoint's L0 masks: vision width %d heads %s mlp %s; text width %d "
+               "heads %s mlp %s", pruned_cfg.vision.width, list(pruned_cfg.vision.heads),
+               list(pruned_cfg.vision.mlp), pruned_cfg.text.width, list(pruned_cfg.text.heads),
+               list(pruned_cfg.text.mlp))
+  return pruned, pruned_cfg
+
+
 def from_tinyclip(state_dict: Mapping[str, Any], activation: str) -> tuple[dict, Any]:
   """(params, config) of the pruned heterogeneous model in a TinyCLIP state dict
-  (any layout `from_openai` reads is accepted too)."""
+  (any layout `from_openai` reads is accepted too). A masked training checkpoint
+  (full weights + L0 mask log α) is pruned with the masks' deterministic gates,
+  as TinyCLIP evaluates it."""
   from tinyclip_jax.convert.openai import from_openai
-  return from_openai(state_dict, activation)
+  rest, logas = split_masks(state_dict)
+  params, config = from_openai(rest, activation)
+  if logas:
+    params, config = _prune_masked(params, config, logas)
+  return params, config
 
 
 def _wrap(key: str) -> str:
