@@ -26,10 +26,10 @@ from test_train import ROOT, mesh_on, smoke_config
 
 pytestmark = pytest.mark.xdist_group("auto")
 
-TEACHER = dict(embed_dim=32, image_size=32, patch_size=8, vision_width=64, vision_layers=4,
+TEACHER = dict(embed_dim=32, image_size=32, patch_size=8, vision_width=64, vision_layers=2,
                text_width=64, text_layers=2, text_heads=0, head_dim=32, context_length=32,
                vocab_size=49408, activation="gelu")
-SMALL = dict(TEACHER, vision_width=32, vision_layers=2, text_width=32, text_layers=1)
+SMALL = dict(TEACHER, vision_width=32, vision_layers=1, text_width=32, text_layers=1)
 
 
 def auto_config(**masks):
@@ -43,18 +43,30 @@ def auto_config(**masks):
   return c
 
 
+def staged_config():
+  """Stage "auto" (masks, prune at 3 of 6) then stage "manual" (cut SMALL out of it)."""
+  c = auto_config()
+  c.stages = (
+      ml_collections.ConfigDict({"name": "auto"}),
+      ml_collections.ConfigDict({"name": "manual", "total_steps": 2, "masks": {"enabled": False},
+                                 "student": {"init": "inherit", "custom": SMALL}}),
+  )
+  return c
+
+
 @pytest.fixture(scope="module")
-def auto_run(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("auto"))
+def staged(tmp_path_factory):
+  """One two-stage run, shared: its first stage is the masked → pruned run."""
+  workdir = str(tmp_path_factory.mktemp("staged"))
   with pytest.MonkeyPatch.context() as mp:
     import jax  # pylint: disable=import-outside-toplevel
     mesh_on(mp, jax.devices()[:1])
-    result = loop.run(auto_config(), workdir)
+    result = stages.run(staged_config(), workdir)
   return workdir, result
 
 
-def test_masked_phase_logs_sparsity_and_then_prunes(auto_run):
-  workdir, result = auto_run
+def test_masked_phase_logs_sparsity_and_then_prunes(staged):
+  workdir = staged[0] + "/0_auto"
   rows = {r["step"]: r for r in read_jsonl(f"{workdir}/metrics.jsonl")}
   assert sorted(rows) == [1, 2, 3, 4, 5, 6]
   for s in (1, 2, 3):  # masked steps carry the sparsity terms
@@ -64,7 +76,7 @@ def test_masked_phase_logs_sparsity_and_then_prunes(auto_run):
     assert rows[s]["loss"] == pytest.approx(rows[s]["distill_loss"] + rows[s]["lagrangian"])
   assert rows[1]["target_sparsity"] == pytest.approx(0.0)
   assert rows[3]["target_sparsity"] == pytest.approx(0.4)
-  assert rows[3]["visual/lambda_1"] > rows[1]["visual/lambda_1"]  # below target: λ ascends
+  assert rows[3]["visual/lambda_1"] > rows[2]["visual/lambda_1"]  # below target: λ ascends
   for s in (4, 5, 6):  # after the prune step: no masks
     assert "lagrangian" not in rows[s]
   # The learning rate warms up over the masked phase and decays from the prune step on.
@@ -72,10 +84,10 @@ def test_masked_phase_logs_sparsity_and_then_prunes(auto_run):
   assert rows[4]["learning_rate"] > rows[6]["learning_rate"]
 
 
-def test_pruned_student_is_the_structure_written_at_the_prune_step(auto_run):
-  workdir, result = auto_run
+def test_pruned_student_is_the_structure_written_at_the_prune_step(staged):
+  workdir, result = staged[0] + "/0_auto", staged[1]["stages"][0]
   kept = json.load(open(f"{workdir}/structure/pruned_00000003.json"))
-  cfg = result["student_config"]
+  cfg = CLIPConfig.from_dict(result["student_config"])
   for tower, field in (("visual", "vision"), ("text", "text")):
     t = getattr(cfg, field)
     k = kept["kept"][tower]
@@ -84,58 +96,41 @@ def test_pruned_student_is_the_structure_written_at_the_prune_step(auto_run):
     assert list(t.mlp) == [m for h, m in zip(k["heads"], k["mlp"]) if h or m]
   assert os.path.exists(f"{workdir}/structure/pruned_00000003.png")
   full = count_params(param_shapes(cfg))
-  assert kept["params"] == full == count_params(result["params"])
-  # The export is the pruned model.
-  params, saved = model_io.load_model(f"{workdir}/final")
-  assert saved == cfg and count_params(params) == full
+  params, saved = model_io.load_model(f"{workdir}/final")  # the export is the pruned model
+  assert saved == cfg and kept["params"] == full == count_params(params)
   teacher = prepare.build(auto_config(), restoring=True)[0].teacher_config
   assert count_params(params) < count_params(param_shapes(teacher))
 
 
-def test_resume_after_the_prune_step_rebuilds_the_pruned_student(auto_run, tmp_path):
-  workdir, result = auto_run
-  resumed = tmp_path / "resumed"
-  shutil.copytree(workdir, resumed)
-  shutil.rmtree(resumed / "final")
-  with pytest.MonkeyPatch.context() as mp:
-    import jax  # pylint: disable=import-outside-toplevel
-    mesh_on(mp, jax.devices()[:1])
-    r = loop.run(_longer(auto_config(), 8), str(resumed))
-  assert r["student_config"] == result["student_config"]
-  steps = [row["step"] for row in read_jsonl(f"{resumed}/metrics.jsonl")]
-  assert steps == [1, 2, 3, 4, 5, 6, 7, 8]
-
-
-def _longer(c, total):
-  c.total_steps = total
-  return c
-
-
-def test_stages_chain_and_a_restart_skips_finished_stages(tmp_path):
-  base = auto_config()
-  base.total_steps = 4
-  base.checkpoint_every = 4
-  base.stages = (
-      ml_collections.ConfigDict({"name": "auto"}),
-      ml_collections.ConfigDict({"name": "manual", "masks": {"enabled": False}, "student": {
-          "init": "inherit", "custom": SMALL}}),
-  )
-  with pytest.MonkeyPatch.context() as mp:
-    import jax  # pylint: disable=import-outside-toplevel
-    mesh_on(mp, jax.devices()[:1])
-    result = stages.run(base, str(tmp_path))
-    first, second = result["stages"]
-    assert first["workdir"].endswith("0_auto") and second["workdir"].endswith("1_manual")
-    # Stage 2 was cut (manually) from stage 1's pruned student: exactly the configured size.
-    small = prepare.build(_manual(SMALL), restoring=True)[0].student_config
-    assert CLIPConfig.from_dict(second["student_config"]) == small
-    params, _ = model_io.load_model(f"{tmp_path}/1_manual/final")
-    assert count_params(params) == count_params(param_shapes(small))
-    pruned = CLIPConfig.from_dict(first["student_config"])
-    assert pruned == model_io.load_model(f"{tmp_path}/0_auto/final")[1]
-    again = stages.run(base, str(tmp_path))  # both stages are done: nothing runs
+def test_stages_chain_and_a_restart_skips_finished_stages(staged):
+  workdir, result = staged
+  first, second = result["stages"]
+  assert first["workdir"].endswith("0_auto") and second["workdir"].endswith("1_manual")
+  # Stage 2 was cut (manually) from stage 1's pruned student: exactly the configured size.
+  small = prepare.build(_manual(SMALL), restoring=True)[0].student_config
+  assert CLIPConfig.from_dict(second["student_config"]) == small
+  params, _ = model_io.load_model(f"{workdir}/1_manual/final")
+  assert count_params(params) == count_params(param_shapes(small))
+  again = stages.run(staged_config(), workdir)  # both stages are done: nothing runs
   assert [s["name"] for s in again["stages"]] == ["auto", "manual"]
   assert "params" not in again
+
+
+def test_resume_after_the_prune_step_rebuilds_the_pruned_student(staged, tmp_path):
+  src = staged[0] + "/0_auto"
+  resumed = tmp_path / "resumed"
+  shutil.copytree(src, resumed)
+  shutil.rmtree(resumed / "final")
+  (resumed / stages.DONE).unlink()
+  c = auto_config()
+  c.total_steps = 8
+  with pytest.MonkeyPatch.context() as mp:
+    import jax  # pylint: disable=import-outside-toplevel
+    mesh_on(mp, jax.devices()[:1])
+    r = loop.run(c, str(resumed))
+  assert r["student_config"].to_dict() == staged[1]["stages"][0]["student_config"]
+  steps = [row["step"] for row in read_jsonl(f"{resumed}/metrics.jsonl")]
+  assert steps == [1, 2, 3, 4, 5, 6, 7, 8]
 
 
 def _manual(custom):
