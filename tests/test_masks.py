@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from tinyclip_jax.inherit import masks, prune
-from tinyclip_jax.models import CLIP, CLIPConfig, count_params, init_params, text_tower, vision_tower
+from tinyclip_jax.models import (CLIP, CLIPConfig, count_params, init_params, param_shapes,
+                                 text_tower, vision_tower)
 
 A, B, EPS, BETA = -0.1, 1.1, 1e-6, 2.0 / 3.0
 ALL_KINDS = ("hidden", "heads", "intermediate", "layer")
