@@ -84,13 +84,24 @@ def _savable(params: Mapping[str, Any]):
                       dict(params))
 
 
+def _this_process_only():
+  """A checkpointer whose barriers involve this process alone: in a multi-host run one
+  process writes the (host numpy) export while the others wait elsewhere."""
+  import orbax.checkpoint as ocp
+  me = jax.process_index()
+  return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(), multiprocessing_options=(
+      ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me},
+                                         barrier_sync_key_prefix=f"export{me}")))
+
+
 def save_model(directory, params: Mapping[str, Any], config: CLIPConfig,
                extra: dict | None = None, overwrite: bool = False) -> epath.Path:
   """Writes a model checkpoint folder; returns its path."""
   import orbax.checkpoint as ocp
   check_params(params, config)  # never write a checkpoint that load_model would refuse
   with staging_dir(directory, overwrite) as tmp:
-    ocp.PyTreeCheckpointer().save(tmp / PARAMS, _savable(params))
+    ocp.PyTreeCheckpointer().save(tmp / PARAMS, _savable(params)) if jax.process_count() == 1 \
+        else _this_process_only().save(tmp / PARAMS, _savable(params))
     (tmp / CONFIG).write_text(config.to_json())
     if extra is not None:
       (tmp / EXTRA).write_text(json.dumps(extra, indent=2, sort_keys=True, default=str))

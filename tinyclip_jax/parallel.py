@@ -97,3 +97,20 @@ def fit_shardings(shardings, shapes):
       spec.append(axes if names and dim % size == 0 else None)
     return NamedSharding(sharding.mesh, P(*spec))
   return jax.tree.map(fit, shardings, shapes)
+
+
+def host_gather(tree):
+  """numpy copies of (possibly sharded, multi-host) global arrays, on every process.
+
+  Every process must call it (it is a collective when there are several)."""
+  if jax.process_count() == 1:
+    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+
+
+def barrier(name: str) -> None:
+  """Waits for every process (no-op in a single-process run)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices(name)

@@ -45,9 +45,13 @@ def _log_compiled(compiled) -> None:
 
 
 def _export(workdir: str, params, config) -> str:
+  """Params gathered on every process; process 0 writes the folder, the others wait."""
   from tinyclip_jax import model_io  # pylint: disable=import-outside-toplevel
   path = os.path.join(workdir, "final")
-  model_io.save_model(path, prepare.as_numpy(params), config, overwrite=True)
+  host = prepare.as_numpy(params)
+  if jax.process_index() == 0:
+    model_io.save_model(path, host, config, overwrite=True)
+  parallel.barrier("export")
   return path
 
 

@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from tinyclip_jax import parallel
 from tinyclip_jax.inherit import masks as masks_lib
 from tinyclip_jax.inherit import prune as prune_lib
 from tinyclip_jax.models import CLIPConfig, count_params
@@ -79,9 +80,9 @@ def make(config: ml_collections.ConfigDict, student: CLIPConfig, reference: CLIP
 
 def prune_state(params, student: CLIPConfig, mask_state, training: MaskTraining):
   """Host-side prune with the deterministic gates → (params, config, gates)."""
-  logas = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), mask_state["logas"])
+  logas = parallel.host_gather(mask_state["logas"])
   gates = jax.tree.map(np.asarray, masks_lib.deterministic_gates(logas, training.valid))
-  host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)
+  host = parallel.host_gather(params)
   pruned, cfg = prune_lib.prune(host, student, gates)
   logging.info("pruned the student: %d → %d params; vision %s, text %s", count_params(host),
                count_params(pruned), _describe(cfg.vision), _describe(cfg.text))

@@ -12,7 +12,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from absl import logging
 
@@ -252,4 +251,4 @@ def model_flops_per_pair(student: CLIPConfig, teacher: CLIPConfig | None) -> flo
 
 
 def as_numpy(tree):
-  return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+  return parallel.host_gather(tree)

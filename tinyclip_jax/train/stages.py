@@ -15,6 +15,7 @@ import copy
 import json
 from typing import Any
 
+import jax
 import ml_collections
 from absl import logging
 from etils import epath
@@ -95,7 +96,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "student_config": r["student_config"].to_dict(),
         "evals": r["evals"][-1:] if r["evals"] else []
     }
-    done.write_text(json.dumps(summary, indent=2))
+    if jax.process_index() == 0:
+      done.write_text(json.dumps(summary, indent=2))
     result["stages"].append(summary)
     result.update(r)
   return result
