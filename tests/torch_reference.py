@@ -22,17 +22,21 @@ class QuickGELU(nn.Module):
     return x * torch.sigmoid(1.702 * x)
 
 
+def mlp_block(width: int, mlp: int, quick_gelu: bool) -> nn.Sequential:
+  return nn.Sequential(OrderedDict([
+      ("c_fc", nn.Linear(width, mlp)),
+      ("gelu", QuickGELU() if quick_gelu else nn.GELU()),
+      ("c_proj", nn.Linear(mlp, width)),
+  ]))
+
+
 class ResidualAttentionBlock(nn.Module):
   def __init__(self, width: int, heads: int, mlp: int, quick_gelu: bool):
     super().__init__()
     self.ln_1 = nn.LayerNorm(width)
     self.attn = nn.MultiheadAttention(width, heads)
     self.ln_2 = nn.LayerNorm(width)
-    self.mlp = nn.Sequential(OrderedDict([
-        ("c_fc", nn.Linear(width, mlp)),
-        ("gelu", QuickGELU() if quick_gelu else nn.GELU()),
-        ("c_proj", nn.Linear(mlp, width)),
-    ]))
+    self.mlp = mlp_block(width, mlp, quick_gelu)
 
   def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     y = self.ln_1(x)
@@ -164,11 +168,7 @@ class PrunedBlock(nn.Module):
       self.attn = PrunedAttention(width, heads, head_dim)
     if self.has_mlp:
       self.ln_2 = nn.LayerNorm(width)
-      self.mlp = nn.Sequential(OrderedDict([
-          ("c_fc", nn.Linear(width, mlp)),
-          ("gelu", QuickGELU() if quick_gelu else nn.GELU()),
-          ("c_proj", nn.Linear(mlp, width)),
-      ]))
+      self.mlp = mlp_block(width, mlp, quick_gelu)
 
   def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     if self.has_attn:

@@ -117,8 +117,8 @@ def from_canonical(layout: Layout, x) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- misc
 
-def layer_indices(keys: Iterable[str], prefix: str) -> list[int]:
-  """Sorted block indices N of keys '<prefix>N.<rest>'; raises if they skip a number."""
+def block_numbers(keys: Iterable[str], prefix: str) -> set[int]:
+  """The block indices N of keys '<prefix>N.<rest>'."""
   found = set()
   for key in keys:
     if key.startswith(prefix):
@@ -127,6 +127,12 @@ def layer_indices(keys: Iterable[str], prefix: str) -> list[int]:
         raise CheckpointError(f"key `{key}` has `{head}` where a block index was expected; "
                               f"keys under `{prefix}` must look like `{prefix}0.ln_1.weight`.")
       found.add(int(head))
+  return found
+
+
+def layer_indices(keys: Iterable[str], prefix: str) -> list[int]:
+  """Sorted block indices N of keys '<prefix>N.<rest>'; raises if they skip a number."""
+  found = block_numbers(keys, prefix)
   indices = sorted(found)
   if indices != list(range(len(indices))):
     missing = sorted(set(range(max(indices) + 1)) - found)

@@ -17,7 +17,8 @@ from typing import Any, Mapping
 import numpy as np
 from absl import logging
 
-from tinyclip_jax.convert.common import CheckpointError, check_params, flatten, from_canonical
+from tinyclip_jax.convert.common import (CheckpointError, block_numbers, check_params, flatten,
+                                         from_canonical)
 
 # Tower prefixes (after `module.` components are dropped) → OpenAI's top level.
 IMAGE, TEXT, SCALE = "image_encoder_without_ddp.", "text_encoder_without_ddp.", "_logit_scale."
@@ -43,14 +44,7 @@ def is_tinyclip(state_dict: Mapping[str, Any]) -> bool:
 
 def _close_gaps(sd: dict[str, Any], prefix: str) -> dict[str, Any]:
   """Renumbers the blocks `<prefix>N.*` 0, 1, … in order (pruned-away blocks have no keys)."""
-  found = set()
-  for key in sd:
-    if key.startswith(prefix):
-      head = key[len(prefix):].split(".", 1)[0]
-      if not head.isdigit():
-        raise CheckpointError(f"key `{key}` has `{head}` where a block index was expected; "
-                              f"keys under `{prefix}` must look like `{prefix}0.ln_1.weight`.")
-      found.add(int(head))
+  found = block_numbers(sd, prefix)
   new = {old: i for i, old in enumerate(sorted(found))}
   if all(old == i for old, i in new.items()):
     return sd
