@@ -6,6 +6,7 @@ own rows of the global batch; the loop assembles global arrays from them.
 """
 from __future__ import annotations
 
+import json
 import queue
 import threading
 from typing import Iterator
@@ -54,15 +55,63 @@ class SyntheticPairs:
             "tokens": tokenizer.tokenize(raw["captions"], self.context_length)}
 
 
+KINDS = ("synthetic", "webdataset", "tfrecord", "tfds")
+
+
 def make_train_input(cfg: ml_collections.ConfigDict, image_size: int, context_length: int,
                      global_batch: int):
-  if cfg.kind == "webdataset":
-    raise ValueError("data.kind='webdataset' (sharded image-text input) is not built yet; "
-                     "use data.kind='synthetic' until the webdataset/TFDS pipeline lands.")
-  if cfg.kind != "synthetic":
-    raise ValueError(f"data.kind {cfg.kind!r} is unknown; use 'synthetic'.")
-  return SyntheticPairs(cfg, image_size, context_length, global_batch,
-                        jax.process_index(), jax.process_count())
+  """The source named by cfg.kind; a missing shard or dataset raises a DataError
+  naming it, before anything compiles."""
+  if cfg.kind not in KINDS:
+    raise ValueError(f"data.kind {cfg.kind!r} is unknown; use one of {KINDS}.")
+  if cfg.kind == "synthetic":
+    return SyntheticPairs(cfg, image_size, context_length, global_batch,
+                          jax.process_index(), jax.process_count())
+  from tinyclip_jax.data import sharded, tfds_input  # pylint: disable=import-outside-toplevel
+  units = reader = None
+  if cfg.kind == "tfds":
+    b = tfds_input.builder(cfg.tfds_name, cfg.data_dir)
+    units = tfds_input.split_files(b, cfg.tfds_split)
+    reader = tfds_input.record_reader(b, cfg.image_key, cfg.text_key)
+  return sharded.ShardedPairs(cfg, image_size, context_length, global_batch,
+                              jax.process_index(), jax.process_count(), units=units,
+                              reader=reader)
+
+
+def gather_state(state: dict) -> dict:
+  """Every process's input state, for the checkpoint: {"hosts": [state of process 0,
+  ...]}. A collective: all processes call it at the same step, on the main thread."""
+  if jax.process_count() == 1:
+    return {"hosts": [state]}
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  raw = json.dumps(state).encode()
+  size = int(np.max(multihost_utils.process_allgather(np.int32(len(raw)))))
+  buf = np.zeros(size, np.uint8)
+  buf[:len(raw)] = np.frombuffer(raw, np.uint8)
+  rows = multihost_utils.process_allgather(buf[None], tiled=True)
+  return {"hosts": [json.loads(bytes(r).rstrip(b"\0")) for r in rows]}
+
+
+def host_state(saved: dict) -> dict:
+  """This process's state from a checkpoint's input state (older checkpoints hold one
+  state for all processes)."""
+  if "hosts" not in saved:
+    return saved
+  hosts = saved["hosts"]
+  if len(hosts) != jax.process_count():
+    raise ValueError(f"the checkpoint's input position was saved by {len(hosts)} processes "
+                     f"and this run has {jax.process_count()}; resume with the same number "
+                     "of hosts, or start a new workdir.")
+  return hosts[jax.process_index()]
+
+
+def skipped_metrics(gathered: dict) -> dict[str, int]:
+  """{"skipped/<reason>": count summed over processes} of a gathered state."""
+  out: dict[str, int] = {}
+  for s in gathered["hosts"]:
+    for reason, n in s.get("skipped", {}).items():
+      out[f"skipped/{reason}"] = out.get(f"skipped/{reason}", 0) + int(n)
+  return out
 
 
 def prefetch(source, size: int) -> Iterator[tuple[dict, dict]]:
