@@ -78,6 +78,29 @@ def make_train_input(cfg: ml_collections.ConfigDict, image_size: int, context_le
                               reader=reader)
 
 
+def check(cfg: ml_collections.ConfigDict) -> None:
+  """Raises a ValueError naming a bad data field, a missing shard or an unprepared
+  TFDS dataset; lists files, reads none."""
+  if cfg.kind not in KINDS:
+    raise ValueError(f"data.kind {cfg.kind!r} is unknown; use one of {KINDS}.")
+  if cfg.kind == "synthetic":
+    return
+  for f in ("shuffle_buffer", "shards_per_window", "min_image_size", "max_image_pixels"):
+    if int(cfg[f]) <= 0:
+      raise ValueError(f"data.{f} must be positive, got {cfg[f]}.")
+  if not 0 < cfg.crop_scale_min <= cfg.crop_scale_max <= 1:
+    raise ValueError(f"data.crop_scale_min/max ({cfg.crop_scale_min}, {cfg.crop_scale_max}) "
+                     "must satisfy 0 < min <= max <= 1.")
+  if not 0 < cfg.crop_ratio_min <= cfg.crop_ratio_max:
+    raise ValueError(f"data.crop_ratio_min/max ({cfg.crop_ratio_min}, {cfg.crop_ratio_max}) "
+                     "must satisfy 0 < min <= max.")
+  from tinyclip_jax.data import shards, tfds_input  # pylint: disable=import-outside-toplevel
+  if cfg.kind == "tfds":
+    tfds_input.split_files(tfds_input.builder(cfg.tfds_name, cfg.data_dir), cfg.tfds_split)
+  else:
+    shards.resolve(cfg.train)
+
+
 def gather_state(state: dict) -> dict:
   """Every process's input state, for the checkpoint: {"hosts": [state of process 0,
   ...]}. A collective: all processes call it at the same step, on the main thread."""

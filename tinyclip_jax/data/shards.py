@@ -55,7 +55,7 @@ def resolve(pattern: str, what: str = "data.train") -> list[str]:
   if not pattern:
     raise DataError(f"{what} is empty; give a shard pattern such as "
                     "'/data/laion/{00000..41455}.tar' or 'gs://bucket/cc3m/*.tfrecord'.")
-  files = []
+  files, named = [], []
   for part in (p for p in pattern.split("::") if p):  # several patterns joined by '::'
     for name in expand_braces(part):
       if any(c in name for c in "*?["):
@@ -63,11 +63,17 @@ def resolve(pattern: str, what: str = "data.train") -> list[str]:
         if not matched:
           raise DataError(f"{what} pattern {name!r} matches no file; check the path.")
         files.extend(matched)
-      elif not tf.io.gfile.exists(name):
-        raise DataError(f"{what} shard {name} does not exist; fix the pattern or restore "
-                        "the shard.")
       else:
-        files.append(name)
+        named.append(name)
+  listed: dict[str, set] = {}  # one listing per folder, not one request per shard
+  for name in named:
+    folder, base = posixpath.split(name)
+    if folder not in listed:
+      listed[folder] = set(tf.io.gfile.listdir(folder)) if tf.io.gfile.isdir(folder) else set()
+    if base not in listed[folder]:
+      raise DataError(f"{what} shard {name} does not exist; fix the pattern or restore the "
+                      "shard.")
+    files.append(name)
   return sorted(set(files))
 
 
@@ -125,12 +131,11 @@ def read_tar(path, min_size, max_pixels):
         folder, base = posixpath.split(member.name)
         stem, _, ext = base.partition(".")
         name = posixpath.join(folder, stem)
-        data = tar.extractfile(member).read()
-        if name != key and key is not None:
+        if name != key and key is not None:  # before reading on: complete samples first
           yield _sample(key, parts, min_size, max_pixels)
           parts = {}
         key = name
-        parts[ext.lower()] = data
+        parts[ext.lower()] = tar.extractfile(member).read()
     if key is not None:
       yield _sample(key, parts, min_size, max_pixels)
   except (tarfile.TarError, EOFError) as e:

@@ -18,6 +18,7 @@ from clu import periodic_actions
 
 from tinyclip_jax import checkpoint, evaluate, metrics as metrics_lib, parallel
 from tinyclip_jax.data import pipeline
+from tinyclip_jax.eval import tasks as eval_tasks
 from tinyclip_jax.models import CLIP
 from tinyclip_jax.train import prepare
 from tinyclip_jax.train.step import make_train_step
@@ -68,7 +69,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   start = 0
   if resuming:
     start, state, data_state = checkpoint.restore_latest(mgr, setup.abstract_state)
-    data.set_state(data_state)
+    data.set_state(pipeline.host_state(data_state))
     if jax.process_index() == 0:
       metrics_lib.truncate_jsonl(jsonl, start)
     logging.info("resumed from step %d in %s", start, workdir)
@@ -94,6 +95,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if config.eval.kind:
     eval_task = evaluate.load_task(config.eval.kind, student_cfg.vision.image_size,
                                    config.eval.num_examples)
+  suite = eval_tasks.task_list(config.eval.tasks)
   flops_per_pair = prepare.model_flops_per_pair(student_cfg, setup.teacher_config)
   progress = periodic_actions.ReportProgress(num_train_steps=config.total_steps,
                                              every_steps=config.log_every, every_secs=None)
@@ -112,7 +114,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     prev_metrics = m
     progress(step)
     final = step == config.total_steps
-    do_eval = eval_task is not None and (step % config.eval_every == 0 or final)
+    do_eval = (eval_task is not None or suite) and (step % config.eval_every == 0 or final)
     if step % config.log_every == 0 or final or do_eval:
       m = jax.device_get(m)
       now = time.time()
@@ -120,14 +122,24 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       last = {k: float(v) for k, v in m.items()}
       last.update(pairs_per_s=pairs_s, model_flops_per_s=pairs_s * flops_per_pair)
       t_log, step_log = now, step
+      if config.data.kind != "synthetic":
+        last.update(pipeline.skipped_metrics(pipeline.gather_state(data_state)))
       if do_eval:
-        ev = evaluate.zeroshot(student_cfg, state.params, eval_task, config.eval.batch_size)
+        ev = {}
+        if eval_task is not None:
+          ev = evaluate.zeroshot(student_cfg, state.params, eval_task, config.eval.batch_size)
+        for t in suite:
+          ev.update({f"{t}/{k}": v for k, v in eval_tasks.run(
+              t, student_cfg, state.params, data_dir=config.eval.data_dir,
+              batch=config.eval.batch_size, max_examples=config.eval.max_examples,
+              mesh=mesh).items()})
         evals.append({"step": step, **ev})
         last.update({f"eval/{k}": v for k, v in ev.items()})
+        eval_tasks.write_result(workdir, step, ev)
       writer.write_scalars(step, last)
     if step % config.checkpoint_every == 0 or step == config.total_steps or \
         mgr.reached_preemption(step):
-      checkpoint.save(mgr, step, state, data_state, config_json)
+      checkpoint.save(mgr, step, state, pipeline.gather_state(data_state), config_json)
       if mgr.reached_preemption(step):
         mgr.wait_until_finished()
         logging.info("preempted: saved step %d", step)
