@@ -177,3 +177,51 @@ def test_config_errors_name_the_problem(shard_set, tmp_path):
     pipeline.check(data_cfg(f"{d}/*.tar", crop_scale_min=0.0))
   pipeline.check(data_cfg(f"{d}/*.tar"))
   assert not os.listdir(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def coco_dir(tmp_path_factory):
+  import tfds_fixtures  # pylint: disable=import-outside-toplevel
+  d = str(tmp_path_factory.mktemp("tfds"))
+  tfds_fixtures.build_coco_captions(d, n=20, shards=4)
+  return d, tfds_fixtures.caption_sets(20)
+
+
+def test_tfds_training_input(coco_dir):
+  d, caption_sets = coco_dir
+  cfg = data_cfg("", kind="tfds", tfds_name="coco_captions", data_dir=d, tfds_split="train")
+  pipeline.check(cfg)
+  src = pipeline.make_train_input(cfg, SIZE, CTX, 4)
+  chosen = {}
+  for epoch in range(3):
+    keys = []
+    for _ in range(5):  # 20 images: one epoch
+      b = src.next_batch()
+      keys += b["keys"]
+      for k, c in zip(b["keys"], b["captions"]):
+        chosen.setdefault(k, set()).add(c)
+    assert len(set(keys)) == 20 and src.get_state()["epoch"] == epoch
+  # one image's captions are all from its own set; some image got two different ones
+  assert all(any(c <= set(s) for s in caption_sets) for c in chosen.values())
+  assert any(len(c) > 1 for c in chosen.values())
+
+  ref = pipeline.make_train_input(cfg, SIZE, CTX, 4)
+  ref_keys = take(ref, 6)[0]
+  first = pipeline.make_train_input(cfg, SIZE, CTX, 4)
+  k1 = take(first, 4)[0]
+  second = pipeline.make_train_input(cfg, SIZE, CTX, 4)
+  second.set_state(json.loads(json.dumps(first.get_state())))
+  assert k1 + take(second, 2)[0] == ref_keys
+
+
+def test_tfds_errors_name_dataset_and_place(coco_dir, tmp_path):
+  d, _ = coco_dir
+  cfg = data_cfg("", kind="tfds", tfds_name="coco_captionz", data_dir=d)
+  with pytest.raises(ValueError, match="'coco_captionz' is not a TFDS dataset name"):
+    pipeline.check(cfg)
+  cfg.tfds_name, cfg.data_dir = "coco_captions", str(tmp_path)
+  with pytest.raises(ValueError, match=f"not prepared in {tmp_path} .looked in {tmp_path}/coco"):
+    pipeline.check(cfg)
+  cfg.data_dir, cfg.tfds_split = d, "validation"
+  with pytest.raises(ValueError, match="has no split 'validation'"):
+    pipeline.check(cfg)
