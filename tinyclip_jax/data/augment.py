@@ -1,5 +1,6 @@
 """Train-time image augmentation as open_clip trains CLIP: RandomResizedCrop(size,
-scale=(0.9, 1.0), ratio=(3/4, 4/3), bicubic), then CLIP mean/std, in TensorFlow.
+scale=(0.9, 1.0), ratio=(3/4, 4/3), bicubic), then CLIP mean/std, as a tf.data map
+(the box in TensorFlow, the bicubic resize by PIL as torchvision does it).
 
 The crop box follows torchvision's `RandomResizedCrop.get_params` step for step:
 ten attempts of (area fraction ~ U(scale), log aspect ~ U(log ratio)), the first
@@ -11,7 +12,9 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import tensorflow as tf
+from PIL import Image
 
 from tinyclip_jax import preprocess
 
@@ -44,17 +47,18 @@ def crop_box(seed, height, width, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3)):
   return tf.cast(box, tf.int32)
 
 
+def _pil_resize(crop: np.ndarray, size) -> np.ndarray:
+  return np.asarray(Image.fromarray(crop).resize((int(size), int(size)), Image.BICUBIC))
+
+
 def resize(image, size: int):
-  """uint8 HWC → float32 size × size in [0, 255], as PIL's bicubic resize computes it:
-  antialiased (the kernel widens when shrinking), horizontal pass then vertical, each
-  rounded and clipped to uint8. One float pass instead differs from PIL by up to 23
-  levels on high-contrast pixels (PIL clips the overshoot between passes)."""
-  height = tf.shape(image)[0]
-  x = tf.image.resize(tf.cast(image, tf.float32), tf.stack([height, size]), method="bicubic",
-                      antialias=True)
-  x = tf.clip_by_value(tf.round(x), 0.0, 255.0)
-  x = tf.image.resize(x, [size, size], method="bicubic", antialias=True)
-  return tf.clip_by_value(tf.round(x), 0.0, 255.0)
+  """uint8 HWC → uint8 size × size with PIL's bicubic, as torchvision resizes a PIL crop
+  and as the eval path (tinyclip_jax.preprocess) resizes. PIL is the reference and,
+  measured, 4× faster than tf.image's antialiased bicubic done PIL's way (two passes
+  with uint8 rounding in between: one float pass differs by up to 23 levels); its C
+  resize releases the GIL, so tf.data's threads run it in parallel."""
+  out = tf.numpy_function(_pil_resize, [image, size], tf.uint8, stateful=False)
+  return tf.ensure_shape(out, [size, size, 3])
 
 
 def normalize(image):
@@ -68,5 +72,5 @@ def random_resized_crop(image, seed, size: int, scale=(0.9, 1.0), ratio=(3 / 4, 
   """uint8 HWC → normalized float32 (size, size, 3)."""
   shape = tf.shape(image)
   top, left, ch, cw = tf.unstack(crop_box(seed, shape[0], shape[1], scale, ratio))
-  crop = image[top:top + ch, left:left + cw]
-  return normalize(resize(crop, size))
+  crop = image[top:top + ch, left:left + cw]  # crop, then resize: edges clamp at the crop
+  return normalize(tf.cast(resize(crop, size), tf.float32))
