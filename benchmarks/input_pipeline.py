@@ -28,9 +28,13 @@ def measure(args, pattern: str, threads: int) -> dict:
   from tinyclip_jax.data import sharded  # pylint: disable=import-outside-toplevel
   from tinyclip_jax.train import defaults  # pylint: disable=import-outside-toplevel
   cfg = defaults.base_config().data
-  cfg.update(kind="webdataset", train=pattern, shards_per_window=args.shards_per_window,
-             shuffle_buffer=args.shuffle_buffer, threads=threads,
-             num_parallel_calls=threads or -1)
+  cfg.update(
+      kind="webdataset",
+      train=pattern,
+      shards_per_window=args.shards_per_window,
+      shuffle_buffer=args.shuffle_buffer,
+      threads=threads,
+      num_parallel_calls=threads or -1)
   src = sharded.ShardedPairs(cfg, args.image, 77, args.batch)
   for _ in range(args.warmup):
     next(src)
@@ -40,11 +44,19 @@ def measure(args, pattern: str, threads: int) -> dict:
   wall, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
   n = args.batches * args.batch
   assert b["images"].shape == (args.batch, args.image, args.image, 3)
-  return {"benchmark": "input_pipeline", "threads": threads or "auto",
-          "host_cores": os.cpu_count(), "image": args.image, "source_image": args.source_image,
-          "batch": args.batch, "images": n, "images_per_s": round(n / wall, 1),
-          "images_per_cpu_s": round(n / cpu, 1), "wall_s": round(wall, 2),
-          "cpu_s": round(cpu, 2)}
+  return {
+      "benchmark": "input_pipeline",
+      "threads": threads or "auto",
+      "host_cores": os.cpu_count(),
+      "image": args.image,
+      "source_image": args.source_image,
+      "batch": args.batch,
+      "images": n,
+      "images_per_s": round(n / wall, 1),
+      "images_per_cpu_s": round(n / cpu, 1),
+      "wall_s": round(wall, 2),
+      "cpu_s": round(cpu, 2)
+  }
 
 
 def main(argv=None) -> int:

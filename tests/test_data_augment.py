@@ -42,9 +42,8 @@ def torchvision_get_params(height, width, scale, ratio, gen):
 
 
 def boxes(height, width, n, scale=SCALE, ratio=RATIO, seed=0):
-  ds = tf.data.Dataset.range(n).map(
-      lambda i: augment.crop_box(tf.stack([tf.constant(seed, tf.int64), i]), height, width,
-                                 scale, ratio))
+  ds = tf.data.Dataset.range(n).map(lambda i: augment.crop_box(
+      tf.stack([tf.constant(seed, tf.int64), i]), height, width, scale, ratio))
   return next(iter(ds.batch(n))).numpy()  # (n, 4): top, left, h, w
 
 
@@ -56,8 +55,8 @@ def test_crop_boxes_inside_and_distributed_as_torchvision(height, width):
   assert (top + h <= height).all() and (left + w <= width).all() and (h > 0).all()
   gen = torch.Generator().manual_seed(0)
   ref = np.array([torchvision_get_params(height, width, SCALE, RATIO, gen) for _ in range(2000)])
-  for name, a, b in (("area", h * w, ref[:, 2] * ref[:, 3]),
-                     ("aspect", w / h, ref[:, 3] / ref[:, 2]),
+  for name, a, b in (("area", h * w, ref[:, 2] * ref[:, 3]), ("aspect", w / h,
+                                                              ref[:, 3] / ref[:, 2]),
                      ("top", top / (height - h + 1), ref[:, 0] / (height - ref[:, 2] + 1))):
     p = stats.ks_2samp(a, b).pvalue  # fixed seeds: deterministic, not flaky
     assert p > 0.01, (name, p)
@@ -104,6 +103,5 @@ def test_crop_then_resize_as_torchvision():
   seed = tf.constant([5, 6], tf.int64)
   top, left, h, w = augment.crop_box(seed, 120, 160, SCALE, RATIO).numpy()
   ours = augment.random_resized_crop(img, seed, 48, SCALE, RATIO).numpy()
-  ref = Image.fromarray(img).crop((left, top, left + w, top + h)).resize((48, 48),
-                                                                          Image.BICUBIC)
+  ref = Image.fromarray(img).crop((left, top, left + w, top + h)).resize((48, 48), Image.BICUBIC)
   np.testing.assert_allclose(ours, preprocess.normalize(np.asarray(ref)), rtol=0, atol=1e-6)

@@ -10,9 +10,17 @@ from tinyclip_jax.data import make_shards, pipeline, sharded, shards
 from tinyclip_jax.train import defaults
 
 SHARDS, PER_SHARD, SIZE, CTX = 4, 16, 32, 16
-BAD = {3: "corrupt_image", 10: "empty_caption", 17: "missing_caption", 25: "bad_utf8",
-       31: "tiny_image", 40: "huge_image", 50: "corrupt_image", 55: "missing_caption",
-       60: "empty_caption"}  # 56 good samples: 7 batches of 8
+BAD = {
+    3: "corrupt_image",
+    10: "empty_caption",
+    17: "missing_caption",
+    25: "bad_utf8",
+    31: "tiny_image",
+    40: "huge_image",
+    50: "corrupt_image",
+    55: "missing_caption",
+    60: "empty_caption"
+}  # 56 good samples: 7 batches of 8
 REPAIRED = {"bad_utf8"}  # counted, but the sample is kept with U+FFFD
 
 
@@ -108,8 +116,10 @@ def test_resume_neither_repeats_nor_skips(shard_set, stop):
 def test_hosts_read_disjoint_shards(shard_set):
   d, _ = shard_set
   cfg = data_cfg(f"{d}/*.tar", shards_per_window=1)
-  per_host = [take(sharded.ShardedPairs(cfg, SIZE, CTX, 8, process_index=p, process_count=2),
-                   5)[0] for p in range(2)]
+  per_host = [
+      take(sharded.ShardedPairs(cfg, SIZE, CTX, 8, process_index=p, process_count=2), 5)[0]
+      for p in range(2)
+  ]
   assert all(len(k) == 20 for k in per_host)
   assert not set(per_host[0]) & set(per_host[1])
   # each host reads whole shards of its own: keys i // PER_SHARD name the shard
@@ -134,8 +144,11 @@ def test_truncated_tar_and_tfrecords(tmp_path):
   assert sorted(keys) == [f"{i:09d}" for i in list(range(4)) + list(range(8, 16))]
   assert src.get_state()["skipped"]["truncated_tar"] == 1
 
-  recs = make_shards.write_shards(d + "/r", 2, 8, SIZE, fmt="tfrecord",
-                                  bad={2: "empty_caption", 9: "tiny_image"})
+  recs = make_shards.write_shards(
+      d + "/r", 2, 8, SIZE, fmt="tfrecord", bad={
+          2: "empty_caption",
+          9: "tiny_image"
+      })
   last = sorted(recs)[-1]
   with open(last, "rb") as f:
     data = f.read()
@@ -143,8 +156,8 @@ def test_truncated_tar_and_tfrecords(tmp_path):
     f.write(data[:-100])  # the last record is cut
   # No shuffling: the order is the two shards record by record, and the cut record
   # (the last of shard 1) comes after the epoch's last good sample.
-  src = sharded.ShardedPairs(data_cfg(f"{d}/r/*.tfrecord", kind="tfrecord", shuffle_buffer=1),
-                             SIZE, CTX, 13)
+  src = sharded.ShardedPairs(
+      data_cfg(f"{d}/r/*.tfrecord", kind="tfrecord", shuffle_buffer=1), SIZE, CTX, 13)
   good = [f"{i:09d}" for i in range(15) if i not in (2, 9)]
   keys, _ = take(src, 1)
   assert sorted(keys) == good

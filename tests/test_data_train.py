@@ -22,11 +22,22 @@ def config(pattern, steps):
   spec.loader.exec_module(mod)
   c = mod.get_config()
   c.update_from_flattened_dict({
-      "teacher.custom.vision_width": 0, "loss.alpha": 0.0, "student.init": "scratch",
-      "data.kind": "webdataset", "data.train": pattern, "data.shards_per_window": 2,
-      "data.shuffle_buffer": 8, "total_steps": steps, "log_every": 2, "checkpoint_every": 2,
-      "eval_every": 2, "eval.kind": "", "eval.tasks": f"wds:{pattern}", "eval.max_examples": 16,
-      "eval.batch_size": 16})
+      "teacher.custom.vision_width": 0,
+      "loss.alpha": 0.0,
+      "student.init": "scratch",
+      "data.kind": "webdataset",
+      "data.train": pattern,
+      "data.shards_per_window": 2,
+      "data.shuffle_buffer": 8,
+      "total_steps": steps,
+      "log_every": 2,
+      "checkpoint_every": 2,
+      "eval_every": 2,
+      "eval.kind": "",
+      "eval.tasks": f"wds:{pattern}",
+      "eval.max_examples": 16,
+      "eval.batch_size": 16
+  })
   return c
 
 
@@ -46,8 +57,8 @@ def test_train_resume_and_eval_on_shards(tmp_path, monkeypatch):
   task = f"eval/wds:{pattern}"
   assert {f"{task}/image_to_text/R@1", f"{task}/text_to_image/R@10"} <= set(rows[2])
   assert rows[4][f"{task}/num_images"] == 16
-  assert sum(rows[4][f"skipped/{r}"] for r in ("corrupt_image", "missing_caption",
-                                               "tiny_image")) >= 1
+  assert sum(
+      rows[4][f"skipped/{r}"] for r in ("corrupt_image", "missing_caption", "tiny_image")) >= 1
   ev = json.loads((work / "evals" / "step_00000004.json").read_text())
   assert ev["step"] == 4 and ev[f"wds:{pattern}/num_images"] == 16
 
@@ -60,8 +71,8 @@ def test_train_resume_and_eval_on_shards(tmp_path, monkeypatch):
 
   restored = []
   set_state = sharded.ShardedPairs.set_state
-  monkeypatch.setattr(sharded.ShardedPairs, "set_state",
-                      lambda self, s: (restored.append(s), set_state(self, s)))
+  monkeypatch.setattr(sharded.ShardedPairs, "set_state", lambda self, s:
+                      (restored.append(s), set_state(self, s)))
   loop.run(config(pattern, 6), str(work))
   assert restored == [saved_input(work, 4)["hosts"][0]]
   reference.next_batch()

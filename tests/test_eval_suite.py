@@ -20,8 +20,9 @@ CFG = CLIPConfig(16, vision_tower(32, 1, 8, image_size=32, head_dim=16),
                  text_tower(32, 1, head_dim=16, context_length=32))
 # CLIP's CIFAR-10 prompts (openai/CLIP data/prompts.md), written out independently of
 # the package's asset.
-CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
-                   "ship", "truck"]
+CIFAR10_CLASSES = [
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"
+]
 CIFAR_TEMPLATES = [f"a {q}photo of {a} {{}}." for a in ("a", "the") for q in (
     "", "blurry ", "black and white ", "low contrast ", "high contrast ", "bad ", "good ")] + \
     [f"a photo of {a} {s} {{}}." for a in ("a", "the") for s in ("small", "big")]
@@ -78,8 +79,7 @@ def test_metadata_is_clips():
   assert len(metadata.classes("imagenet")) == 1000
   assert len(metadata.templates("imagenet")) == 80
   c = metadata.classes("imagenet")
-  assert (c[0], c[1], c[21], c[999]) == ("tench", "goldfish", "kite (bird of prey)",
-                                         "toilet paper")
+  assert (c[0], c[1], c[21], c[999]) == ("tench", "goldfish", "kite (bird of prey)", "toilet paper")
   assert metadata.templates("imagenet")[0] == "a bad photo of a {}."
   assert metadata.templates("imagenet")[-1] == "a tattoo of the {}."
   assert metadata.classes("cifar10") == CIFAR10_CLASSES
@@ -105,8 +105,9 @@ def test_zeroshot_cifar10_matches_torch(data_dir, model, sharded):
   labels = torch.tensor([int(ex["label"]) for _, ex in rows])
   weights = []
   for c in CIFAR10_CLASSES:  # CLIP's zeroshot_classifier
-    e = torch.tensor(np.asarray(enc_txt(tokenizer.tokenize(
-        [t.format(c) for t in metadata.templates("cifar10")], 32))))
+    e = torch.tensor(
+        np.asarray(
+            enc_txt(tokenizer.tokenize([t.format(c) for t in metadata.templates("cifar10")], 32))))
     e = e / e.norm(dim=-1, keepdim=True)
     e = e.mean(dim=0)
     weights.append(e / e.norm())
@@ -114,8 +115,8 @@ def test_zeroshot_cifar10_matches_torch(data_dir, model, sharded):
   top5 = logits.topk(5, dim=1).indices
   assert ours["num_examples"] == len(rows) == 24
   assert ours["top1"] == pytest.approx(float((top5[:, 0] == labels).double().mean()), abs=1e-9)
-  assert ours["top5"] == pytest.approx(float((top5 == labels[:, None]).any(1).double().mean()),
-                                       abs=1e-9)
+  assert ours["top5"] == pytest.approx(
+      float((top5 == labels[:, None]).any(1).double().mean()), abs=1e-9)
 
 
 @pytest.mark.parametrize("sharded", [False, True])
@@ -149,21 +150,25 @@ def test_wds_retrieval_and_cli(data_dir, model, tmp_path, capsys):
   make_shards.write_tar(str(tmp_path / "00001.tar"), items[7:])
   ours = tasks.run(f"wds:{tmp_path}/{{00000..00001}}.tar", CFG, params, batch=5)
   enc_img, enc_txt = evaluate.encoders(CFG, params)
-  img = np.stack([preprocess.load_image(Image.open(__import__("io").BytesIO(p["jpg"])), 32)
-                  for _, p in items])
+  img = np.stack(
+      [preprocess.load_image(Image.open(__import__("io").BytesIO(p["jpg"])), 32) for _, p in items])
   texts = [c for caps in captions for c in caps]
   text_image = [i for i, caps in enumerate(captions) for _ in caps]
-  ref = reference_recall(np.asarray(enc_img(img)), np.asarray(enc_txt(tokenizer.tokenize(
-      texts, 32))), np.array(text_image))
+  ref = reference_recall(
+      np.asarray(enc_img(img)), np.asarray(enc_txt(tokenizer.tokenize(texts, 32))),
+      np.array(text_image))
   for k, v in ref.items():
     assert ours[k] == pytest.approx(v, abs=1e-9), k
 
   out = tmp_path / "eval.json"
-  assert evaluate.main([f"--checkpoint={path}", "--dataset=cifar10,coco_captions:train",
-                        f"--data_dir={data_dir}", "--max_examples=10", f"--output={out}"]) == 0
+  assert evaluate.main([
+      f"--checkpoint={path}", "--dataset=cifar10,coco_captions:train", f"--data_dir={data_dir}",
+      "--max_examples=10", f"--output={out}"
+  ]) == 0
   result = json.loads(out.read_text())
   assert set(result) == {"cifar10", "coco_captions:train"}
-  assert result["cifar10"]["num_examples"] == 10 and result["coco_captions:train"]["num_images"] == 10
+  assert result["cifar10"]["num_examples"] == 10 and result["coco_captions:train"][
+      "num_images"] == 10
   assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
 
 
@@ -173,8 +178,10 @@ def test_bad_tasks_and_datasets(data_dir, model, tmp_path, capsys):
     tasks.task_list("cifar10, cifar11")
   with pytest.raises(shards.DataError, match=r"'cifar100' is not prepared in .*cifar100"):
     tasks.run("cifar100", CFG, params, data_dir=data_dir)
-  assert evaluate.main([f"--checkpoint={path}", "--dataset=imagenet2012",
-                        f"--data_dir={tmp_path}", f"--output={tmp_path / 'o.json'}"]) == 2
+  assert evaluate.main([
+      f"--checkpoint={path}", "--dataset=imagenet2012", f"--data_dir={tmp_path}",
+      f"--output={tmp_path / 'o.json'}"
+  ]) == 2
   err = capsys.readouterr().err
   assert "imagenet2012" in err and str(tmp_path) in err and len(err.strip().splitlines()) == 1
   assert not (tmp_path / "o.json").exists()

@@ -21,10 +21,14 @@ def images(n: int, seed: int, sizes=((32, 32),)):
 
 
 def build_cifar10(data_dir: str, n: int = 24) -> list[dict]:
-  examples = [{"id": f"test_{i:05d}", "image": im, "label": i % 10}
-              for i, im in enumerate(images(n, 1))]
+  examples = [{
+      "id": f"test_{i:05d}",
+      "image": im,
+      "label": i % 10
+  } for i, im in enumerate(images(n, 1))]
 
   class Cifar10(cifar.Cifar10, skip_registration=True):
+
     def _split_generators(self, dl_manager):
       del dl_manager
       return {"train": self._examples(), "test": self._examples()}
@@ -40,7 +44,8 @@ def build_cifar10(data_dir: str, n: int = 24) -> list[dict]:
 def caption_sets(n: int) -> list[list[str]]:
   spec = synthetic.SyntheticSpec(image_size=32, seed=2)
   # 1 to 5 captions per image, as COCO has ~5
-  return [[synthetic.make_example(spec, "train", 10 * i + j)[1] for j in range(1 + i % 5)]
+  return [[synthetic.make_example(spec, "train", 10 * i + j)[1]
+           for j in range(1 + i % 5)]
           for i in range(n)]
 
 
@@ -49,12 +54,24 @@ def build_coco_captions(data_dir: str, n: int = 20, shards: int = 1) -> list[dic
   examples = []
   for i, (im, caps) in enumerate(zip(pics, caption_sets(n))):
     examples.append({
-        "image": im, "image/filename": f"{i:012d}.jpg", "image/id": i,
-        "objects": {"area": [], "bbox": np.zeros((0, 4), np.float32), "id": [],
-                    "is_crowd": [], "label": []},
-        "captions": [{"id": 100 * i + j, "text": c} for j, c in enumerate(caps)]})
+        "image": im,
+        "image/filename": f"{i:012d}.jpg",
+        "image/id": i,
+        "objects": {
+            "area": [],
+            "bbox": np.zeros((0, 4), np.float32),
+            "id": [],
+            "is_crowd": [],
+            "label": []
+        },
+        "captions": [{
+            "id": 100 * i + j,
+            "text": c
+        } for j, c in enumerate(caps)]
+    })
 
   class CocoCaptions(coco_captions.CocoCaptions, skip_registration=True):
+
     def _split_generators(self, dl_manager):
       del dl_manager
       return {"train": self._examples(), "test": self._examples()}

@@ -42,8 +42,12 @@ def crop_box(seed, height, width, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3)):
   fh = tf.where(in_ratio < ratio[0], tf.round(w / ratio[0]), h)
   ftop, fleft = tf.floor((h - fh) / 2), tf.floor((w - fw) / 2)
   ok = tf.reduce_any(fits)
-  box = tf.stack([tf.where(ok, top, ftop), tf.where(ok, left, fleft),
-                  tf.where(ok, ch[first], fh), tf.where(ok, cw[first], fw)])
+  box = tf.stack([
+      tf.where(ok, top, ftop),
+      tf.where(ok, left, fleft),
+      tf.where(ok, ch[first], fh),
+      tf.where(ok, cw[first], fw)
+  ])
   return tf.cast(box, tf.int32)
 
 

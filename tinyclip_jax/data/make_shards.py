@@ -20,8 +20,7 @@ from PIL import Image
 from tinyclip_jax.data import synthetic
 
 # Bad samples a shard set can hold: name → what the reader must report.
-BAD = ("corrupt_image", "empty_caption", "missing_caption", "bad_utf8", "tiny_image",
-       "huge_image")
+BAD = ("corrupt_image", "empty_caption", "missing_caption", "bad_utf8", "tiny_image", "huge_image")
 
 
 def jpeg(image: np.ndarray, quality: int = 90) -> bytes:
@@ -45,8 +44,14 @@ def samples(num: int, image_size: int, seed: int, start: int = 0, bad: dict | No
   for i in range(start, start + num):
     image, caption, attrs = synthetic.make_example(spec, "train", i)
     key = f"{i:09d}"
-    parts = {"jpg": jpeg(image), "txt": caption.encode(),
-             "json": json.dumps({"key": key, "caption": caption}).encode()}
+    parts = {
+        "jpg": jpeg(image),
+        "txt": caption.encode(),
+        "json": json.dumps({
+            "key": key,
+            "caption": caption
+        }).encode()
+    }
     kind = bad.get(i)
     if kind == "corrupt_image":
       parts["jpg"] = parts["jpg"][:len(parts["jpg"]) // 2]  # header fine, data cut
@@ -86,15 +91,22 @@ def write_tfrecord(path: str, items) -> list[str]:
     for key, parts in items:
       keys.append(key)
       feats = {"key": key.encode(), **parts}
-      ex = tf.train.Example(features=tf.train.Features(feature={
-          k: tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
-          for k, v in feats.items()}))
+      ex = tf.train.Example(
+          features=tf.train.Features(feature={
+              k: tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
+              for k, v in feats.items()
+          }))
       w.write(ex.SerializeToString())
   return keys
 
 
-def write_shards(out: str, num_shards: int, per_shard: int, image_size: int = 32,
-                 seed: int = 0, bad: dict | None = None, fmt: str = "tar") -> dict[str, list]:
+def write_shards(out: str,
+                 num_shards: int,
+                 per_shard: int,
+                 image_size: int = 32,
+                 seed: int = 0,
+                 bad: dict | None = None,
+                 fmt: str = "tar") -> dict[str, list]:
   """{shard path: sample keys} of `num_shards` files named 00000.tar, ... in `out`."""
   os.makedirs(out, exist_ok=True)
   write = {"tar": write_tar, "tfrecord": write_tfrecord}[fmt]

@@ -1,8 +1,12 @@
 """Training input: per-host batches with a saved position, prefetched on a thread.
 
-The position (the global index of the next example) is part of every checkpoint,
-so a resumed run neither repeats nor skips examples. Each process makes only its
-own rows of the global batch; the loop assembles global arrays from them.
+`make_train_input` picks the source: the embedded generated pairs (SyntheticPairs,
+position = global index of the next example) or sharded image–text data
+(data/sharded.py: webdataset, TFRecord or TFDS files; position = epoch, window,
+offset and skipped counts). The position is part of every checkpoint (one per
+process, gathered by `gather_state`), so a resumed run neither repeats nor skips
+examples. Each process makes only its own rows of the global batch; the loop
+assembles global arrays from them on the prefetch thread.
 """
 from __future__ import annotations
 
@@ -26,13 +30,18 @@ class SyntheticPairs:
   slice of rows, so the union over processes is the same for any host count.
   """
 
-  def __init__(self, cfg: ml_collections.ConfigDict, image_size: int, context_length: int,
-               global_batch: int, process_index: int = 0, process_count: int = 1):
+  def __init__(self,
+               cfg: ml_collections.ConfigDict,
+               image_size: int,
+               context_length: int,
+               global_batch: int,
+               process_index: int = 0,
+               process_count: int = 1):
     if global_batch % process_count:
       raise ValueError(f"batch_size {global_batch} is not divisible by the {process_count} "
                        "processes; make it a multiple of the process count.")
-    self.spec = synthetic.SyntheticSpec(image_size=image_size, seed=cfg.seed,
-                                        max_objects=cfg.max_objects)
+    self.spec = synthetic.SyntheticSpec(
+        image_size=image_size, seed=cfg.seed, max_objects=cfg.max_objects)
     self.context_length = context_length
     self.global_batch = global_batch
     self.local_batch = global_batch // process_count
@@ -51,8 +60,10 @@ class SyntheticPairs:
   def __next__(self) -> dict[str, np.ndarray]:
     raw = synthetic.make_batch(self.spec, "train", self.position + self.offset, self.local_batch)
     self.position += self.global_batch
-    return {"images": preprocess.normalize(raw["images"]),
-            "tokens": tokenizer.tokenize(raw["captions"], self.context_length)}
+    return {
+        "images": preprocess.normalize(raw["images"]),
+        "tokens": tokenizer.tokenize(raw["captions"], self.context_length)
+    }
 
 
 KINDS = ("synthetic", "webdataset", "tfrecord", "tfds")
@@ -65,17 +76,23 @@ def make_train_input(cfg: ml_collections.ConfigDict, image_size: int, context_le
   if cfg.kind not in KINDS:
     raise ValueError(f"data.kind {cfg.kind!r} is unknown; use one of {KINDS}.")
   if cfg.kind == "synthetic":
-    return SyntheticPairs(cfg, image_size, context_length, global_batch,
-                          jax.process_index(), jax.process_count())
+    return SyntheticPairs(cfg, image_size, context_length, global_batch, jax.process_index(),
+                          jax.process_count())
   from tinyclip_jax.data import sharded, tfds_input  # pylint: disable=import-outside-toplevel
   units = reader = None
   if cfg.kind == "tfds":
     b = tfds_input.builder(cfg.tfds_name, cfg.data_dir)
     units = tfds_input.split_files(b, cfg.tfds_split)
     reader = tfds_input.record_reader(b, cfg.image_key, cfg.text_key)
-  return sharded.ShardedPairs(cfg, image_size, context_length, global_batch,
-                              jax.process_index(), jax.process_count(), units=units,
-                              reader=reader)
+  return sharded.ShardedPairs(
+      cfg,
+      image_size,
+      context_length,
+      global_batch,
+      jax.process_index(),
+      jax.process_count(),
+      units=units,
+      reader=reader)
 
 
 def check(cfg: ml_collections.ConfigDict) -> None:
@@ -137,20 +154,24 @@ def skipped_metrics(gathered: dict) -> dict[str, int]:
   return out
 
 
-def prefetch(source, size: int) -> Iterator[tuple[dict, dict]]:
+def prefetch(source, size: int, transform=None) -> Iterator[tuple[dict, dict]]:
   """Yields (batch, source state after that batch) made `size` batches ahead on a
-  thread; the state travels with its batch so a checkpoint saves the right position."""
+  thread; the state travels with its batch so a checkpoint saves the right position.
+  `transform` (e.g. host → device arrays) runs on that thread too, so the transfer
+  of the next batches overlaps the current step."""
+  transform = transform or (lambda b: b)
   if size <= 0:
     while True:
       batch = next(source)
-      yield batch, source.get_state()
+      yield transform(batch), source.get_state()
   q: queue.Queue = queue.Queue(maxsize=size)
   stop = threading.Event()
 
   def work():
     try:
       while not stop.is_set():
-        item = (next(source), source.get_state())
+        batch = next(source)
+        item = (transform(batch), source.get_state())
         while not stop.is_set():
           try:
             q.put(item, timeout=0.1)

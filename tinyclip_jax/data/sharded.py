@@ -40,16 +40,22 @@ _N = len(shards.REASONS) + 1
 
 def _fingerprint(*ints):
   """A 64-bit seed from integers (tensors), the same on every host."""
-  return tf.bitcast(tf.strings.to_hash_bucket_fast(
-      tf.strings.format("{}/{}/{}", list(ints)), 2**62), tf.int64)
+  return tf.bitcast(
+      tf.strings.to_hash_bucket_fast(tf.strings.format("{}/{}/{}", list(ints)), 2**62), tf.int64)
 
 
 class ShardedPairs:
   """Per-host batches {"images", "tokens"} of a sharded image–text dataset with a
   JSON state {epoch, window, offset, skipped{reason: n}}."""
 
-  def __init__(self, cfg, image_size: int, context_length: int, global_batch: int,
-               process_index: int = 0, process_count: int = 1, units: list | None = None,
+  def __init__(self,
+               cfg,
+               image_size: int,
+               context_length: int,
+               global_batch: int,
+               process_index: int = 0,
+               process_count: int = 1,
+               units: list | None = None,
                reader=None):
     if global_batch % process_count:
       raise shards.DataError(f"batch_size {global_batch} is not divisible by the "
@@ -64,8 +70,7 @@ class ShardedPairs:
     self.image_size, self.context_length = image_size, context_length
     self.local_batch = global_batch // process_count
     self.process_index, self.process_count = process_index, process_count
-    self.state = {"epoch": 0, "window": 0, "offset": 0,
-                  "skipped": {r: 0 for r in shards.REASONS}}
+    self.state = {"epoch": 0, "window": 0, "offset": 0, "skipped": {r: 0 for r in shards.REASONS}}
     self._it = None
 
   # -- state -----------------------------------------------------------------------------
@@ -74,8 +79,12 @@ class ShardedPairs:
 
   def set_state(self, state: dict) -> None:
     skipped = {r: int(state.get("skipped", {}).get(r, 0)) for r in shards.REASONS}
-    self.state = {"epoch": int(state["epoch"]), "window": int(state["window"]),
-                  "offset": int(state["offset"]), "skipped": skipped}
+    self.state = {
+        "epoch": int(state["epoch"]),
+        "window": int(state["window"]),
+        "offset": int(state["offset"]),
+        "skipped": skipped
+    }
     self._it = None
 
   # -- the tf.data graph -----------------------------------------------------------------
@@ -84,18 +93,30 @@ class ShardedPairs:
       return self.reader(path)
     fn = shards.READERS[self.kind]
     return tf.data.Dataset.from_generator(
-        fn, output_signature=shards.RECORD_SIGNATURE,
+        fn,
+        output_signature=shards.RECORD_SIGNATURE,
         args=(path, int(self.cfg.min_image_size), int(self.cfg.max_image_pixels)))
 
   def _window(self, epoch, window, paths, skip):
     per = int(self.cfg.shards_per_window)
     ds = tf.data.Dataset.from_tensor_slices(paths).interleave(
-        self._read_unit, cycle_length=per, block_length=1, num_parallel_calls=per,
+        self._read_unit,
+        cycle_length=per,
+        block_length=1,
+        num_parallel_calls=per,
         deterministic=True)
     ds = ds.shuffle(int(self.cfg.shuffle_buffer), seed=_fingerprint(self.cfg.seed, epoch, window))
     ds = ds.enumerate().skip(skip)
-    return ds.map(lambda i, r: {"key": r[0], "image": r[1], "caption": r[2], "reason": r[3],
-                                "epoch": epoch, "window": window, "index": i})
+    return ds.map(
+        lambda i, r: {
+            "key": r[0],
+            "image": r[1],
+            "caption": r[2],
+            "reason": r[3],
+            "epoch": epoch,
+            "window": window,
+            "index": i
+        })
 
   def _windows(self):
     s = self.state
@@ -112,35 +133,37 @@ class ShardedPairs:
     seed = tf.stack([_fingerprint(self.cfg.seed + 1, r["epoch"], r["window"]), r["index"]])
     pick = tf.random.stateless_uniform([], seed, 0, tf.maximum(tf.size(parts), 1), tf.int32)
     caption = tf.cond(tf.size(parts) > 1, lambda: parts[pick], lambda: r["caption"])
-    fixed = tf.strings.unicode_transcode(caption, "UTF-8", "UTF-8", errors="replace",
-                                         replacement_char=0xFFFD)
+    fixed = tf.strings.unicode_transcode(
+        caption, "UTF-8", "UTF-8", errors="replace", replacement_char=0xFFFD)
     bad_utf8 = tf.logical_and(tf.equal(r["reason"], 0), tf.not_equal(fixed, caption))
-    empty = tf.logical_and(tf.equal(r["reason"], 0),
-                           tf.equal(tf.strings.length(tf.strings.strip(fixed)), 0))
+    empty = tf.logical_and(
+        tf.equal(r["reason"], 0), tf.equal(tf.strings.length(tf.strings.strip(fixed)), 0))
     reason = tf.where(empty, shards.CODE["empty_caption"], r["reason"])
     return dict(r, caption=fixed, reason=reason, bad_utf8=bad_utf8)
 
   def _decode(self, r):
     image = tf.io.decode_image(r["image"], channels=3, expand_animations=False)
     h, w = tf.shape(image)[0], tf.shape(image)[1]
-    reason = tf.where(tf.minimum(h, w) < self.cfg.min_image_size, shards.CODE["tiny_image"],
-                      tf.where(tf.cast(h, tf.int64) * tf.cast(w, tf.int64) >
-                               self.cfg.max_image_pixels, shards.CODE["huge_image"], 0))
+    reason = tf.where(
+        tf.minimum(h, w) < self.cfg.min_image_size, shards.CODE["tiny_image"],
+        tf.where(
+            tf.cast(h, tf.int64) * tf.cast(w, tf.int64) > self.cfg.max_image_pixels,
+            shards.CODE["huge_image"], 0))
     seed = tf.stack([_fingerprint(self.cfg.seed, r["epoch"], r["window"]), r["index"]])
     scale = (float(self.cfg.crop_scale_min), float(self.cfg.crop_scale_max))
     ratio = (float(self.cfg.crop_ratio_min), float(self.cfg.crop_ratio_max))
-    image = tf.cond(tf.equal(reason, 0),
-                    lambda: augment.random_resized_crop(image, seed, self.image_size, scale, ratio),
-                    lambda: tf.zeros([self.image_size] * 2 + [3], tf.float32))
+    image = tf.cond(
+        tf.equal(reason, 0),
+        lambda: augment.random_resized_crop(image, seed, self.image_size, scale, ratio),
+        lambda: tf.zeros([self.image_size] * 2 + [3], tf.float32))
     out = {k: r[k] for k in ("key", "caption", "epoch", "window", "index", "counts", "n_ok")}
     return dict(out, image=image, reason=reason)
 
   def dataset(self) -> tf.data.Dataset:
     s = self.state
     per = int(self.cfg.shards_per_window)
-    sig = (tf.TensorSpec((), tf.int64), tf.TensorSpec((), tf.int64),
-           tf.TensorSpec((per,), tf.string), tf.TensorSpec((), tf.int64),
-           tf.TensorSpec((), tf.int64))
+    sig = (tf.TensorSpec((), tf.int64), tf.TensorSpec((), tf.int64), tf.TensorSpec(
+        (per,), tf.string), tf.TensorSpec((), tf.int64), tf.TensorSpec((), tf.int64))
     ds = tf.data.Dataset.from_generator(self._windows, output_signature=sig)
     ds = ds.flat_map(lambda e, w, p, n, skip: self._window(e, w, p[:n], skip))
     ds = ds.map(self._caption)
@@ -160,22 +183,23 @@ class ShardedPairs:
     ds = ds.filter(lambda r: tf.equal(r["reason"], 0))
     # A JPEG that does not decode raises inside the map; ignore_errors drops exactly
     # those (the readers never raise), and the scan below counts them.
-    ds = ds.map(self._decode, num_parallel_calls=int(self.cfg.num_parallel_calls),
-                deterministic=True).ignore_errors()
+    ds = ds.map(
+        self._decode, num_parallel_calls=int(self.cfg.num_parallel_calls),
+        deterministic=True).ignore_errors()
 
     def count_post(c, r):
       c_counts, c_arrived = c
       c_counts = c_counts + tf.one_hot(r["reason"], _N, dtype=tf.int64)
       c_arrived = c_arrived + 1
       corrupt = r["n_ok"] - c_arrived  # passed the reader, never reached this scan
-      counts = r["counts"] + c_counts + corrupt * tf.one_hot(shards.CODE["corrupt_image"], _N,
-                                                             dtype=tf.int64)
+      counts = r["counts"] + c_counts + corrupt * tf.one_hot(
+          shards.CODE["corrupt_image"], _N, dtype=tf.int64)
       return (c_counts, c_arrived), dict(r, counts=counts)
 
     ds = ds.scan((tf.zeros(_N, tf.int64), tf.constant(0, tf.int64)), count_post)
     ds = ds.filter(lambda r: tf.equal(r["reason"], 0))
-    ds = ds.map(lambda r: {k: r[k] for k in ("key", "image", "caption", "epoch", "window",
-                                             "index", "counts")})
+    keep = ("key", "image", "caption", "epoch", "window", "index", "counts")
+    ds = ds.map(lambda r: {k: r[k] for k in keep})
     ds = ds.batch(self.local_batch, drop_remainder=True)
     options = tf.data.Options()
     options.deterministic = True
@@ -189,12 +213,21 @@ class ShardedPairs:
       self._it = self.dataset().as_numpy_iterator()
     b = next(self._it)
     counts = b["counts"][-1]
-    self.state = {"epoch": int(b["epoch"][-1]), "window": int(b["window"][-1]),
-                  "offset": int(b["index"][-1]) + 1,
-                  "skipped": {r: int(counts[shards.CODE[r]]) for r in shards.REASONS}}
+    self.state = {
+        "epoch": int(b["epoch"][-1]),
+        "window": int(b["window"][-1]),
+        "offset": int(b["index"][-1]) + 1,
+        "skipped": {
+            r: int(counts[shards.CODE[r]]) for r in shards.REASONS
+        }
+    }
     captions = [c.decode("utf-8") for c in b["caption"]]
-    return {"images": b["image"], "tokens": tokenizer.tokenize(captions, self.context_length),
-            "keys": [k.decode("utf-8", "replace") for k in b["key"]], "captions": captions}
+    return {
+        "images": b["image"],
+        "tokens": tokenizer.tokenize(captions, self.context_length),
+        "keys": [k.decode("utf-8", "replace") for k in b["key"]],
+        "captions": captions
+    }
 
   def __iter__(self):
     return self

@@ -77,8 +77,7 @@ def resolve(pattern: str, what: str = "data.train") -> list[str]:
   return sorted(set(files))
 
 
-def host_units(units: list, seed: int, epoch: int, process_index: int,
-               process_count: int) -> list:
+def host_units(units: list, seed: int, epoch: int, process_index: int, process_count: int) -> list:
   """This process's units (shards) for `epoch`: one permutation of all units from
   (seed, epoch), the same on every host, dealt round-robin to the hosts."""
   order = np.random.default_rng([seed, epoch]).permutation(len(units))
@@ -168,12 +167,17 @@ def read_tfrecord(path, min_size, max_pixels):
 
 
 READERS = {"webdataset": read_tar, "tfrecord": read_tfrecord}
-RECORD_SIGNATURE = (tf.TensorSpec((), tf.string), tf.TensorSpec((), tf.string),
-                    tf.TensorSpec((), tf.string), tf.TensorSpec((), tf.int32))
+RECORD_SIGNATURE = (tf.TensorSpec((), tf.string), tf.TensorSpec(
+    (), tf.string), tf.TensorSpec((), tf.string), tf.TensorSpec((), tf.int32))
 
 
-def windows(units: list, seed: int, per_window: int, process_index: int, process_count: int,
-            start_epoch: int = 0, start_window: int = 0):
+def windows(units: list,
+            seed: int,
+            per_window: int,
+            process_index: int,
+            process_count: int,
+            start_epoch: int = 0,
+            start_window: int = 0):
   """Endless (epoch, window, unit list) of this host from a position on."""
   for epoch in itertools.count(start_epoch):
     mine = host_units(units, seed, epoch, process_index, process_count)

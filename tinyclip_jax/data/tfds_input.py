@@ -75,10 +75,14 @@ def record_reader(b, image_key: str, text_key: str):
 
   def read(path):
     return tf.data.TFRecordDataset(path).enumerate().map(lambda i, s: parse(path, i, s))
+
   return read
 
 
-def eval_examples(name: str, split: str, data_dir: str, fields: dict[str, str],
+def eval_examples(name: str,
+                  split: str,
+                  data_dir: str,
+                  fields: dict[str, str],
                   max_examples: int = 0):
   """Undecoded examples of an evaluation split in order: dicts of numpy values named
   by `fields` ({out_name: feature path}); images stay encoded bytes."""

@@ -8,8 +8,8 @@ import functools
 import json
 import os
 
-ASSET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets",
-                     "zeroshot_metadata.json")
+ASSET = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "zeroshot_metadata.json")
 
 # TFDS name → (default split, metadata entry, label feature)
 ZEROSHOT = {

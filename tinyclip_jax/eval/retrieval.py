@@ -12,8 +12,11 @@ import numpy as np
 KS = (1, 5, 10)
 
 
-def recall_at_k(image_emb: np.ndarray, text_emb: np.ndarray, text_image: np.ndarray,
-                ks=KS, chunk: int = 1024) -> dict[str, float]:
+def recall_at_k(image_emb: np.ndarray,
+                text_emb: np.ndarray,
+                text_image: np.ndarray,
+                ks=KS,
+                chunk: int = 1024) -> dict[str, float]:
   """image_emb (N, D), text_emb (M, D) normalized; text_image (M,) the image index
   of each text. Returns {"image_to_text/R@k", "text_to_image/R@k"} in [0, 1]."""
   image_emb = np.asarray(image_emb, np.float32)

@@ -46,9 +46,11 @@ def parse(spec: str) -> tuple[str, str, str]:
 
 def decode(encoded: list[bytes], size: int) -> np.ndarray:
   """Encoded images → CLIP-preprocessed float32 (n, size, size, 3)."""
+
   def one(b):
     with Image.open(io.BytesIO(b)) as im:
       return preprocess.load_image(im, size)
+
   return np.stack(list(_POOL.map(one, encoded)))
 
 
@@ -61,13 +63,14 @@ def on_mesh(fn: Callable, mesh) -> Callable:
   def run(x):
     x = np.asarray(x)
     rows = len(x) // count
-    arr = jax.make_array_from_process_local_data(parallel.batch_sharding(mesh, x.ndim),
-                                                 x[index * rows:(index + 1) * rows], x.shape)
+    arr = jax.make_array_from_process_local_data(
+        parallel.batch_sharding(mesh, x.ndim), x[index * rows:(index + 1) * rows], x.shape)
     out = fn(arr)
     if count == 1:
       return np.asarray(out)
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     return np.asarray(multihost_utils.process_allgather(out, tiled=True))
+
   return run
 
 
@@ -99,12 +102,21 @@ def _embed_texts(encode_text, texts: list[str], context_length: int, batch: int)
   return evaluate.batched(encode_text, len(tokens), lambda a, b: tokens[a:b], batch)
 
 
-def zeroshot_tfds(name: str, split: str, encoders, size: int, context_length: int, *,
-                  data_dir: str = "", batch: int = 256, max_examples: int = 0) -> dict:
+def zeroshot_tfds(name: str,
+                  split: str,
+                  encoders,
+                  size: int,
+                  context_length: int,
+                  *,
+                  data_dir: str = "",
+                  batch: int = 256,
+                  max_examples: int = 0) -> dict:
   from tinyclip_jax.data import tfds_input  # pylint: disable=import-outside-toplevel
   _, entry, label_key = metadata.ZEROSHOT[name]
-  examples, b = tfds_input.eval_examples(name, split, data_dir,
-                                         {"image": "image", "label": label_key}, max_examples)
+  examples, b = tfds_input.eval_examples(name, split, data_dir, {
+      "image": "image",
+      "label": label_key
+  }, max_examples)
   classes = metadata.classes(entry)
   if b.info.features[label_key].num_classes != len(classes):
     raise ValueError(f"TFDS {name} has {b.info.features[label_key].num_classes} classes but "
@@ -133,19 +145,33 @@ def _retrieval(pairs: Iterable[tuple[bytes, list[str]]], encoders, size, context
   if not n:
     raise ValueError("the retrieval set is empty.")
   text_emb = _embed_texts(enc_txt, texts, context_length, batch)
-  return {**retrieval.recall_at_k(np.concatenate(embs), text_emb, np.asarray(text_image)),
-          "num_images": n, "num_texts": len(texts)}
+  return {
+      **retrieval.recall_at_k(np.concatenate(embs), text_emb, np.asarray(text_image)), "num_images":
+          n,
+      "num_texts":
+          len(texts)
+  }
 
 
-def retrieval_tfds(name: str, split: str, encoders, size: int, context_length: int, *,
-                   data_dir: str = "", batch: int = 256, max_examples: int = 0) -> dict:
+def retrieval_tfds(name: str,
+                   split: str,
+                   encoders,
+                   size: int,
+                   context_length: int,
+                   *,
+                   data_dir: str = "",
+                   batch: int = 256,
+                   max_examples: int = 0) -> dict:
   from tinyclip_jax.data import tfds_input  # pylint: disable=import-outside-toplevel
   _, caption_key = metadata.RETRIEVAL[name]
-  examples, _ = tfds_input.eval_examples(name, split, data_dir,
-                                         {"image": "image", "captions": caption_key},
-                                         max_examples)
-  pairs = ((ex["image"], [c.decode("utf-8", "replace") for c in ex["captions"]])
-           for ex in examples if len(ex["captions"]))
+  examples, _ = tfds_input.eval_examples(name, split, data_dir, {
+      "image": "image",
+      "captions": caption_key
+  }, max_examples)
+  pairs = ((ex["image"], [c.decode("utf-8", "replace")
+                          for c in ex["captions"]])
+           for ex in examples
+           if len(ex["captions"]))
   return _retrieval(pairs, encoders, size, context_length, batch)
 
 
@@ -165,8 +191,16 @@ def wds_pairs(pattern: str, max_examples: int = 0):
         return
 
 
-def run(spec: str, model_config, params, *, data_dir: str = "", batch: int = 256,
-        max_examples: int = 0, num_examples: int = 512, seed: int = 0, mesh=None) -> dict:
+def run(spec: str,
+        model_config,
+        params,
+        *,
+        data_dir: str = "",
+        batch: int = 256,
+        max_examples: int = 0,
+        num_examples: int = 512,
+        seed: int = 0,
+        mesh=None) -> dict:
   """Metrics of one task for these params."""
   kind, name, split = parse(spec)
   size, ctx = model_config.vision.image_size, model_config.text.context_length

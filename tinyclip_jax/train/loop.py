@@ -100,13 +100,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   progress = periodic_actions.ReportProgress(num_train_steps=config.total_steps,
                                              every_steps=config.log_every, every_secs=None)
   config_json = json.loads(config.to_json_best_effort())
-  batches = pipeline.prefetch(data, config.data.prefetch)
+  batches = pipeline.prefetch(data, config.data.prefetch, lambda b: _global_batch(b, batch_abs))
   last, evals, prev_metrics = {}, [], None
   t_log, step_log = time.time(), start
   step = start
   for step in range(start + 1, config.total_steps + 1):
-    local, data_state = next(batches)
-    state, m = compiled(state, setup.teacher_params, _global_batch(local, batch_abs))
+    batch, data_state = next(batches)
+    state, m = compiled(state, setup.teacher_params, batch)
     # Check the previous step's count while this one runs (no per-step sync).
     if prev_metrics is not None and int(prev_metrics["nonfinite_in_a_row"]) >= config.max_nonfinite:
       raise NonFiniteError(f"{config.max_nonfinite} non-finite losses in a row before step "
