@@ -182,7 +182,7 @@ def test_bad_utf8_is_repaired_not_dropped(shard_set):
 
 def test_config_errors_name_the_problem(shard_set, tmp_path):
   d, _ = shard_set
-  with pytest.raises(ValueError, match="00009.tar does not exist"):
+  with pytest.raises(ValueError, match=r"00004.tar does not exist \(and 5 more of 10\)"):
     pipeline.check(data_cfg(f"{d}/{{00000..00009}}.tar"))
   with pytest.raises(ValueError, match="data.kind 'laion' is unknown"):
     pipeline.check(data_cfg(d, kind="laion"))

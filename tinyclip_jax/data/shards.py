@@ -66,14 +66,16 @@ def resolve(pattern: str, what: str = "data.train") -> list[str]:
       else:
         named.append(name)
   listed: dict[str, set] = {}  # one listing per folder, not one request per shard
+  missing = []
   for name in named:
     folder, base = posixpath.split(name)
     if folder not in listed:
       listed[folder] = set(tf.io.gfile.listdir(folder)) if tf.io.gfile.isdir(folder) else set()
-    if base not in listed[folder]:
-      raise DataError(f"{what} shard {name} does not exist; fix the pattern or restore the "
-                      "shard.")
-    files.append(name)
+    (files if base in listed[folder] else missing).append(name)
+  if missing:
+    more = f" (and {len(missing) - 1} more of {len(named)})" if len(missing) > 1 else ""
+    raise DataError(f"{what} shard {missing[0]} does not exist{more}; fix the pattern or "
+                    "restore the shards.")
   return sorted(set(files))
 
 
