@@ -5,6 +5,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import jax
 import orbax.checkpoint as ocp
 import pytest
 
@@ -46,7 +47,21 @@ def saved_input(workdir, step):
   return mgr.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
 
 
-def test_train_resume_and_eval_on_shards(tmp_path, monkeypatch):
+@pytest.fixture
+def compile_cache(tmp_path):
+  """The resumed run loads the first run's executables instead of compiling again."""
+  keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+          "jax_persistent_cache_min_entry_size_bytes")
+  old = {k: getattr(jax.config, k) for k in keys}
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path / "jax_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  yield
+  for k, v in old.items():
+    jax.config.update(k, v)
+
+
+def test_train_resume_and_eval_on_shards(tmp_path, monkeypatch, compile_cache):
   bad = {1: "corrupt_image", 5: "missing_caption", 30: "tiny_image"}
   make_shards.write_shards(str(tmp_path / "wds"), 2, 24, 32, bad=bad)
   pattern = f"{tmp_path}/wds/{{00000..00001}}.tar"
