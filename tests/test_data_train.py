@@ -101,3 +101,11 @@ def test_missing_shard_fails_before_compiling(tmp_path):
   with pytest.raises(prepare.SetupError, match="00002.tar does not exist"):
     loop.run(config(pattern, 2), str(tmp_path / "run"))
   assert not (tmp_path / "run" / "checkpoints").exists()
+  good = config(f"{tmp_path}/wds/*.tar", 2)
+  prepare.validate(good)
+  good.eval.tasks = "cifar10,imagenet9"
+  with pytest.raises(prepare.SetupError, match="eval task 'imagenet9' is unknown"):
+    prepare.validate(good)
+  good.eval.tasks, good.data.kind = "", "laion"
+  with pytest.raises(prepare.SetupError, match="data.kind 'laion' is unknown"):
+    prepare.validate(good)

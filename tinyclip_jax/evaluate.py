@@ -144,8 +144,12 @@ def _run(args) -> dict:
   if not names:
     raise cli.UsageError("--dataset is empty; name at least one task.")
   params, config = model_io.load_model(args.checkpoint)
+  from tinyclip_jax import parallel  # pylint: disable=import-outside-toplevel
+  mesh = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})  # batches over all devices
+  params = jax.device_put(params, parallel.replicated(mesh))
   results = {t: tasks.run(t, config, params, data_dir=args.data_dir, batch=args.batch_size,
-                          max_examples=args.max_examples, num_examples=args.num_examples)
+                          max_examples=args.max_examples, num_examples=args.num_examples,
+                          mesh=mesh)
              for t in names}
   metrics = results[names[0]] if len(names) == 1 else results
   print(json.dumps(metrics))
