@@ -238,3 +238,55 @@ def test_tfds_errors_name_dataset_and_place(coco_dir, tmp_path):
   cfg.data_dir, cfg.tfds_split = d, "validation"
   with pytest.raises(ValueError, match="has no split 'validation'"):
     pipeline.check(cfg)
+
+
+GATHER = r'''
+import json, os, sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+pid = int(sys.argv[1])
+jax.distributed.initialize(f"localhost:{sys.argv[2]}", num_processes=2, process_id=pid)
+from tinyclip_jax.data import pipeline
+state = {"epoch": pid, "window": 3, "offset": 10 + 1000 * pid,
+         "skipped": {"corrupt_image": pid + 1, "bad_utf8": 2}, "pad": "x" * (5 + 40 * pid)}
+g = pipeline.gather_state(state)
+print(json.dumps({"gathered": g, "mine": pipeline.host_state(json.loads(json.dumps(g))),
+                  "skipped": pipeline.skipped_metrics(g)}))
+'''
+
+
+def test_gather_state_across_two_processes(tmp_path):
+  """Two processes on loopback (CPU collectives over gloo) gather their states."""
+  import socket  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(
+      os.environ,
+      JAX_PLATFORMS="cpu",
+      TF_CPP_MIN_LOG_LEVEL="3",
+      PYTHONPATH=root,
+      XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  procs = [
+      subprocess.Popen(
+          [sys.executable, "-c", GATHER, str(i), str(port)],
+          env=env,
+          cwd=root,
+          stdout=subprocess.PIPE,
+          stderr=subprocess.PIPE,
+          text=True) for i in range(2)
+  ]
+  outs = [p.communicate(timeout=300) for p in procs]
+  assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+  results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+  hosts = results[0]["gathered"]["hosts"]
+  assert results[1]["gathered"]["hosts"] == hosts and [h["offset"] for h in hosts] == [10, 1010]
+  assert [r["mine"]["epoch"] for r in results] == [0, 1]
+  assert results[0]["skipped"] == {"skipped/corrupt_image": 3, "skipped/bad_utf8": 4}
+  # one process resuming two processes' shard positions: refused; a shared state: fine
+  with pytest.raises(ValueError, match="saved by 2 processes and this run has 1"):
+    pipeline.host_state({"hosts": hosts})
+  assert pipeline.host_state({"hosts": [{"position": 64}] * 2}) == {"position": 64}

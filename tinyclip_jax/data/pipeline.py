@@ -133,11 +133,14 @@ def gather_state(state: dict) -> dict:
 
 
 def host_state(saved: dict) -> dict:
-  """This process's state from a checkpoint's input state (older checkpoints hold one
-  state for all processes)."""
+  """This process's state from a checkpoint's input state. One state shared by all
+  processes (the synthetic source's global position, or an older checkpoint) resumes
+  on any number of processes; per-host shard positions need the same number."""
   if "hosts" not in saved:
     return saved
   hosts = saved["hosts"]
+  if all(h == hosts[0] for h in hosts):
+    return hosts[0]
   if len(hosts) != jax.process_count():
     raise ValueError(f"the checkpoint's input position was saved by {len(hosts)} processes "
                      f"and this run has {jax.process_count()}; resume with the same number "
