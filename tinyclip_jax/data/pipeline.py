@@ -1,11 +1,16 @@
 """Training input: per-host batches with a saved position, prefetched on a thread.
 
-The position (the global index of the next example) is part of every checkpoint,
-so a resumed run neither repeats nor skips examples. Each process makes only its
-own rows of the global batch; the loop assembles global arrays from them.
+`make_train_input` picks the source: the embedded generated pairs (SyntheticPairs,
+position = global index of the next example) or sharded image–text data
+(data/sharded.py: webdataset, TFRecord or TFDS files; position = epoch, window,
+offset and skipped counts). The position is part of every checkpoint (one per
+process, gathered by `gather_state`), so a resumed run neither repeats nor skips
+examples. Each process makes only its own rows of the global batch; the loop
+assembles global arrays from them on the prefetch thread.
 """
 from __future__ import annotations
 
+import json
 import queue
 import threading
 from typing import Iterator
@@ -25,13 +30,18 @@ class SyntheticPairs:
   slice of rows, so the union over processes is the same for any host count.
   """
 
-  def __init__(self, cfg: ml_collections.ConfigDict, image_size: int, context_length: int,
-               global_batch: int, process_index: int = 0, process_count: int = 1):
+  def __init__(self,
+               cfg: ml_collections.ConfigDict,
+               image_size: int,
+               context_length: int,
+               global_batch: int,
+               process_index: int = 0,
+               process_count: int = 1):
     if global_batch % process_count:
       raise ValueError(f"batch_size {global_batch} is not divisible by the {process_count} "
                        "processes; make it a multiple of the process count.")
-    self.spec = synthetic.SyntheticSpec(image_size=image_size, seed=cfg.seed,
-                                        max_objects=cfg.max_objects)
+    self.spec = synthetic.SyntheticSpec(
+        image_size=image_size, seed=cfg.seed, max_objects=cfg.max_objects)
     self.context_length = context_length
     self.global_batch = global_batch
     self.local_batch = global_batch // process_count
@@ -50,35 +60,121 @@ class SyntheticPairs:
   def __next__(self) -> dict[str, np.ndarray]:
     raw = synthetic.make_batch(self.spec, "train", self.position + self.offset, self.local_batch)
     self.position += self.global_batch
-    return {"images": preprocess.normalize(raw["images"]),
-            "tokens": tokenizer.tokenize(raw["captions"], self.context_length)}
+    return {
+        "images": preprocess.normalize(raw["images"]),
+        "tokens": tokenizer.tokenize(raw["captions"], self.context_length)
+    }
+
+
+KINDS = ("synthetic", "webdataset", "tfrecord", "tfds")
 
 
 def make_train_input(cfg: ml_collections.ConfigDict, image_size: int, context_length: int,
                      global_batch: int):
-  if cfg.kind == "webdataset":
-    raise ValueError("data.kind='webdataset' (sharded image-text input) is not built yet; "
-                     "use data.kind='synthetic' until the webdataset/TFDS pipeline lands.")
-  if cfg.kind != "synthetic":
-    raise ValueError(f"data.kind {cfg.kind!r} is unknown; use 'synthetic'.")
-  return SyntheticPairs(cfg, image_size, context_length, global_batch,
-                        jax.process_index(), jax.process_count())
+  """The source named by cfg.kind; a missing shard or dataset raises a DataError
+  naming it, before anything compiles."""
+  if cfg.kind not in KINDS:
+    raise ValueError(f"data.kind {cfg.kind!r} is unknown; use one of {KINDS}.")
+  if cfg.kind == "synthetic":
+    return SyntheticPairs(cfg, image_size, context_length, global_batch, jax.process_index(),
+                          jax.process_count())
+  from tinyclip_jax.data import sharded, tfds_input  # pylint: disable=import-outside-toplevel
+  units = reader = None
+  if cfg.kind == "tfds":
+    b = tfds_input.builder(cfg.tfds_name, cfg.data_dir)
+    units = tfds_input.split_files(b, cfg.tfds_split)
+    reader = tfds_input.record_reader(b, cfg.image_key, cfg.text_key)
+  return sharded.ShardedPairs(
+      cfg,
+      image_size,
+      context_length,
+      global_batch,
+      jax.process_index(),
+      jax.process_count(),
+      units=units,
+      reader=reader)
 
 
-def prefetch(source, size: int) -> Iterator[tuple[dict, dict]]:
+def check(cfg: ml_collections.ConfigDict) -> None:
+  """Raises a ValueError naming a bad data field, a missing shard or an unprepared
+  TFDS dataset; lists files, reads none."""
+  if cfg.kind not in KINDS:
+    raise ValueError(f"data.kind {cfg.kind!r} is unknown; use one of {KINDS}.")
+  if cfg.kind == "synthetic":
+    return
+  for f in ("shuffle_buffer", "shards_per_window", "min_image_size", "max_image_pixels"):
+    if int(cfg[f]) <= 0:
+      raise ValueError(f"data.{f} must be positive, got {cfg[f]}.")
+  if not 0 < cfg.crop_scale_min <= cfg.crop_scale_max <= 1:
+    raise ValueError(f"data.crop_scale_min/max ({cfg.crop_scale_min}, {cfg.crop_scale_max}) "
+                     "must satisfy 0 < min <= max <= 1.")
+  if not 0 < cfg.crop_ratio_min <= cfg.crop_ratio_max:
+    raise ValueError(f"data.crop_ratio_min/max ({cfg.crop_ratio_min}, {cfg.crop_ratio_max}) "
+                     "must satisfy 0 < min <= max.")
+  from tinyclip_jax.data import shards, tfds_input  # pylint: disable=import-outside-toplevel
+  if cfg.kind == "tfds":
+    tfds_input.split_files(tfds_input.builder(cfg.tfds_name, cfg.data_dir), cfg.tfds_split)
+  else:
+    shards.resolve(cfg.train)
+
+
+def gather_state(state: dict) -> dict:
+  """Every process's input state, for the checkpoint: {"hosts": [state of process 0,
+  ...]}. A collective: all processes call it at the same step, on the main thread."""
+  if jax.process_count() == 1:
+    return {"hosts": [state]}
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  raw = json.dumps(state).encode()
+  size = int(np.max(multihost_utils.process_allgather(np.int32(len(raw)))))
+  buf = np.zeros(size, np.uint8)
+  buf[:len(raw)] = np.frombuffer(raw, np.uint8)
+  rows = multihost_utils.process_allgather(buf[None], tiled=True)
+  return {"hosts": [json.loads(bytes(r).rstrip(b"\0")) for r in rows]}
+
+
+def host_state(saved: dict) -> dict:
+  """This process's state from a checkpoint's input state. One state shared by all
+  processes (the synthetic source's global position, or an older checkpoint) resumes
+  on any number of processes; per-host shard positions need the same number."""
+  if "hosts" not in saved:
+    return saved
+  hosts = saved["hosts"]
+  if all(h == hosts[0] for h in hosts):
+    return hosts[0]
+  if len(hosts) != jax.process_count():
+    raise ValueError(f"the checkpoint's input position was saved by {len(hosts)} processes "
+                     f"and this run has {jax.process_count()}; resume with the same number "
+                     "of hosts, or start a new workdir.")
+  return hosts[jax.process_index()]
+
+
+def skipped_metrics(gathered: dict) -> dict[str, int]:
+  """{"skipped/<reason>": count summed over processes} of a gathered state."""
+  out: dict[str, int] = {}
+  for s in gathered["hosts"]:
+    for reason, n in s.get("skipped", {}).items():
+      out[f"skipped/{reason}"] = out.get(f"skipped/{reason}", 0) + int(n)
+  return out
+
+
+def prefetch(source, size: int, transform=None) -> Iterator[tuple[dict, dict]]:
   """Yields (batch, source state after that batch) made `size` batches ahead on a
-  thread; the state travels with its batch so a checkpoint saves the right position."""
+  thread; the state travels with its batch so a checkpoint saves the right position.
+  `transform` (e.g. host → device arrays) runs on that thread too, so the transfer
+  of the next batches overlaps the current step."""
+  transform = transform or (lambda b: b)
   if size <= 0:
     while True:
       batch = next(source)
-      yield batch, source.get_state()
+      yield transform(batch), source.get_state()
   q: queue.Queue = queue.Queue(maxsize=size)
   stop = threading.Event()
 
   def work():
     try:
       while not stop.is_set():
-        item = (next(source), source.get_state())
+        batch = next(source)
+        item = (transform(batch), source.get_state())
         while not stop.is_set():
           try:
             q.put(item, timeout=0.1)

@@ -91,16 +91,40 @@ def base_config() -> ml_collections.ConfigDict:
   c.remat = False
 
   c.data = ml_collections.ConfigDict({
-      "kind": "synthetic",     # the embedded generated dataset; "webdataset" for shards
-      "train": "",             # shard pattern, e.g. "gs://bucket/laion/{00000..41455}.tar"
+      # "synthetic" (the embedded generated dataset), "webdataset" (tar shards),
+      # "tfrecord" (img2dataset TFRecord shards) or "tfds" (a prepared TFDS dataset).
+      "kind": "synthetic",
+      # Shard pattern(s) for webdataset/tfrecord: braces and globs, local or gs://,
+      # several joined by '::', e.g. "gs://bucket/laion/{00000..41455}.tar".
+      "train": "",
+      "tfds_name": "",          # e.g. "coco_captions"
+      "tfds_split": "train",
+      "data_dir": "",           # TFDS data_dir; "" = TFDS's default
+      "image_key": "image",     # TFDS features of the image and caption(s)
+      "text_key": "captions/text",
       "seed": 0,
-      "max_objects": 2,
-      "prefetch": 2,
+      "max_objects": 2,         # synthetic only
+      "prefetch": 2,            # batches made ahead on a host thread
+      "shuffle_buffer": 10_000,     # records, within a window of shards
+      "shards_per_window": 8,       # shards read interleaved (and shuffled together)
+      "num_parallel_calls": -1,     # decode/augment threads; -1 = tf.data AUTOTUNE
+      "threads": 0,                 # tf.data private thread pool; 0 = shared default
+      "min_image_size": 16,         # shorter side below this: skipped as tiny_image
+      "max_image_pixels": 50_000_000,  # more pixels: skipped as huge_image (never decoded)
+      # open_clip's train augmentation: RandomResizedCrop(scale, ratio), bicubic.
+      "crop_scale_min": 0.9, "crop_scale_max": 1.0,
+      "crop_ratio_min": 3 / 4, "crop_ratio_max": 4 / 3,
   })
   c.eval = ml_collections.ConfigDict({
       "kind": "synthetic",     # zero-shot on the generated labelled split; "" = none
       "num_examples": 512,
       "batch_size": 256,
+      # More periodic evaluations, comma-separated: cifar10, cifar100, imagenet2012,
+      # imagenet_v2 (zero-shot), coco_captions (retrieval), wds:PATTERN (retrieval on
+      # webdataset shards), folder:PATH; NAME:SPLIT picks a split.
+      "tasks": "",
+      "data_dir": "",          # TFDS data_dir of the eval datasets
+      "max_examples": 0,       # per task; 0 = the whole split
   })
   return c
 

@@ -19,6 +19,7 @@ from clu import periodic_actions
 
 from tinyclip_jax import checkpoint, evaluate, metrics as metrics_lib, parallel
 from tinyclip_jax.data import pipeline
+from tinyclip_jax.eval import tasks as eval_tasks
 from tinyclip_jax.models import CLIP, CLIPConfig, count_params
 from tinyclip_jax.train import masking, prepare
 from tinyclip_jax.train.step import make_train_step
@@ -64,6 +65,7 @@ class _Run:
   writer: Any
   batches: Any
   eval_task: Any
+  suite: list
   config_json: dict
   evals: list
   last: dict
@@ -89,28 +91,37 @@ def _compile(config, setup):
 
 
 def _evaluate(run: _Run, setup, state, step: int) -> dict:
-  """Zero-shot eval of the student; in the masked phase, of the model the current
-  deterministic gates prune to (which equals the masked model), plus its structure."""
-  cfg, params = setup.student_config, state.params
+  """Zero-shot / retrieval evals of the student; in the masked phase, of the model the
+  current deterministic gates prune to (which equals the masked model), plus its
+  structure. Results also go to WORKDIR/evals/step_N.json."""
+  cfg, params, ev = setup.student_config, state.params, {}
   if setup.masking is not None:
     params, pruned_cfg, gates = masking.prune_state(params, cfg, state.masks, setup.masking)
     masking.write_structure(run.workdir, step, cfg, "masked", gates, count_params(params))
     cfg = pruned_cfg
-  return evaluate.zeroshot(cfg, params, run.eval_task, run.config.eval.batch_size)
+  c = run.config.eval
+  if run.eval_task is not None:
+    ev = evaluate.zeroshot(cfg, params, run.eval_task, c.batch_size)
+  for t in run.suite:
+    ev.update({f"{t}/{k}": v for k, v in eval_tasks.run(
+        t, cfg, params, data_dir=c.data_dir, batch=c.batch_size, max_examples=c.max_examples,
+        mesh=setup.mesh).items()})
+  eval_tasks.write_result(run.workdir, step, ev)
+  return ev
 
 
 def _train(run: _Run, setup, state, start: int, end: int) -> tuple[Any, int, bool]:
   """Steps start+1 … end of one phase → (state, last step, preempted)."""
   config = run.config
-  compiled, batch_abs = _compile(config, setup)
+  compiled, _ = _compile(config, setup)
   flops_per_pair = prepare.model_flops_per_pair(setup.student_config, setup.teacher_config)
   progress = periodic_actions.ReportProgress(num_train_steps=config.total_steps,
                                              every_steps=config.log_every, every_secs=None)
   model_json = setup.student_config.to_dict()
   prev_metrics, t_log, step_log, step = None, time.time(), start, start
   for step in range(start + 1, end + 1):
-    local, data_state = next(run.batches)
-    state, m = compiled(state, setup.teacher_params, _global_batch(local, batch_abs))
+    batch, data_state = next(run.batches)
+    state, m = compiled(state, setup.teacher_params, batch)
     # Check the previous step's count while this one runs (no per-step sync).
     if prev_metrics is not None and int(prev_metrics["nonfinite_in_a_row"]) >= config.max_nonfinite:
       raise NonFiniteError(f"{config.max_nonfinite} non-finite losses in a row before step "
@@ -118,13 +129,16 @@ def _train(run: _Run, setup, state, start: int, end: int) -> tuple[Any, int, boo
     prev_metrics = m
     progress(step)
     final = step == config.total_steps
-    do_eval = run.eval_task is not None and (step % config.eval_every == 0 or final)
+    do_eval = (run.eval_task is not None or run.suite) and (step % config.eval_every == 0 or
+                                                            final)
     if step % config.log_every == 0 or final or do_eval:
       m = jax.device_get(m)
       now = time.time()
       pairs_s = (step - step_log) * config.batch_size / max(now - t_log, 1e-9)
       run.last = {k: float(v) for k, v in m.items()}
       run.last.update(pairs_per_s=pairs_s, model_flops_per_s=pairs_s * flops_per_pair)
+      if config.data.kind != "synthetic":
+        run.last.update(pipeline.skipped_metrics(pipeline.gather_state(data_state)))
       t_log, step_log = now, step
       if do_eval:
         ev = _evaluate(run, setup, state, step)
@@ -135,7 +149,8 @@ def _train(run: _Run, setup, state, start: int, end: int) -> tuple[Any, int, boo
     masked_end = setup.masking is not None and step == end
     if not masked_end and (step % config.checkpoint_every == 0 or final or
                            run.mgr.reached_preemption(step)):
-      checkpoint.save(run.mgr, step, state, data_state, run.config_json, model_json)
+      checkpoint.save(run.mgr, step, state, pipeline.gather_state(data_state), run.config_json,
+                      model_json)
       if run.mgr.reached_preemption(step):
         run.mgr.wait_until_finished()
         logging.info("preempted: saved step %d", step)
@@ -173,7 +188,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   start = 0
   if resuming:
     start, state, data_state = checkpoint.restore_latest(mgr, setup.abstract_state)
-    data.set_state(data_state)
+    data.set_state(pipeline.host_state(data_state))
     if jax.process_index() == 0:
       metrics_lib.truncate_jsonl(jsonl, start)
     logging.info("resumed from step %d in %s", start, workdir)
@@ -185,8 +200,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if config.eval.kind:
     eval_task = evaluate.load_task(config.eval.kind, student_cfg.vision.image_size,
                                    config.eval.num_examples)
-  run_ = _Run(config, workdir, mgr, writer, pipeline.prefetch(data, config.data.prefetch),
-              eval_task, json.loads(config.to_json_best_effort()), [], {})
+  # The prefetch thread also makes the global device arrays (the batch's shapes and
+  # sharding are the same on both sides of a prune step).
+  batch_abs = prepare.batch_abstract(config, student_cfg, setup.mesh)
+  batches = pipeline.prefetch(data, config.data.prefetch, lambda b: _global_batch(b, batch_abs))
+  run_ = _Run(config, workdir, mgr, writer, batches, eval_task,
+              eval_tasks.task_list(config.eval.tasks), json.loads(config.to_json_best_effort()),
+              [], {})
 
   end = config.masks.prune_step if setup.masking is not None else config.total_steps
   state, step, preempted = _train(run_, setup, state, start, end)
@@ -195,7 +215,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     masking.write_structure(workdir, step, student_cfg, "pruned", gates, count_params(params))
     setup, state = prepare.build(config, restoring=False,
                                  pruned=prepare.Pruned(cfg, params, step))
-    checkpoint.save(mgr, step, state, run_.data_state, run_.config_json, cfg.to_dict())
+    checkpoint.save(mgr, step, state, pipeline.gather_state(run_.data_state), run_.config_json,
+                    cfg.to_dict())
     state, step, preempted = _train(run_, setup, state, step, config.total_steps)
   mgr.wait_until_finished()
   writer.flush()

@@ -16,6 +16,8 @@ import optax
 from absl import logging
 
 from tinyclip_jax import parallel
+from tinyclip_jax.data import pipeline
+from tinyclip_jax.eval import tasks as eval_tasks
 from tinyclip_jax.inherit import manual
 from tinyclip_jax.models import CLIPConfig, ConfigError, init_params, param_shapes
 from tinyclip_jax.models.clip import logical_axes
@@ -61,11 +63,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.student.init == "inherit" and not has_teacher and not config.student.inherit_from:
     raise SetupError("student.init='inherit' needs a teacher; set teacher.model or "
                      "teacher.checkpoint, or use student.init='scratch'.")
-  if config.data.kind == "webdataset":
-    raise SetupError("data.kind='webdataset' (sharded image-text input) is not built yet; use "
-                     "data.kind='synthetic' until the webdataset/TFDS pipeline lands.")
-  if config.data.kind != "synthetic":
-    raise SetupError(f"data.kind {config.data.kind!r} is unknown; use 'synthetic'.")
+  try:  # the input's fields, and its shards or TFDS dataset exist (listed, not read)
+    pipeline.check(config.data)
+    eval_tasks.task_list(config.eval.tasks)
+  except ValueError as e:
+    raise SetupError(str(e)) from e
   if config.student.init == "checkpoint" and not config.student.checkpoint:
     raise SetupError("student.init='checkpoint' but student.checkpoint is empty; give the "
                      "folder of a flax model checkpoint.")

@@ -1,0 +1,89 @@
+"""Training-input throughput on one host: webdataset shards read, decoded,
+augmented (RandomResizedCrop + bicubic + normalize), tokenized and batched by the
+same `ShardedPairs` the trainer uses.
+
+python -m benchmarks.input_pipeline --image=224 --batch=64 --batches=30
+
+Prints one JSON line per configuration: images/s (wall clock) and images per
+CPU-second (user + system time of this process, so a figure that does not depend on
+how many cores were free), which gives the host cores an accelerator needs:
+cores = pairs/s the accelerator trains at ÷ images per CPU-second.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import tempfile
+import time
+
+
+def _cpu_seconds() -> float:
+  r = resource.getrusage(resource.RUSAGE_SELF)
+  return r.ru_utime + r.ru_stime
+
+
+def measure(args, pattern: str, threads: int) -> dict:
+  from tinyclip_jax.data import sharded  # pylint: disable=import-outside-toplevel
+  from tinyclip_jax.train import defaults  # pylint: disable=import-outside-toplevel
+  cfg = defaults.base_config().data
+  cfg.update(
+      kind="webdataset",
+      train=pattern,
+      shards_per_window=args.shards_per_window,
+      shuffle_buffer=args.shuffle_buffer,
+      threads=threads,
+      num_parallel_calls=threads or -1)
+  src = sharded.ShardedPairs(cfg, args.image, 77, args.batch)
+  for _ in range(args.warmup):
+    next(src)
+  t0, c0 = time.perf_counter(), _cpu_seconds()
+  for _ in range(args.batches):
+    b = next(src)
+  wall, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
+  n = args.batches * args.batch
+  assert b["images"].shape == (args.batch, args.image, args.image, 3)
+  return {
+      "benchmark": "input_pipeline",
+      "threads": threads or "auto",
+      "host_cores": os.cpu_count(),
+      "image": args.image,
+      "source_image": args.source_image,
+      "batch": args.batch,
+      "images": n,
+      "images_per_s": round(n / wall, 1),
+      "images_per_cpu_s": round(n / cpu, 1),
+      "wall_s": round(wall, 2),
+      "cpu_s": round(cpu, 2)
+  }
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(prog="python -m benchmarks.input_pipeline")
+  p.add_argument("--data", default="", help="a folder of NNNNN.tar shards; default: generate")
+  p.add_argument("--shards", type=int, default=8)
+  p.add_argument("--per_shard", type=int, default=256)
+  p.add_argument("--source_image", type=int, default=384, help="generated JPEG size")
+  p.add_argument("--image", type=int, default=224)
+  p.add_argument("--batch", type=int, default=64)
+  p.add_argument("--batches", type=int, default=30)
+  p.add_argument("--warmup", type=int, default=3)
+  p.add_argument("--shards_per_window", type=int, default=8)
+  p.add_argument("--shuffle_buffer", type=int, default=1000)
+  p.add_argument("--threads", default="1,0", help="tf.data threads to try; 0 = TF's default")
+  args = p.parse_args(argv)
+  with tempfile.TemporaryDirectory() as tmp:
+    data = args.data
+    if not data:
+      from tinyclip_jax.data import make_shards  # pylint: disable=import-outside-toplevel
+      data = tmp
+      make_shards.write_shards(tmp, args.shards, args.per_shard, args.source_image)
+    pattern = os.path.join(data, "*.tar")
+    for threads in (int(t) for t in args.threads.split(",")):
+      print(json.dumps(measure(args, pattern, threads)), flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

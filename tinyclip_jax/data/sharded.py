@@ -1,0 +1,237 @@
+"""Sharded image–text training input on tf.data: webdataset tars, img2dataset
+TFRecords or a TFDS dataset's files, read per host, shuffled, decoded, augmented,
+tokenized, batched.
+
+Determinism and resume. Each epoch deals the shards (units) to the hosts in an order
+drawn from (seed, epoch); a host reads its shards in *windows* of
+`shards_per_window`, interleaved record by record and shuffled by a buffer that is
+seeded from (seed, epoch, window) and drained at the end of the window. So the
+stream of records is a pure function of (seed, epoch, window, index in window), and
+the input position is three integers: after a batch, the state is the window of its
+last sample and the index after it. A restart rebuilds that window and skips the
+records before the position, before decoding (reading, not decoding, at most one
+window of records), and continues bit-exactly: no sample repeated or skipped. We
+chose this over tf.data's iterator checkpoints because those hold the shuffle buffer
+(gigabytes of image bytes per host), are not JSON, and cannot be taken for the batch
+the trainer is at while the prefetcher runs ahead.
+
+Bad samples are markers in the stream (see shards.py) or fail to decode; cumulative
+counts by reason are carried by `scan` in stream order, so the counts after a batch
+are exact and part of the state.
+"""
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from tinyclip_jax import tokenizer
+from tinyclip_jax.data import augment, shards, tfds_input
+
+# TensorFlow stays off the accelerators: JAX owns them.
+tf.config.set_visible_devices([], "GPU")
+try:
+  tf.config.set_visible_devices([], "TPU")
+except (RuntimeError, ValueError):  # no TPU devices known to TF, or already initialized
+  pass
+
+AUTOTUNE = tf.data.AUTOTUNE
+_N = len(shards.REASONS) + 1
+
+
+def _fingerprint(*ints):
+  """A 64-bit seed from integers (tensors), the same on every host."""
+  return tf.bitcast(
+      tf.strings.to_hash_bucket_fast(tf.strings.format("{}/{}/{}", list(ints)), 2**62), tf.int64)
+
+
+class ShardedPairs:
+  """Per-host batches {"images", "tokens"} of a sharded image–text dataset with a
+  JSON state {epoch, window, offset, skipped{reason: n}}."""
+
+  def __init__(self,
+               cfg,
+               image_size: int,
+               context_length: int,
+               global_batch: int,
+               process_index: int = 0,
+               process_count: int = 1,
+               units: list | None = None,
+               reader=None):
+    if global_batch % process_count:
+      raise shards.DataError(f"batch_size {global_batch} is not divisible by the "
+                             f"{process_count} processes; use a multiple of the process count.")
+    self.cfg = cfg
+    self.kind = cfg.kind
+    self.units = units if units is not None else shards.resolve(cfg.train)
+    if len(self.units) < process_count:
+      raise shards.DataError(f"data.train has {len(self.units)} shard(s) for {process_count} "
+                             "processes; every process needs at least one shard.")
+    self.reader = reader  # (path tensor) → dataset of raw records; None = shards.READERS
+    self.image_size, self.context_length = image_size, context_length
+    self.local_batch = global_batch // process_count
+    self.process_index, self.process_count = process_index, process_count
+    self.state = {"epoch": 0, "window": 0, "offset": 0, "skipped": {r: 0 for r in shards.REASONS}}
+    self._it = None
+
+  # -- state -----------------------------------------------------------------------------
+  def get_state(self) -> dict:
+    return {**self.state, "skipped": dict(self.state["skipped"])}
+
+  def set_state(self, state: dict) -> None:
+    skipped = {r: int(state.get("skipped", {}).get(r, 0)) for r in shards.REASONS}
+    self.state = {
+        "epoch": int(state["epoch"]),
+        "window": int(state["window"]),
+        "offset": int(state["offset"]),
+        "skipped": skipped
+    }
+    self._it = None
+
+  # -- the tf.data graph -----------------------------------------------------------------
+  def _read_unit(self, path):
+    if self.reader is not None:
+      return self.reader(path)
+    fn = shards.READERS[self.kind]
+    return tf.data.Dataset.from_generator(
+        fn,
+        output_signature=shards.RECORD_SIGNATURE,
+        args=(path, int(self.cfg.min_image_size), int(self.cfg.max_image_pixels)))
+
+  def _window(self, epoch, window, paths, skip):
+    per = int(self.cfg.shards_per_window)
+    ds = tf.data.Dataset.from_tensor_slices(paths).interleave(
+        self._read_unit,
+        cycle_length=per,
+        block_length=1,
+        num_parallel_calls=per,
+        deterministic=True)
+    ds = ds.shuffle(int(self.cfg.shuffle_buffer), seed=_fingerprint(self.cfg.seed, epoch, window))
+    ds = ds.enumerate().skip(skip)
+    return ds.map(
+        lambda i, r: {
+            "key": r[0],
+            "image": r[1],
+            "caption": r[2],
+            "reason": r[3],
+            "epoch": epoch,
+            "window": window,
+            "index": i
+        })
+
+  def _windows(self):
+    s = self.state
+    per = int(self.cfg.shards_per_window)
+    for e, w, paths in shards.windows(self.units, int(self.cfg.seed), per, self.process_index,
+                                      self.process_count, s["epoch"], s["window"]):
+      skip = s["offset"] if (e, w) == (s["epoch"], s["window"]) else 0
+      yield e, w, np.array(paths + [""] * (per - len(paths)), object), len(paths), skip
+
+  def _caption(self, r):
+    """Picks one of several captions (TFDS), repairs non-UTF-8 ones (U+FFFD) and flags
+    them; flags empty ones."""
+    parts = tf.strings.split(r["caption"], tfds_input.CAPTION_SEP)
+    seed = tf.stack([_fingerprint(self.cfg.seed + 1, r["epoch"], r["window"]), r["index"]])
+    pick = tf.random.stateless_uniform([], seed, 0, tf.maximum(tf.size(parts), 1), tf.int32)
+    caption = tf.cond(tf.size(parts) > 1, lambda: parts[pick], lambda: r["caption"])
+    fixed = tf.strings.unicode_transcode(
+        caption, "UTF-8", "UTF-8", errors="replace", replacement_char=0xFFFD)
+    bad_utf8 = tf.logical_and(tf.equal(r["reason"], 0), tf.not_equal(fixed, caption))
+    empty = tf.logical_and(
+        tf.equal(r["reason"], 0), tf.equal(tf.strings.length(tf.strings.strip(fixed)), 0))
+    reason = tf.where(empty, shards.CODE["empty_caption"], r["reason"])
+    return dict(r, caption=fixed, reason=reason, bad_utf8=bad_utf8)
+
+  def _decode(self, r):
+    image = tf.io.decode_image(r["image"], channels=3, expand_animations=False)
+    h, w = tf.shape(image)[0], tf.shape(image)[1]
+    reason = tf.where(
+        tf.minimum(h, w) < self.cfg.min_image_size, shards.CODE["tiny_image"],
+        tf.where(
+            tf.cast(h, tf.int64) * tf.cast(w, tf.int64) > self.cfg.max_image_pixels,
+            shards.CODE["huge_image"], 0))
+    seed = tf.stack([_fingerprint(self.cfg.seed, r["epoch"], r["window"]), r["index"]])
+    scale = (float(self.cfg.crop_scale_min), float(self.cfg.crop_scale_max))
+    ratio = (float(self.cfg.crop_ratio_min), float(self.cfg.crop_ratio_max))
+    image = tf.cond(
+        tf.equal(reason, 0),
+        lambda: augment.random_resized_crop(image, seed, self.image_size, scale, ratio),
+        lambda: tf.zeros([self.image_size] * 2 + [3], tf.float32))
+    out = {k: r[k] for k in ("key", "caption", "epoch", "window", "index", "counts", "n_ok")}
+    return dict(out, image=image, reason=reason)
+
+  def dataset(self) -> tf.data.Dataset:
+    s = self.state
+    per = int(self.cfg.shards_per_window)
+    sig = (tf.TensorSpec((), tf.int64), tf.TensorSpec((), tf.int64), tf.TensorSpec(
+        (per,), tf.string), tf.TensorSpec((), tf.int64), tf.TensorSpec((), tf.int64))
+    ds = tf.data.Dataset.from_generator(self._windows, output_signature=sig)
+    ds = ds.flat_map(lambda e, w, p, n, skip: self._window(e, w, p[:n], skip))
+    ds = ds.map(self._caption)
+
+    def count_pre(c, r):  # cumulative counts up to and including this record
+      c_counts, c_ok = c
+      hit = tf.one_hot(r["reason"], _N, dtype=tf.int64) + tf.cast(r["bad_utf8"], tf.int64) * \
+          tf.one_hot(shards.CODE["bad_utf8"], _N, dtype=tf.int64)
+      c_counts = c_counts + hit
+      c_ok = c_ok + tf.cast(tf.equal(r["reason"], 0), tf.int64)
+      return (c_counts, c_ok), dict(r, counts=c_counts, n_ok=c_ok)
+
+    start = np.zeros(_N, np.int64)
+    for reason, n in s["skipped"].items():
+      start[shards.CODE[reason]] = n
+    ds = ds.scan((tf.constant(start), tf.constant(0, tf.int64)), count_pre)
+    ds = ds.filter(lambda r: tf.equal(r["reason"], 0))
+    # A JPEG that does not decode raises inside the map; ignore_errors drops exactly
+    # those (the readers never raise), and the scan below counts them.
+    ds = ds.map(
+        self._decode, num_parallel_calls=int(self.cfg.num_parallel_calls),
+        deterministic=True).ignore_errors()
+
+    def count_post(c, r):
+      c_counts, c_arrived = c
+      c_counts = c_counts + tf.one_hot(r["reason"], _N, dtype=tf.int64)
+      c_arrived = c_arrived + 1
+      corrupt = r["n_ok"] - c_arrived  # passed the reader, never reached this scan
+      counts = r["counts"] + c_counts + corrupt * tf.one_hot(
+          shards.CODE["corrupt_image"], _N, dtype=tf.int64)
+      return (c_counts, c_arrived), dict(r, counts=counts)
+
+    ds = ds.scan((tf.zeros(_N, tf.int64), tf.constant(0, tf.int64)), count_post)
+    ds = ds.filter(lambda r: tf.equal(r["reason"], 0))
+    keep = ("key", "image", "caption", "epoch", "window", "index", "counts")
+    ds = ds.map(lambda r: {k: r[k] for k in keep})
+    ds = ds.batch(self.local_batch, drop_remainder=True)
+    options = tf.data.Options()
+    options.deterministic = True
+    options.threading.private_threadpool_size = max(0, int(self.cfg.threads))
+    return ds.with_options(options).prefetch(AUTOTUNE)
+
+  # -- iteration ---------------------------------------------------------------------------
+  def next_batch(self) -> dict[str, np.ndarray]:
+    """The next batch with its sample keys and captions (tests and tools)."""
+    if self._it is None:
+      self._it = self.dataset().as_numpy_iterator()
+    b = next(self._it)
+    counts = b["counts"][-1]
+    self.state = {
+        "epoch": int(b["epoch"][-1]),
+        "window": int(b["window"][-1]),
+        "offset": int(b["index"][-1]) + 1,
+        "skipped": {
+            r: int(counts[shards.CODE[r]]) for r in shards.REASONS
+        }
+    }
+    captions = [c.decode("utf-8") for c in b["caption"]]
+    return {
+        "images": b["image"],
+        "tokens": tokenizer.tokenize(captions, self.context_length),
+        "keys": [k.decode("utf-8", "replace") for k in b["key"]],
+        "captions": captions
+    }
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    b = self.next_batch()
+    return {"images": b["images"], "tokens": b["tokens"]}

@@ -1,0 +1,188 @@
+"""Shard files: pattern expansion, per-epoch order, and readers that turn one shard
+into raw records (key, image bytes, caption bytes, reason) without ever raising on
+bad data.
+
+A record whose `reason` is not 0 is a bad sample: it travels through the pipeline
+as a marker so that it is counted (`skipped/<reason>`) at the exact position where
+it was read, then dropped. The readers are Python generators (run by
+`tf.data.Dataset.from_generator`); they open files with `tf.io.gfile`, so shards may
+live on `gs://`.
+"""
+from __future__ import annotations
+
+import io
+import itertools
+import posixpath
+import re
+import tarfile
+import warnings
+
+import numpy as np
+import tensorflow as tf
+from PIL import Image
+
+# Why a sample was dropped (or, for bad_utf8, repaired). Code = index + 1; 0 = good.
+REASONS = ("corrupt_image", "missing_image", "empty_caption", "missing_caption", "bad_utf8",
+           "tiny_image", "huge_image", "truncated_tar", "truncated_tfrecord", "unreadable_shard")
+CODE = {r: i + 1 for i, r in enumerate(REASONS)}
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+_BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}|\{([^{}]*,[^{}]*)\}")
+
+
+class DataError(ValueError):
+  """A data pattern or dataset that cannot be read; the message names it."""
+
+
+def expand_braces(pattern: str) -> list[str]:
+  """'a/{000..002}.tar' → a/000.tar, a/001.tar, a/002.tar (zero padding kept, as the
+  webdataset/braceexpand convention); '{x,y}' alternatives too."""
+  m = _BRACE.search(pattern)
+  if not m:
+    return [pattern]
+  if m.group(1) is not None:
+    lo, hi = m.group(1), m.group(2)
+    width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
+    options = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+  else:
+    options = m.group(3).split(",")
+  head, tail = pattern[:m.start()], pattern[m.end():]
+  return [p for o in options for p in expand_braces(head + o + tail)]
+
+
+def resolve(pattern: str, what: str = "data.train") -> list[str]:
+  """Every file of a brace/glob pattern, sorted. A brace-expanded name that does not
+  exist is an error naming it: a missing shard would silently change the data."""
+  if not pattern:
+    raise DataError(f"{what} is empty; give a shard pattern such as "
+                    "'/data/laion/{00000..41455}.tar' or 'gs://bucket/cc3m/*.tfrecord'.")
+  files, named = [], []
+  for part in (p for p in pattern.split("::") if p):  # several patterns joined by '::'
+    for name in expand_braces(part):
+      if any(c in name for c in "*?["):
+        matched = tf.io.gfile.glob(name)
+        if not matched:
+          raise DataError(f"{what} pattern {name!r} matches no file; check the path.")
+        files.extend(matched)
+      else:
+        named.append(name)
+  listed: dict[str, set] = {}  # one listing per folder, not one request per shard
+  missing = []
+  for name in named:
+    folder, base = posixpath.split(name)
+    if folder not in listed:
+      listed[folder] = set(tf.io.gfile.listdir(folder)) if tf.io.gfile.isdir(folder) else set()
+    (files if base in listed[folder] else missing).append(name)
+  if missing:
+    more = f" (and {len(missing) - 1} more of {len(named)})" if len(missing) > 1 else ""
+    raise DataError(f"{what} shard {missing[0]} does not exist{more}; fix the pattern or "
+                    "restore the shards.")
+  return sorted(set(files))
+
+
+def host_units(units: list, seed: int, epoch: int, process_index: int, process_count: int) -> list:
+  """This process's units (shards) for `epoch`: one permutation of all units from
+  (seed, epoch), the same on every host, dealt round-robin to the hosts."""
+  order = np.random.default_rng([seed, epoch]).permutation(len(units))
+  return [units[i] for i in order[process_index::process_count]]
+
+
+def _record(key, image, caption, reason=0):
+  return key, image or b"", caption or b"", reason
+
+
+def check_header(image: bytes, min_size: int, max_pixels: int) -> int:
+  """Reason code from the image header alone (no decode): corrupt, tiny or huge."""
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+      with Image.open(io.BytesIO(image)) as im:
+        w, h = im.size
+  except Image.DecompressionBombError:
+    return CODE["huge_image"]
+  except Exception:  # noqa: BLE001 - PIL raises many types on garbage
+    return CODE["corrupt_image"]
+  if min(w, h) < min_size:
+    return CODE["tiny_image"]
+  if w * h > max_pixels:
+    return CODE["huge_image"]
+  return 0
+
+
+def _sample(key: str, parts: dict, min_size: int, max_pixels: int):
+  image = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
+  caption = parts.get("txt")
+  if image is None:
+    return _record(key, None, caption, CODE["missing_image"])
+  if caption is None:
+    return _record(key, None, None, CODE["missing_caption"])
+  return _record(key, image, caption, check_header(image, min_size, max_pixels))
+
+
+def read_tar(path, min_size, max_pixels):
+  """Samples of a webdataset tar (consecutive members sharing a key: KEY.jpg, KEY.txt,
+  KEY.json, ...). Streamed, so a truncated tar yields its complete samples, then one
+  `truncated_tar` marker."""
+  path = path.decode() if isinstance(path, bytes) else path
+  key, parts = None, {}
+  try:
+    with tf.io.gfile.GFile(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+      for member in tar:
+        if not member.isfile():
+          continue
+        folder, base = posixpath.split(member.name)
+        stem, _, ext = base.partition(".")
+        name = posixpath.join(folder, stem)
+        if name != key and key is not None:  # before reading on: complete samples first
+          yield _sample(key, parts, min_size, max_pixels)
+          parts = {}
+        key = name
+        parts[ext.lower()] = tar.extractfile(member).read()
+    if key is not None:
+      yield _sample(key, parts, min_size, max_pixels)
+  except (tarfile.TarError, EOFError) as e:
+    yield _record(f"{path}:{key}", None, None, CODE["truncated_tar"])
+    tf.get_logger().warning("truncated tar %s after sample %s: %s", path, key, e)
+  except Exception as e:  # noqa: BLE001 - counted and logged, never a silent crash
+    yield _record(path, None, None, CODE["unreadable_shard"])
+    tf.get_logger().warning("cannot read shard %s: %s", path, e)
+
+
+def read_tfrecord(path, min_size, max_pixels):
+  """Samples of an img2dataset TFRecord shard (tf.train.Example with `key`, `jpg`
+  (or another image extension) and `txt` bytes features)."""
+  path = path.decode() if isinstance(path, bytes) else path
+  count = 0
+  try:
+    for raw in tf.compat.v1.io.tf_record_iterator(path):
+      feats = tf.train.Example.FromString(raw).features.feature
+      parts = {k: v.bytes_list.value[0] for k, v in feats.items() if v.bytes_list.value}
+      key = parts.pop("key", f"{path}:{count}".encode())
+      key = key.decode("utf-8", "replace") if isinstance(key, bytes) else key
+      count += 1
+      yield _sample(key, parts, min_size, max_pixels)
+  except tf.errors.DataLossError as e:
+    yield _record(f"{path}:{count}", None, None, CODE["truncated_tfrecord"])
+    tf.get_logger().warning("truncated tfrecord %s after %d records: %s", path, count, e)
+  except Exception as e:  # noqa: BLE001
+    yield _record(path, None, None, CODE["unreadable_shard"])
+    tf.get_logger().warning("cannot read shard %s: %s", path, e)
+
+
+READERS = {"webdataset": read_tar, "tfrecord": read_tfrecord}
+RECORD_SIGNATURE = (tf.TensorSpec((), tf.string), tf.TensorSpec(
+    (), tf.string), tf.TensorSpec((), tf.string), tf.TensorSpec((), tf.int32))
+
+
+def windows(units: list,
+            seed: int,
+            per_window: int,
+            process_index: int,
+            process_count: int,
+            start_epoch: int = 0,
+            start_window: int = 0):
+  """Endless (epoch, window, unit list) of this host from a position on."""
+  for epoch in itertools.count(start_epoch):
+    mine = host_units(units, seed, epoch, process_index, process_count)
+    chunks = [mine[i:i + per_window] for i in range(0, len(mine), per_window)]
+    for w in range(start_window if epoch == start_epoch else 0, len(chunks)):
+      yield epoch, w, chunks[w]
