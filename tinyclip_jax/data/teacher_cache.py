@@ -1,0 +1,179 @@
+"""Teacher-embedding cache: the teacher's normalized image and text embeddings of
+every training batch, computed once (`python -m tinyclip_jax.cache_teacher`) and
+read back by training runs with `teacher.cache=PATH`, which then skip the teacher
+forward pass.
+
+The input pipeline is a pure function of its config and seed (augmentation
+included), so batch s of a run is batch s of the run that built the cache: the
+cache is indexed by step. A manifest records what the embeddings depend on — the
+teacher (config and a digest of its weights), the data config with its seed, the
+global batch, image size, context length and process count — and a run whose own
+values differ is refused, naming both.
+
+Layout: PATH/cache.json (written last: its presence means complete) and
+PATH/p{process:03d}-{chunk:06d}.safetensors, each holding `chunk` steps of that
+process's rows as bfloat16 bits in uint16 ("image", "text": (steps·rows, E)).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Mapping
+
+import jax
+import ml_dtypes
+import numpy as np
+from etils import epath
+
+MANIFEST = "cache.json"
+FORMAT = 1
+# Data fields that change speed, not content: a cache stays valid across them.
+NEUTRAL_DATA_FIELDS = ("prefetch", "num_parallel_calls")
+
+
+class CacheError(ValueError):
+  """A cache that does not fit the run, or is not there."""
+
+
+def teacher_digest(params: Mapping[str, Any]) -> str:
+  """sha256 over the teacher's weights (paths, shapes, dtypes and bytes), on the host."""
+  h = hashlib.sha256()
+  for path, x in sorted(jax.tree_util.tree_leaves_with_path(params),
+                        key=lambda kv: jax.tree_util.keystr(kv[0])):
+    a = np.ascontiguousarray(np.asarray(x))
+    h.update(f"{jax.tree_util.keystr(path)}:{a.shape}:{a.dtype};".encode())
+    h.update(a.tobytes())
+  return h.hexdigest()
+
+
+def describe(config, teacher_config, digest: str) -> dict:
+  """What the cached embeddings depend on, for the manifest and for comparing."""
+  data = {k: v for k, v in config.data.to_dict().items() if k not in NEUTRAL_DATA_FIELDS}
+  return {"teacher": {"config": teacher_config.to_dict(), "digest": digest},
+          "data": json.loads(json.dumps(data, default=str)),
+          "batch_size": int(config.batch_size),
+          "process_count": jax.process_count()}
+
+
+def _first_difference(want: Any, got: Any, path: str = "") -> str | None:
+  if isinstance(want, dict) and isinstance(got, dict):
+    for k in sorted(set(want) | set(got)):
+      d = _first_difference(want.get(k), got.get(k), f"{path}.{k}" if path else k)
+      if d:
+        return d
+    return None
+  return None if want == got else f"{path} (cache: {got!r}; this run: {want!r})"
+
+
+def to_bf16_bits(x: np.ndarray) -> np.ndarray:
+  return np.asarray(x, np.float32).astype(ml_dtypes.bfloat16).view(np.uint16)
+
+
+def from_bf16_bits(x: np.ndarray) -> np.ndarray:
+  return np.asarray(x).view(ml_dtypes.bfloat16).astype(np.float32)
+
+
+class Writer:
+  """Appends one step's local rows at a time; `close` writes this process's last
+  chunk, and process 0 the manifest once everything is written."""
+
+  def __init__(self, path: str, chunk: int):
+    self.path = epath.Path(path)
+    self.chunk = chunk
+    self.rows: list[tuple[np.ndarray, np.ndarray]] = []
+    self.index = 0
+
+  def add(self, image: np.ndarray, text: np.ndarray) -> None:
+    self.rows.append((to_bf16_bits(image), to_bf16_bits(text)))
+    if len(self.rows) == self.chunk:
+      self._flush()
+
+  def _flush(self) -> None:
+    if not self.rows:
+      return
+    from safetensors.numpy import save  # pylint: disable=import-outside-toplevel
+    blob = save({"image": np.concatenate([r[0] for r in self.rows]),
+                 "text": np.concatenate([r[1] for r in self.rows])})
+    name = f"p{jax.process_index():03d}-{self.index:06d}.safetensors"
+    (self.path / name).write_bytes(blob)
+    self.rows, self.index = [], self.index + 1
+
+  def close(self, manifest: dict) -> None:
+    self._flush()
+    from tinyclip_jax import parallel  # pylint: disable=import-outside-toplevel
+    parallel.barrier("teacher_cache")
+    if jax.process_index() == 0:
+      (self.path / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+
+
+def load_manifest(path: str) -> dict:
+  p = epath.Path(path) / MANIFEST
+  if not p.exists():
+    raise CacheError(f"teacher.cache {path} holds no complete cache ({MANIFEST} is missing); "
+                     "build one with `python -m tinyclip_jax.cache_teacher --config=... "
+                     f"--out={path}`.")
+  return json.loads(p.read_text())
+
+
+def check(manifest: dict, expected: dict, steps: int, path: str) -> None:
+  """Refuses a cache built for another teacher, data, batch or process count, or
+  with fewer steps than the run needs."""
+  if manifest.get("format") != FORMAT:
+    raise CacheError(f"teacher.cache {path} has format {manifest.get('format')} but this "
+                     f"version reads {FORMAT}; rebuild it.")
+  for key in ("teacher", "data", "batch_size", "process_count"):
+    diff = _first_difference(expected[key], manifest.get(key), key)
+    if diff:
+      raise CacheError(f"teacher.cache {path} was built for another run: {diff}; rebuild the "
+                       "cache for this config or drop teacher.cache.")
+  if manifest["steps"] < steps:
+    raise CacheError(f"teacher.cache {path} holds {manifest['steps']} steps but the run needs "
+                     f"{steps}; rebuild it with --steps={steps} or lower total_steps.")
+
+
+class Reader:
+  """This process's cached rows of step s (1-based), chunk by chunk."""
+
+  def __init__(self, path: str, manifest: dict):
+    self.path = epath.Path(path)
+    self.chunk = int(manifest["chunk"])
+    self.rows = int(manifest["batch_size"]) // int(manifest["process_count"])
+    self.loaded: tuple[int, dict] | None = None
+
+  def step(self, s: int) -> tuple[np.ndarray, np.ndarray]:
+    from safetensors.numpy import load  # pylint: disable=import-outside-toplevel
+    c, i = divmod(s - 1, self.chunk)
+    if self.loaded is None or self.loaded[0] != c:
+      name = f"p{jax.process_index():03d}-{c:06d}.safetensors"
+      self.loaded = (c, load((self.path / name).read_bytes()))
+    arrays = self.loaded[1]
+    sl = slice(i * self.rows, (i + 1) * self.rows)
+    return from_bf16_bits(arrays["image"][sl]), from_bf16_bits(arrays["text"][sl])
+
+
+class CachedTeacher:
+  """Wraps a batch source: each batch gains "teacher_image" and "teacher_text", the
+  cached embeddings of the same step; the source's state passes through."""
+
+  def __init__(self, source, reader: Reader, start_step: int, local_rows: int):
+    self.source, self.reader, self.next_step = source, reader, start_step + 1
+    self.local_rows = local_rows
+
+  def get_state(self):
+    return self.source.get_state()
+
+  def set_state(self, state):
+    self.source.set_state(state)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batch = dict(next(self.source))
+    image, text = self.reader.step(self.next_step)
+    if image.shape[0] != self.local_rows:
+      raise CacheError(f"the cache holds {image.shape[0]} rows for step {self.next_step} but "
+                       f"this process's batch has {self.local_rows}; rebuild the cache.")
+    batch["teacher_image"], batch["teacher_text"] = image, text
+    self.next_step += 1
+    return batch
