@@ -12,7 +12,8 @@ values differ is refused, naming both.
 
 Layout: PATH/cache.json (written last: its presence means complete) and
 PATH/p{process:03d}-{chunk:06d}.safetensors, each holding `chunk` steps of that
-process's rows as bfloat16 bits in uint16 ("image", "text": (steps·rows, E)).
+process's rows ("image", "text": (steps·rows, E)) as bfloat16 bits in uint16, or
+as float32 when built with --dtype=float32 (exact replay, twice the bytes).
 """
 from __future__ import annotations
 
@@ -73,18 +74,30 @@ def from_bf16_bits(x: np.ndarray) -> np.ndarray:
   return np.asarray(x).view(ml_dtypes.bfloat16).astype(np.float32)
 
 
+DTYPES = ("bfloat16", "float32")
+
+
+def encode(x: np.ndarray, dtype: str) -> np.ndarray:
+  return to_bf16_bits(x) if dtype == "bfloat16" else np.asarray(x, np.float32)
+
+
+def decode(x: np.ndarray) -> np.ndarray:
+  return from_bf16_bits(x) if x.dtype == np.uint16 else np.asarray(x, np.float32)
+
+
 class Writer:
   """Appends one step's local rows at a time; `close` writes this process's last
   chunk, and process 0 the manifest once everything is written."""
 
-  def __init__(self, path: str, chunk: int):
+  def __init__(self, path: str, chunk: int, dtype: str = "bfloat16"):
     self.path = epath.Path(path)
     self.chunk = chunk
+    self.dtype = dtype
     self.rows: list[tuple[np.ndarray, np.ndarray]] = []
     self.index = 0
 
   def add(self, image: np.ndarray, text: np.ndarray) -> None:
-    self.rows.append((to_bf16_bits(image), to_bf16_bits(text)))
+    self.rows.append((encode(image, self.dtype), encode(text, self.dtype)))
     if len(self.rows) == self.chunk:
       self._flush()
 
@@ -148,7 +161,7 @@ class Reader:
       self.loaded = (c, load((self.path / name).read_bytes()))
     arrays = self.loaded[1]
     sl = slice(i * self.rows, (i + 1) * self.rows)
-    return from_bf16_bits(arrays["image"][sl]), from_bf16_bits(arrays["text"][sl])
+    return decode(arrays["image"][sl]), decode(arrays["text"][sl])
 
 
 class CachedTeacher:

@@ -26,6 +26,9 @@ def model_spec(model: str = "", checkpoint: str = "") -> ml_collections.ConfigDi
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.teacher = model_spec("ViT-B-16")
+  # Precomputed teacher embeddings (python -m tinyclip_jax.cache_teacher): the run
+  # reads them instead of running the teacher; "" = run the teacher.
+  c.teacher.cache = ""
   c.student = model_spec("TinyCLIP-ViT-39M-16-Text-19M")
   # How the student starts: "inherit" (manual weight inheritance from the teacher),
   # "scratch" (random init), or "checkpoint" (student.checkpoint as is).

@@ -18,7 +18,7 @@ from absl import logging
 from clu import periodic_actions
 
 from tinyclip_jax import checkpoint, evaluate, metrics as metrics_lib, parallel
-from tinyclip_jax.data import pipeline
+from tinyclip_jax.data import pipeline, teacher_cache
 from tinyclip_jax.eval import tasks as eval_tasks
 from tinyclip_jax.models import CLIP, CLIPConfig, count_params
 from tinyclip_jax.train import masking, prepare
@@ -72,13 +72,19 @@ class _Run:
   data_state: dict = dataclasses.field(default_factory=dict)
 
 
+def _batch_abstract(config, setup):
+  dim = setup.teacher_config.embed_dim if setup.teacher_cache else 0
+  return prepare.batch_abstract(config, setup.student_config, setup.mesh, dim)
+
+
 def _compile(config, setup):
   student_cfg, mesh = setup.student_config, setup.mesh
   student = CLIP(student_cfg, remat=config.remat, dtype=setup.dtype)
-  teacher = CLIP(setup.teacher_config, dtype=setup.dtype) if setup.teacher_config else None
+  teacher = (CLIP(setup.teacher_config, dtype=setup.dtype)
+             if setup.teacher_config and not setup.teacher_cache else None)
   step_fn = make_train_step(student, teacher, config.loss, mesh, setup.tx, setup.lr_fn,
                             config.batch_size, config.microbatch_size, setup.masking)
-  batch_abs = prepare.batch_abstract(config, student_cfg, mesh)
+  batch_abs = _batch_abstract(config, setup)
   jit_step = jax.jit(step_fn, in_shardings=(setup.state_shardings, setup.teacher_shardings,
                                             {k: v.sharding for k, v in batch_abs.items()}),
                      out_shardings=(setup.state_shardings, parallel.replicated(mesh)),
@@ -200,9 +206,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if config.eval.kind:
     eval_task = evaluate.load_task(config.eval.kind, student_cfg.vision.image_size,
                                    config.eval.num_examples)
+  if setup.teacher_cache:
+    path, manifest = setup.teacher_cache
+    data = teacher_cache.CachedTeacher(data, teacher_cache.Reader(path, manifest), start,
+                                       config.batch_size // jax.process_count())
   # The prefetch thread also makes the global device arrays (the batch's shapes and
   # sharding are the same on both sides of a prune step).
-  batch_abs = prepare.batch_abstract(config, student_cfg, setup.mesh)
+  batch_abs = _batch_abstract(config, setup)
   batches = pipeline.prefetch(data, config.data.prefetch, lambda b: _global_batch(b, batch_abs))
   run_ = _Run(config, workdir, mgr, writer, batches, eval_task,
               eval_tasks.task_list(config.eval.tasks), json.loads(config.to_json_best_effort()),

@@ -45,6 +45,7 @@ class Setup:
   state_shardings: Any
   abstract_state: Any
   masking: masking.MaskTraining | None = None   # the masked phase of auto inheritance
+  teacher_cache: tuple[str, dict] | None = None  # (path, manifest) with teacher.cache
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -60,6 +61,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not has_teacher and config.loss.alpha != 0:
     raise SetupError("there is no teacher (teacher.model, .checkpoint and .custom are empty) but "
                      "loss.alpha is not 0; set loss.alpha=0 to train with the CLIP loss alone.")
+  if config.teacher.cache and not has_teacher:
+    raise SetupError("teacher.cache is set but there is no teacher; the cache is checked "
+                     "against the teacher it was built from, so set teacher.checkpoint too.")
   if config.student.init == "inherit" and not has_teacher and not config.student.inherit_from:
     raise SetupError("student.init='inherit' needs a teacher; set teacher.model or "
                      "teacher.checkpoint, or use student.init='scratch'.")
@@ -207,8 +211,12 @@ def build(config: ml_collections.ConfigDict, restoring: bool,
     else:
       t_params = jax.device_put(teacher_host, t_shard)
 
-  setup = Setup(mesh, dtype, student_cfg, teacher_cfg, t_params, s_shard, t_shard, tx, lr_fn,
-                state_shard, abstract, mask_training)
+  cache = None
+  if config.teacher.cache:
+    cache = _check_cache(config, teacher_cfg, teacher_host, t_params)
+  # With a cache the step never sees the teacher's weights (only inheritance below does).
+  setup = Setup(mesh, dtype, student_cfg, teacher_cfg, None if cache else t_params, s_shard,
+                None if cache else t_shard, tx, lr_fn, state_shard, abstract, mask_training, cache)
   if restoring:
     return setup, None
 
@@ -232,12 +240,34 @@ def build(config: ml_collections.ConfigDict, restoring: bool,
   return setup, state
 
 
-def batch_abstract(config, student_cfg: CLIPConfig, mesh) -> dict:
+def batch_abstract(config, student_cfg: CLIPConfig, mesh, teacher_embed_dim: int = 0) -> dict:
+  """The global batch; with teacher_embed_dim, also the cached teacher embeddings."""
   b, s, n = config.batch_size, student_cfg.vision.image_size, student_cfg.text.context_length
-  return {"images": jax.ShapeDtypeStruct((b, s, s, 3), jnp.float32,
-                                         sharding=parallel.batch_sharding(mesh, 4)),
-          "tokens": jax.ShapeDtypeStruct((b, n), jnp.int32,
-                                         sharding=parallel.batch_sharding(mesh, 2))}
+  out = {"images": jax.ShapeDtypeStruct((b, s, s, 3), jnp.float32,
+                                        sharding=parallel.batch_sharding(mesh, 4)),
+         "tokens": jax.ShapeDtypeStruct((b, n), jnp.int32,
+                                        sharding=parallel.batch_sharding(mesh, 2))}
+  if teacher_embed_dim:
+    for k in ("teacher_image", "teacher_text"):
+      out[k] = jax.ShapeDtypeStruct((b, teacher_embed_dim), jnp.float32,
+                                    sharding=parallel.batch_sharding(mesh, 2))
+  return out
+
+
+def _check_cache(config, teacher_cfg, teacher_host, t_params) -> tuple[str, dict]:
+  """(path, manifest) of a teacher cache built for exactly this teacher and input."""
+  from tinyclip_jax.data import teacher_cache  # pylint: disable=import-outside-toplevel
+  path = config.teacher.cache
+  try:
+    manifest = teacher_cache.load_manifest(path)
+    weights = teacher_host if teacher_host is not None else parallel.host_gather(t_params)
+    expected = teacher_cache.describe(config, teacher_cfg, teacher_cache.teacher_digest(weights))
+    teacher_cache.check(manifest, expected, config.total_steps, path)
+  except teacher_cache.CacheError as e:
+    raise SetupError(str(e)) from e
+  logging.info("reading the teacher's embeddings from %s (%d steps cached)", path,
+               manifest["steps"])
+  return path, manifest
 
 
 def model_flops_per_pair(student: CLIPConfig, teacher: CLIPConfig | None) -> float:

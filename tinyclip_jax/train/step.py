@@ -86,6 +86,13 @@ def make_grad_fn(student: CLIP, teacher: CLIP | None, loss_cfg, mesh, batch_size
     params, logas = trainable
     return _embeds(student, params, chunk, gates_of(logas))
 
+  def teacher_embeds(teacher_params, batch):
+    """The teacher's normalized embeddings: from the cache (teacher.cache), or a
+    forward pass."""
+    if "teacher_image" in batch:
+      return batch["teacher_image"], batch["teacher_text"]
+    return _embeds(teacher, teacher_params, batch) if teacher else None
+
   def teacher_out(t_embeds):
     if t_embeds is None:
       return None
@@ -93,7 +100,7 @@ def make_grad_fn(student: CLIP, teacher: CLIP | None, loss_cfg, mesh, batch_size
         loss_cfg.teacher_scale, jnp.float32)))
 
   def one_shot(trainable, teacher_params, batch, gates_of=None):
-    t_out = teacher_out(_embeds(teacher, teacher_params, batch) if teacher else None)
+    t_out = teacher_out(teacher_embeds(teacher_params, batch))
     return jax.value_and_grad(
         lambda tr: loss_of(student_embeds(tr, batch, gates_of), tr, t_out, gates_of),
         has_aux=True)(trainable)
@@ -103,15 +110,19 @@ def make_grad_fn(student: CLIP, teacher: CLIP | None, loss_cfg, mesh, batch_size
   mb = _Microbatches(mesh, batch_size, microbatch_size)
 
   def cached(trainable, teacher_params, batch, gates_of=None):
+    cached_t = teacher_embeds(None, batch) if "teacher_image" in batch else None
+    batch = {k: batch[k] for k in ("images", "tokens")}
     chunks = jax.tree.map(mb.split, batch)
+    run_teacher = teacher is not None and cached_t is None
 
     def embed_chunk(_, chunk):  # (1) forward only: nothing is kept for a backward pass
       s = student_embeds(trainable, chunk, gates_of)
-      t = _embeds(teacher, teacher_params, chunk) if teacher else None
+      t = _embeds(teacher, teacher_params, chunk) if run_teacher else None
       return None, (s, t)
     _, (s_chunks, t_chunks) = jax.lax.scan(embed_chunk, None, chunks)
     s_embeds = tuple(mb.merge(e) for e in s_chunks)
-    t_out = teacher_out(tuple(mb.merge(e) for e in t_chunks) if teacher else None)
+    t_out = teacher_out(cached_t if cached_t is not None else
+                        tuple(mb.merge(e) for e in t_chunks) if run_teacher else None)
 
     # (2) the loss on the whole batch and its gradient w.r.t. the embeddings
     (loss, terms), (g_embeds, grads) = jax.value_and_grad(

@@ -1,0 +1,110 @@
+"""Precompute the teacher's embeddings of a run's training batches.
+
+  python -m tinyclip_jax.cache_teacher --config=configs/vit39m.py --out=gs://bucket/cache \
+      --config.teacher.checkpoint=/ckpt/openai-vit-b-16 --config.data.train=...
+
+It reads the same config as the run (teacher, data and its seed, batch size, mesh,
+precision) and walks the same input pipeline for `--steps` (default total_steps)
+steps, so the run that later sets --config.teacher.cache=PATH sees the very same
+batches and crops and reads their teacher embeddings instead of computing them
+(see tinyclip_jax/data/teacher_cache.py for the format and the checks). Multi-host
+like training: the same command on every host, each writing its own rows.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from tinyclip_jax import distributed
+
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+  """Only when run as a program: `build` is importable beside the training entry point,
+  which defines its own --config."""
+  config_flags.DEFINE_config_file("config", None, "The training config the cache is for.",
+                                  lock_config=True)
+  flags.DEFINE_string("out", None, "Folder for the cache (local or gs://); must not exist yet.")
+  flags.DEFINE_integer("steps", 0, "Steps to cache; 0 = the config's total_steps.")
+  flags.DEFINE_integer("chunk", 100, "Steps per file.")
+  flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Storage of the embeddings.")
+  flags.mark_flags_as_required(["config", "out"])
+
+
+def build(config, out: str, steps: int = 0, chunk: int = 100, dtype: str = "bfloat16") -> dict:
+  """Writes the cache; returns its manifest."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from etils import epath  # pylint: disable=import-outside-toplevel
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  from tinyclip_jax import parallel  # pylint: disable=import-outside-toplevel
+  from tinyclip_jax.data import pipeline, teacher_cache  # pylint: disable=import-outside-toplevel
+  from tinyclip_jax.models import CLIP  # pylint: disable=import-outside-toplevel
+  from tinyclip_jax.train import loop, prepare  # pylint: disable=import-outside-toplevel
+
+  steps = int(steps or config.total_steps)
+  if dtype not in teacher_cache.DTYPES:
+    raise prepare.SetupError(f"--dtype {dtype!r} is unknown; use one of {teacher_cache.DTYPES}.")
+  if steps <= 0 or chunk <= 0:
+    raise prepare.SetupError(f"--steps ({steps}) and --chunk ({chunk}) must be positive.")
+  path = epath.Path(out)
+  if path.exists() and any(path.iterdir()):
+    raise prepare.SetupError(f"--out {out} exists and is not empty; give a new folder.")
+  with config.unlocked():
+    config.teacher.cache = ""
+    config.masks.enabled = False  # the student does not matter here
+  setup, _ = prepare.build(config, restoring=True)
+  if setup.teacher_config is None:
+    raise prepare.SetupError("the config has no teacher (teacher.model, .checkpoint and "
+                             ".custom are empty); there is nothing to cache.")
+  digest = teacher_cache.teacher_digest(parallel.host_gather(setup.teacher_params))
+  cfg = setup.student_config
+  data = pipeline.make_train_input(config.data, cfg.vision.image_size, cfg.text.context_length,
+                                   config.batch_size)
+  batch_abs = prepare.batch_abstract(config, cfg, setup.mesh)
+  teacher = CLIP(setup.teacher_config, dtype=setup.dtype)
+  rows = parallel.batch_sharding(setup.mesh, 2)
+  forward = jax.jit(
+      lambda p, b: teacher.apply({"params": p}, b["images"], b["tokens"]),
+      in_shardings=(setup.teacher_shardings, {k: v.sharding for k, v in batch_abs.items()}),
+      out_shardings={"image_embeds": rows, "text_embeds": rows,
+                     "logit_scale": parallel.replicated(setup.mesh)})
+  path.mkdir(parents=True, exist_ok=True)
+  writer = teacher_cache.Writer(out, chunk, dtype)
+  t0 = time.time()
+  for s in range(1, steps + 1):
+    out_ = forward(setup.teacher_params, loop._global_batch(next(data), batch_abs))  # pylint: disable=protected-access
+    local = multihost_utils.global_array_to_host_local_array(
+        (out_["image_embeds"], out_["text_embeds"]), setup.mesh, rows.spec)
+    writer.add(*(jax.device_get(x) for x in local))
+    if s % 100 == 0 or s == steps:
+      logging.info("cached %d/%d steps (%.1f steps/s)", s, steps, s / (time.time() - t0))
+  manifest = dict(teacher_cache.describe(config, setup.teacher_config, digest),
+                  format=teacher_cache.FORMAT, steps=steps, chunk=chunk,
+                  embed_dim=setup.teacher_config.embed_dim, precision=config.precision,
+                  dtype=dtype)
+  writer.close(manifest)
+  logging.info("wrote the teacher cache to %s", out)
+  return manifest
+
+
+def main(argv) -> int:
+  if len(argv) > 1:
+    print(f"error: unexpected arguments {argv[1:]}.", file=sys.stderr)
+    return 2
+  from tinyclip_jax.train import prepare  # pylint: disable=import-outside-toplevel
+  try:
+    distributed.initialize()
+    build(FLAGS.config, FLAGS.out, FLAGS.steps, FLAGS.chunk, FLAGS.dtype)
+  except (distributed.DistributedError, prepare.SetupError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(lambda argv: sys.exit(main(argv)))
