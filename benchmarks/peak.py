@@ -67,8 +67,11 @@ def mfu(model_flops_per_s: float, dtype: str = "float32") -> dict:
   else:
     known = table_peak(device.device_kind)
     if known is None:
-      return {"peak_flops_per_s": None, "peak_source": f"unknown device {device.device_kind!r}",
-              "mfu": None}
+      return {
+          "peak_flops_per_s": None,
+          "peak_source": f"unknown device {device.device_kind!r}",
+          "mfu": None
+      }
     peak = known[0] * jax.device_count()
     source = f"table: {known[1]} dense bf16 peak x {jax.device_count()} devices"
   return {"peak_flops_per_s": peak, "peak_source": source, "mfu": model_flops_per_s / peak}

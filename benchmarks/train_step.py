@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -95,7 +96,7 @@ def run_jax(args) -> dict:
           "peak_rss_mb": _peak_rss_mb(), "compiled_memory_mb": compiled_mb,
           "model_flops_per_s": flops / step_s, **peak.mfu(flops / step_s, args.precision),
           "loss": float(m["loss"]), "device": jax.devices()[0].device_kind,
-          "num_devices": jax.device_count()}
+          "num_devices": jax.device_count(), "load_avg_1min": os.getloadavg()[0]}
 
 
 def run_torch(args) -> dict:

@@ -16,8 +16,7 @@ NOTEBOOK = ROOT / "launch" / "colab_tpu_demo.ipynb"
 def test_notebook_is_stored_without_outputs():
   nb = nbformat.read(NOTEBOOK, as_version=4)
   nbformat.validate(nb)
-  assert all(not c.outputs and c.execution_count is None for c in nb.cells
-             if c.cell_type == "code")
+  assert all(not c.outputs and c.execution_count is None for c in nb.cells if c.cell_type == "code")
 
 
 def test_notebook_runs_on_cpu(tmp_path, monkeypatch):
@@ -29,8 +28,13 @@ def test_notebook_runs_on_cpu(tmp_path, monkeypatch):
   monkeypatch.setenv("TINYCLIP_NOTEBOOK_WORKDIR", str(tmp_path))
   monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
   nb = nbformat.read(NOTEBOOK, as_version=4)
-  client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
-                                   resources={"metadata": {"path": str(ROOT / "launch")}})
+  client = nbclient.NotebookClient(
+      nb,
+      timeout=300,
+      kernel_name="python3",
+      resources={"metadata": {
+          "path": str(ROOT / "launch")
+      }})
   client.execute()  # raises CellExecutionError, with the cell's traceback, on any error
 
   code = [c for c in nb.cells if c.cell_type == "code"]

@@ -32,8 +32,7 @@ def test_unknown_devices_have_no_table_peak(kind):
 
 def test_cpu_mfu_is_against_a_measured_matmul(monkeypatch):
   calls = []
-  monkeypatch.setattr(peak, "measured_matmul_peak",
-                      lambda dtype: calls.append(dtype) or 2e10)
+  monkeypatch.setattr(peak, "measured_matmul_peak", lambda dtype: calls.append(dtype) or 2e10)
   assert jax.devices()[0].platform == "cpu"
   out = peak.mfu(5e9, "float32")
   assert calls == ["float32"]
@@ -53,5 +52,8 @@ def test_accelerator_mfu_is_against_the_table_peak_of_all_devices(monkeypatch):
   assert out["peak_flops_per_s"] == 8 * 275e12 and out["mfu"] == 0.5
   assert out["peak_source"] == "table: TPU v4 dense bf16 peak x 8 devices"
   fake.device_kind = "TPU v4 lite"
-  assert peak.mfu(1e12) == {"peak_flops_per_s": None,
-                            "peak_source": "unknown device 'TPU v4 lite'", "mfu": None}
+  assert peak.mfu(1e12) == {
+      "peak_flops_per_s": None,
+      "peak_source": "unknown device 'TPU v4 lite'",
+      "mfu": None
+  }
