@@ -404,7 +404,7 @@ def test_nonfinite_updates_are_skipped_then_the_run_stops(tmp_path, sharded, mon
 
   saved = {}
 
-  def record(mgr, step, state, data_state, config_json):  # params after each step
+  def record(mgr, step, state, data_state, config_json, model=None):  # params after each step
     saved[step] = prepare.as_numpy(state.params)
     return True
 
