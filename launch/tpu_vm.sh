@@ -156,8 +156,10 @@ python3 -m pip install -e ${REMOTE_DIR} 'jax[tpu]'"
 }
 
 main_command() {  # the training command, quoted for the workers' shell
+  # --distributed=on: a TPU VM slice is described by the metadata server, not by the
+  # environment main.py's `auto` looks at; a one-host slice joins as a cluster of one.
   local words=(python3 -m tinyclip_jax.main --config="${CONFIG_FILE}" --workdir="${WORK}"
-    "${MAIN_ARGS[@]}")
+    --distributed=on "${MAIN_ARGS[@]}")
   printf '%q ' "${words[@]}"
 }
 

@@ -108,7 +108,7 @@ def test_tpu_all_dry_run_prints_every_command():
   assert start == ssh("all")  # the same program on every worker
   assert remote_main(start_remote) == [
       "python3", "-m", "tinyclip_jax.main", "--config=configs/vit39m.py",
-      "--workdir=gs://bucket/run", *MAIN_ARGS
+      "--workdir=gs://bucket/run", "--distributed=on", *MAIN_ARGS
   ]
   follow, follow_remote = split_ssh(out[5])
   assert follow == ssh("0")
@@ -220,7 +220,7 @@ def test_tpu_remote_commands_run_in_a_worker_shell(tmp_path):
     time.sleep(0.05)
   assert (home / "argv").read_text().splitlines() == [
       "-m", "tinyclip_jax.main", "--config=configs/vit39m.py", "--workdir=gs://bucket/run",
-      *MAIN_ARGS
+      "--distributed=on", *MAIN_ARGS
   ]
   assert (home / "tinyclip_run.rc").read_text().strip() == "7"
   assert int((home / "tinyclip_run.pid").read_text()) > 0
