@@ -29,6 +29,8 @@ setup(
     extras_require={
         # PyTorch is for conversion and parity tests only; training never imports it.
         "torch": ["torch==2.13.0", "transformers"],
-        "test": ["torch==2.13.0", "transformers", "pytest", "pytest-xdist"],
+        # nbclient/nbformat/ipykernel: tests/test_notebook.py runs launch/colab_tpu_demo.ipynb.
+        "test": ["torch==2.13.0", "transformers", "pytest", "pytest-xdist", "nbclient",
+                 "nbformat", "ipykernel"],
     },
 )

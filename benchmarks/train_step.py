@@ -3,20 +3,25 @@
 python -m benchmarks.train_step --student=TinyCLIP-ViT-39M-16-Text-19M --teacher=ViT-B-16 \
     --batch=8 --image=224 --steps=10
 
-Prints one JSON line. Both sides run one step = teacher forward (no grad), student
-forward + backward, affinity-mimicking loss (τ=50), global-norm clip, AdamW update,
-on random weights and random inputs. The PyTorch side uses transformers' CLIPModel
+Prints one JSON line, with model FLOPs utilization (`mfu`) against the device's peak
+(benchmarks/peak.py: a table for TPUs, A100 and H100; a measured matmul on CPU).
+Both sides run one step = teacher forward (no grad), student forward + backward,
+affinity-mimicking loss (τ=50), global-norm clip, AdamW update, on random weights and
+random inputs. The PyTorch side uses transformers' CLIPModel
 and runs in a subprocess, so each side's peak RSS is its own.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
 import sys
 import time
+
+from benchmarks import peak
 
 
 def _peak_rss_mb() -> float:
@@ -86,10 +91,12 @@ def run_jax(args) -> dict:
       times.append(time.perf_counter() - t)
   step_s = statistics.median(times)
   flops = prepare.model_flops_per_pair(setup.student_config, setup.teacher_config) * args.batch
+  del state, compiled  # the peak measurement below should not compete for memory
   return {"step_s": step_s, "pairs_per_s": args.batch / step_s, "compile_s": compile_s,
-          "peak_rss_mb": _peak_rss_mb(), "compiled_memory_mb": compiled_mb, "model_flops_per_s": flops / step_s,
+          "peak_rss_mb": _peak_rss_mb(), "compiled_memory_mb": compiled_mb,
+          "model_flops_per_s": flops / step_s, **peak.mfu(flops / step_s, args.precision),
           "loss": float(m["loss"]), "device": jax.devices()[0].device_kind,
-          "num_devices": jax.device_count()}
+          "num_devices": jax.device_count(), "load_avg_1min": os.getloadavg()[0]}
 
 
 def run_torch(args) -> dict:

@@ -7,6 +7,8 @@ subprocesses on one device.
 """
 from __future__ import annotations
 
+import collections
+import gzip
 import importlib.util
 import json
 import os
@@ -67,7 +69,9 @@ def sharded(tmp_path_factory):
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(loop, "_log_compiled", lambda c: (hlo.append(c.as_text()), log_compiled(c)))
     mp.setattr(prepare, "build", lambda *a, **k: setups.append(build(*a, **k)) or setups[-1])
-    result = loop.run(smoke_config({"mesh.data": 4, "mesh.fsdp": 2}), str(workdir))
+    # Steps 2–3 are profiled: that costs the run no compile and tests the profile window.
+    result = loop.run(smoke_config({"mesh.data": 4, "mesh.fsdp": 2, "profile.start_step": 2,
+                                    "profile.num_steps": 2}), str(workdir))
   assert len(hlo) == len(setups) == 1
   setup, _ = setups[0]
   teacher_dir = tmp_path_factory.mktemp("teacher") / "model"
@@ -130,6 +134,21 @@ def test_smoke_run_writes_metrics_events_checkpoints_and_export(sharded):
   trained = prepare.as_numpy(sharded.result["params"])
   assert jax.tree.structure(params) == jax.tree.structure(trained)
   jax.tree.map(np.testing.assert_array_equal, params, trained)
+
+
+def test_profile_window_traces_exactly_its_steps(sharded):
+  """profile.start_step=2, num_steps=2: one trace holding two executions of the train
+  step on each of the 8 devices (steps 2 and 3, finished before the trace stopped)."""
+  runs = [p for p in (sharded.workdir / "profile" / "plugins" / "profile").iterdir()]
+  assert len(runs) == 1, runs
+  assert (list(runs[0].glob("*.xplane.pb")) and
+          all(p.stat().st_size > 0 for p in runs[0].glob("*.xplane.pb")))
+  [trace] = runs[0].glob("*.trace.json.gz")
+  names = collections.Counter(e.get("name") for e in json.loads(gzip.open(trace).read())
+                              ["traceEvents"])
+  assert names["CommonPjRtLoadedExecutable::Execute (jit_step)"] == 2, names.most_common(40)
+  for d in range(8):
+    assert names[f"[{d}] CommonPjRtLoadedExecutable::Execute (jit_step)"] == 2, d
 
 
 # --- 2. sharded == single device -----------------------------------------------------
@@ -351,8 +370,9 @@ def run_main(monkeypatch, config, workdir) -> int:
      ("teacher.checkpoint", "/nonexistent/teacher", "does not exist", "tinyclip_jax.convert")),
     ({"precision": "float16"}, ("precision", "float16", "'bfloat16'")),
     ({"student.custom.image_size": 64}, ("image_size", "same images")),
+    ({"profile.num_steps": 2}, ("profile.num_steps", "profile.start_step is 0")),
 ], ids=["mesh", "mesh-fill", "batch", "wider-student", "no-teacher-checkpoint", "float16",
-        "image-size"])
+        "image-size", "profile"])
 def test_bad_config_fails_before_compiling(overrides, words, tmp_path, monkeypatch, capsys):
   workdir = tmp_path / "run"
   with CompileCounter() as compiles:
@@ -384,7 +404,7 @@ def test_nonfinite_updates_are_skipped_then_the_run_stops(tmp_path, sharded, mon
 
   saved = {}
 
-  def record(mgr, step, state, data_state, config_json):  # params after each step
+  def record(mgr, step, state, data_state, config_json, model=None):  # params after each step
     saved[step] = prepare.as_numpy(state.params)
     return True
 

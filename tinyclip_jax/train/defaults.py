@@ -89,6 +89,10 @@ def base_config() -> ml_collections.ConfigDict:
   # configs/auto_vit_b32_25pct.py. Empty = a single run.
   c.stages = ()
 
+  # A jax.profiler trace of steps start_step … start_step+num_steps-1 into WORKDIR/profile
+  # (process 0; open with TensorBoard's profile plugin or Perfetto). 0 = off.
+  c.profile = ml_collections.ConfigDict({"start_step": 0, "num_steps": 0})
+
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
   c.precision = "float32"      # compute dtype: "float32" or "bfloat16"
   c.remat = False

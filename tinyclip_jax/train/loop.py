@@ -21,7 +21,7 @@ from tinyclip_jax import checkpoint, evaluate, metrics as metrics_lib, parallel
 from tinyclip_jax.data import pipeline, teacher_cache
 from tinyclip_jax.eval import tasks as eval_tasks
 from tinyclip_jax.models import CLIP, CLIPConfig, count_params
-from tinyclip_jax.train import masking, prepare
+from tinyclip_jax.train import masking, prepare, profiling
 from tinyclip_jax.train.step import make_train_step
 
 
@@ -125,9 +125,12 @@ def _train(run: _Run, setup, state, start: int, end: int) -> tuple[Any, int, boo
                                              every_steps=config.log_every, every_secs=None)
   model_json = setup.student_config.to_dict()
   prev_metrics, t_log, step_log, step = None, time.time(), start, start
+  window = profiling.StepWindow(config, run.workdir)
   for step in range(start + 1, end + 1):
     batch, data_state = next(run.batches)
+    window.before(step)
     state, m = compiled(state, setup.teacher_params, batch)
+    window.after(step, m)
     # Check the previous step's count while this one runs (no per-step sync).
     if prev_metrics is not None and int(prev_metrics["nonfinite_in_a_row"]) >= config.max_nonfinite:
       raise NonFiniteError(f"{config.max_nonfinite} non-finite losses in a row before step "
@@ -160,8 +163,10 @@ def _train(run: _Run, setup, state, start: int, end: int) -> tuple[Any, int, boo
       if run.mgr.reached_preemption(step):
         run.mgr.wait_until_finished()
         logging.info("preempted: saved step %d", step)
+        window.close(state)
         return state, step, True
     run.data_state = data_state
+  window.close(state)  # a window that runs past this phase ends with it
   return state, step, False
 
 

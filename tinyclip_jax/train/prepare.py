@@ -21,7 +21,7 @@ from tinyclip_jax.eval import tasks as eval_tasks
 from tinyclip_jax.inherit import manual
 from tinyclip_jax.models import CLIPConfig, ConfigError, init_params, param_shapes
 from tinyclip_jax.models.clip import logical_axes
-from tinyclip_jax.train import defaults, masking, state as state_lib
+from tinyclip_jax.train import defaults, masking, profiling, state as state_lib
 
 PRECISIONS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 INITS = ("inherit", "scratch", "checkpoint")
@@ -76,6 +76,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise SetupError("student.init='checkpoint' but student.checkpoint is empty; give the "
                      "folder of a flax model checkpoint.")
   masking.check(config, SetupError)
+  profiling.check(config, SetupError)
 
 
 def _load_checkpoint(path: str, what: str):
