@@ -97,7 +97,7 @@ def main(argv) -> int:
     return 2
   from tinyclip_jax.train import prepare  # pylint: disable=import-outside-toplevel
   try:
-    distributed.initialize()
+    distributed.initialize(FLAGS)
     build(FLAGS.config, FLAGS.out, FLAGS.steps, FLAGS.chunk, FLAGS.dtype)
   except (distributed.DistributedError, prepare.SetupError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -26,6 +26,20 @@ class DistributedError(RuntimeError):
   """A multi-host setup problem the user must fix."""
 
 
+class _Flags:
+  """The cluster flags of a flag holder, with their defaults where it lacks them."""
+  DEFAULTS = {"distributed": "auto", "coordinator_address": None, "num_processes": None,
+              "process_id": None, "distributed_timeout": 300}
+
+  def __init__(self, holder):
+    for name, default in self.DEFAULTS.items():
+      try:
+        value = getattr(holder, name)
+      except AttributeError:
+        value = default
+      setattr(self, name, value)
+
+
 def _cluster_env() -> bool:
   """True when the environment describes several hosts (SLURM, TPU VM slice)."""
   env = os.environ
@@ -55,38 +69,42 @@ def _wait_for(address: str, timeout: float) -> None:
       time.sleep(0.5)
 
 
-def initialize() -> None:
-  """jax.distributed.initialize() per --distributed; before any other JAX call."""
-  explicit = [FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id]
-  if FLAGS.distributed == "off":
+def initialize(fv=None) -> None:
+  """jax.distributed.initialize() per --distributed; before any other JAX call.
+
+  `fv`: where to read the flags (absl's FLAGS by default); missing ones take their
+  defaults, so a program that drives `main` with a plain namespace stays single-host."""
+  fv = _Flags(FLAGS if fv is None else fv)
+  explicit = [fv.coordinator_address, fv.num_processes, fv.process_id]
+  if fv.distributed == "off":
     return
   if any(v is not None for v in explicit):
     if any(v is None for v in explicit):
       raise DistributedError("give --coordinator_address, --num_processes and --process_id "
                              "together (or none of them, to let SLURM / the TPU VM say).")
-    if not 0 <= FLAGS.process_id < FLAGS.num_processes:
-      raise DistributedError(f"--process_id {FLAGS.process_id} is not in [0, --num_processes="
-                             f"{FLAGS.num_processes}); number the processes 0 … N-1.")
-  elif FLAGS.distributed == "auto" and not _cluster_env():
+    if not 0 <= fv.process_id < fv.num_processes:
+      raise DistributedError(f"--process_id {fv.process_id} is not in [0, --num_processes="
+                             f"{fv.num_processes}); number the processes 0 … N-1.")
+  elif fv.distributed == "auto" and not _cluster_env():
     return
   import jax  # pylint: disable=import-outside-toplevel
   if os.environ.get("JAX_PLATFORMS", "") == "cpu":  # CPU collectives across processes
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   kwargs = {}
-  if FLAGS.coordinator_address:
-    kwargs = dict(coordinator_address=FLAGS.coordinator_address,
-                  num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
-    if FLAGS.process_id != 0:  # XLA aborts the process on a failed connect: look first
-      _wait_for(FLAGS.coordinator_address, FLAGS.distributed_timeout)
+  if fv.coordinator_address:
+    kwargs = dict(coordinator_address=fv.coordinator_address,
+                  num_processes=fv.num_processes, process_id=fv.process_id)
+    if fv.process_id != 0:  # XLA aborts the process on a failed connect: look first
+      _wait_for(fv.coordinator_address, fv.distributed_timeout)
   try:
-    jax.distributed.initialize(initialization_timeout=FLAGS.distributed_timeout, **kwargs)
+    jax.distributed.initialize(initialization_timeout=fv.distributed_timeout, **kwargs)
   except Exception as e:  # noqa: BLE001 - jax raises several kinds; all mean the same here
-    where = FLAGS.coordinator_address or "the address SLURM / the TPU VM gives"
+    where = fv.coordinator_address or "the address SLURM / the TPU VM gives"
     raise DistributedError(
         f"could not join the cluster through the coordinator at {where} within "
-        f"{FLAGS.distributed_timeout} s ({type(e).__name__}); check that process 0 runs, "
+        f"{fv.distributed_timeout} s ({type(e).__name__}); check that process 0 runs, "
         "that the address is reachable and that every process has the same --num_processes."
     ) from None
-  if FLAGS.num_processes and jax.process_count() != FLAGS.num_processes:
+  if fv.num_processes and jax.process_count() != fv.num_processes:
     raise DistributedError(f"the cluster has {jax.process_count()} processes but "
-                           f"--num_processes is {FLAGS.num_processes}; start them all alike.")
+                           f"--num_processes is {fv.num_processes}; start them all alike.")

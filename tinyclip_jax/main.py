@@ -42,7 +42,7 @@ def main(argv) -> int:
           file=sys.stderr)
     return 2
   try:
-    distributed.initialize()
+    distributed.initialize(FLAGS)
   except distributed.DistributedError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
