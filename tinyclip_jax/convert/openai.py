@@ -99,11 +99,6 @@ def normalize_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _check_is_clip_vit(sd: Mapping[str, Any]) -> None:
-  if any(k.startswith(("visual.layer1.", "visual.attnpool.")) for k in sd):
-    raise CheckpointError("the checkpoint has a ResNet image tower (`visual.layer1.*`, "
-                          "`visual.attnpool.*`) but a ViT tower (`visual.conv1.weight`, "
-                          "`visual.transformer.resblocks.*`) was expected; ResNet image towers "
-                          "are not supported yet.")
   if "visual.conv1.weight" in sd and "token_embedding.weight" in sd:
     return
   found = ", ".join(f"`{k}`" for k in sorted(sd)[:4]) or "no keys at all"
@@ -188,6 +183,9 @@ def from_openai(state_dict: Mapping[str, Any], activation: str,
   TinyCLIP's checkpoints, 'gelu' for most open_clip-trained ones.
   """
   sd = normalize_keys(state_dict)
+  from tinyclip_jax.convert import resnet  # pylint: disable=import-outside-toplevel
+  if resnet.is_resnet(sd):  # OpenAI's RN50/RN101…, TinyCLIP's ResNet students
+    return resnet.from_openai(sd, activation)
   _check_is_clip_vit(sd)
   config = infer_config(sd, activation, head_dim)
   flat, used = {}, set()
@@ -205,7 +203,10 @@ def from_openai(state_dict: Mapping[str, Any], activation: str,
 
 
 def to_open_clip(params: Mapping[str, Any], config: CLIPConfig) -> dict[str, np.ndarray]:
-  """open_clip `CLIP(...).state_dict()` for a ViT model of `config` (float32 arrays)."""
+  """open_clip `CLIP(...).state_dict()` for a model of `config` (float32 arrays)."""
+  if config.vision.kind == "resnet":
+    from tinyclip_jax.convert import resnet  # pylint: disable=import-outside-toplevel
+    return resnet.to_open_clip(params, config)
   check_params(params, config)
   tower_layout(config.vision, "vision", FORMAT)
   tower_layout(config.text, "text", FORMAT)

@@ -18,7 +18,7 @@ from clu import periodic_actions
 
 from tinyclip_jax import checkpoint, evaluate, metrics as metrics_lib, parallel
 from tinyclip_jax.data import pipeline
-from tinyclip_jax.models import CLIP
+from tinyclip_jax.models import CLIP, merge_stats
 from tinyclip_jax.train import prepare
 from tinyclip_jax.train.step import make_train_step
 
@@ -121,7 +121,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       last.update(pairs_per_s=pairs_s, model_flops_per_s=pairs_s * flops_per_pair)
       t_log, step_log = now, step
       if do_eval:
-        ev = evaluate.zeroshot(student_cfg, state.params, eval_task, config.eval.batch_size)
+        ev = evaluate.zeroshot(student_cfg, merge_stats(state.params, state.batch_stats),
+                               eval_task, config.eval.batch_size)
         evals.append({"step": step, **ev})
         last.update({f"eval/{k}": v for k, v in ev.items()})
       writer.write_scalars(step, last)
@@ -134,7 +135,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         break
   mgr.wait_until_finished()
   writer.flush()
-  export = _export(workdir, state.params, student_cfg)
+  weights = merge_stats(state.params, state.batch_stats)  # with BatchNorm running statistics
+  export = _export(workdir, weights, student_cfg)
   logging.info("exported the student to %s", export)
-  return {"params": state.params, "student_config": student_cfg, "metrics": last,
+  return {"params": weights, "student_config": student_cfg, "metrics": last,
           "evals": evals, "step": step}

@@ -21,6 +21,9 @@ class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
+  # BatchNorm running statistics of a ResNet student (flax's batch_stats collection,
+  # updated by every step, never by the optimizer); None for BatchNorm-free models.
+  batch_stats: Any = None
 
 
 def learning_rate_fn(opt: ml_collections.ConfigDict, total_steps: int):
@@ -52,5 +55,6 @@ def nonfinite_counts(opt_state) -> tuple[jax.Array, jax.Array]:
   return opt_state.notfinite_count, opt_state.total_notfinite
 
 
-def init_state(params, tx) -> TrainState:
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+def init_state(params, tx, batch_stats=None) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    batch_stats=batch_stats)

@@ -7,6 +7,13 @@ the logit scale), so (1) embed the whole batch microbatch by microbatch keeping 
 activations, (2) take the loss and its gradient w.r.t. those embeddings, (3) run each
 microbatch forward again under `jax.vjp` with its slice of that gradient and sum the
 parameter gradients. Cost: one extra student forward per step.
+
+BatchNorm (ResNet students) normalizes with the statistics of the batch the jitted
+step is given: the global batch, sharded over the mesh, so XLA inserts the
+cross-device reductions and the result is synchronized batch norm. The running
+statistics come back from the forward pass and enter the new state; a step the
+optimizer skips as non-finite keeps the old ones. Gradient caching refuses
+BatchNorm students: statistics of microbatches are not the global batch's.
 """
 from __future__ import annotations
 
@@ -19,7 +26,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from tinyclip_jax import losses
-from tinyclip_jax.models import CLIP
+from tinyclip_jax.models import CLIP, variables
 from tinyclip_jax.parallel import BATCH_AXES
 from tinyclip_jax.train.state import TrainState, nonfinite_counts
 
@@ -34,8 +41,22 @@ def student_scale(params, loss_cfg) -> jax.Array:
 
 
 def _embeds(model: CLIP, params, batch) -> tuple[jax.Array, jax.Array]:
-  out = model.apply({"params": params}, batch["images"], batch["tokens"])
+  """Evaluation-mode embeddings (BatchNorm on running statistics merged into params)."""
+  out = model.apply(variables(params), batch["images"], batch["tokens"])
   return out["image_embeds"], out["text_embeds"]
+
+
+def _train_embeds(model: CLIP, params, batch_stats, batch):
+  """(embeddings, new batch_stats) in training mode: BatchNorm on the batch's statistics."""
+  if batch_stats is None:
+    return _embeds(model, params, batch), None
+  out, new = model.apply({"params": params, "batch_stats": batch_stats}, batch["images"],
+                         batch["tokens"], train=True, mutable=["batch_stats"])
+  return (out["image_embeds"], out["text_embeds"]), new["batch_stats"]
+
+
+def uses_batch_norm(config) -> bool:
+  return config.vision.kind == "resnet"
 
 
 class _Microbatches:
@@ -64,7 +85,8 @@ class _Microbatches:
 
 def make_grad_fn(student: CLIP, teacher: CLIP | None, loss_cfg, mesh, batch_size: int,
                  microbatch_size: int = 0):
-  """Returns grad_fn(params, teacher_params, batch) -> ((loss, terms), grads)."""
+  """Returns grad_fn(params, teacher_params, batch, batch_stats=None) -> ((loss, terms),
+  grads); with batch_stats (a BatchNorm student) terms["batch_stats"] holds the new ones."""
   weights = losses.LossConfig(alpha=loss_cfg.alpha, distill_weight=loss_cfg.distill_weight,
                               image_image=loss_cfg.image_image, text_text=loss_cfg.text_text,
                               embedding=loss_cfg.embedding)
@@ -80,16 +102,25 @@ def make_grad_fn(student: CLIP, teacher: CLIP | None, loss_cfg, mesh, batch_size
     return jax.lax.stop_gradient(dict(zip(EMBEDS, t_embeds), logit_scale=jnp.asarray(
         loss_cfg.teacher_scale, jnp.float32)))
 
-  def one_shot(params, teacher_params, batch):
+  def one_shot(params, teacher_params, batch, batch_stats=None):
     t_out = teacher_out(_embeds(teacher, teacher_params, batch) if teacher else None)
-    return jax.value_and_grad(lambda p: loss_of(_embeds(student, p, batch), p, t_out),
-                              has_aux=True)(params)
+
+    def loss(p):
+      embeds, new_stats = _train_embeds(student, p, batch_stats, batch)
+      value, terms = loss_of(embeds, p, t_out)
+      return value, (terms if new_stats is None else dict(terms, batch_stats=new_stats))
+    return jax.value_and_grad(loss, has_aux=True)(params)
 
   if not microbatch_size:
     return one_shot
+  if uses_batch_norm(student.config):
+    raise ValueError("microbatch_size > 0 (gradient caching) cannot train a BatchNorm (ResNet) "
+                     "student, whose statistics must come from the whole batch; set "
+                     "microbatch_size=0.")
   mb = _Microbatches(mesh, batch_size, microbatch_size)
 
-  def cached(params, teacher_params, batch):
+  def cached(params, teacher_params, batch, batch_stats=None):
+    del batch_stats  # None: BatchNorm students are refused above
     chunks = jax.tree.map(mb.split, batch)
 
     def embed_chunk(_, chunk):  # (1) forward only: nothing is kept for a backward pass
@@ -121,15 +152,20 @@ def make_train_step(student: CLIP, teacher: CLIP | None, loss_cfg, mesh, tx,
   grad_fn = make_grad_fn(student, teacher, loss_cfg, mesh, batch_size, microbatch_size)
 
   def step(state: TrainState, teacher_params, batch):
-    (loss, terms), grads = grad_fn(state.params, teacher_params, batch)
+    (loss, terms), grads = grad_fn(state.params, teacher_params, batch, state.batch_stats)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    batch_stats = state.batch_stats
+    if batch_stats is not None:  # keep the old statistics when the update was skipped
+      batch_stats = jax.tree.map(lambda new, old: jnp.where(opt_state.last_finite, new, old),
+                                 terms.pop("batch_stats"), batch_stats)
     consecutive, total = nonfinite_counts(opt_state)
     metrics = dict(terms, loss=loss, grad_norm=optax.tree.norm(grads),
                    learning_rate=lr_fn(state.step),
                    student_scale=student_scale(state.params, loss_cfg),
                    teacher_scale=jnp.asarray(loss_cfg.teacher_scale, jnp.float32),
                    nonfinite_in_a_row=consecutive, nonfinite_total=total)
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                         batch_stats=batch_stats), metrics
 
   return step
