@@ -61,7 +61,12 @@ def batch_norm(train: bool, name: str, dtype, param_dtype, zero_scale: bool = Fa
 
 
 def avg_pool(x, stride: int):
-  return nn.avg_pool(x, (stride, stride), strides=(stride, stride)) if stride > 1 else x
+  """PyTorch's AvgPool2d(stride) on NHWC. Sizes divide evenly (image_size is a multiple
+  of 32), so it is a reshape and a mean: cheaper to differentiate than reduce_window."""
+  if stride == 1:
+    return x
+  b, h, w, c = x.shape
+  return x.reshape(b, h // stride, stride, w // stride, stride, c).mean(axis=(2, 4))
 
 
 class Bottleneck(nn.Module):
