@@ -16,21 +16,23 @@ import numpy as np
 import pytest
 import torch
 
-from tests.resnet_reference import CLIP as TorchCLIP
+from tests.resnet_reference import CLIP as TorchCLIP, randomize
+from tests.test_resnet import numpy_sd
 from tinyclip_jax import checkpoint, embed, model_io, parallel
 from tinyclip_jax.convert.common import flatten
-from tinyclip_jax.convert.openai import to_open_clip
+from tinyclip_jax.convert.openai import from_openai, to_open_clip
 from tinyclip_jax.metrics import read_jsonl
-from tinyclip_jax.models import CLIPConfig, init_params, resnet_tower, split_stats, text_tower
+from tinyclip_jax.models import CLIPConfig, resnet_tower, split_stats, text_tower
 from tinyclip_jax.preprocess import CLIP_MEAN, CLIP_STD
 from tinyclip_jax.train import defaults, loop, prepare
 
 pytestmark = pytest.mark.xdist_group("resnet_train")
 
-TEXT = dict(head_dim=32, context_length=32)
-TEACHER = CLIPConfig(32, resnet_tower(16, (1, 1, 1, 1), image_size=64),
-                     text_tower(64, 1, **TEXT))
-STUDENT = CLIPConfig(32, resnet_tower(8, (1, 1, 1, 1), image_size=64), text_tower(32, 1, **TEXT))
+# Stages of one block (the fewest convolutions to compile); the student keeps the
+# teacher's text tower (head_dim 64, as converted checkpoints have) and halves the width.
+TEXT = text_tower(64, 1, context_length=32)
+TEACHER = CLIPConfig(32, resnet_tower(16, (1, 1, 1, 1), image_size=64), TEXT)
+STUDENT = CLIPConfig(32, resnet_tower(8, (1, 1, 1, 1), image_size=64), TEXT)
 STEPS = 4
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.py"
 
@@ -72,9 +74,12 @@ def runs(tmp_path_factory):
   """`sharded`: 4 steps on 8 devices (data 4 × fsdp 2), checkpoints at steps 2 and 4.
   `resumed`: a copy of its folder as it was after step 2, resumed on ONE device: its
   steps 3-4 start from the checkpointed statistics and must equal the sharded run's."""
+  # The teacher: a random PyTorch ResNet CLIP (running statistics too), converted.
   teacher = tmp_path_factory.mktemp("teacher") / "model"
-  model_io.save_model(str(teacher), jax.device_get(init_params(TEACHER, jax.random.key(1))),
-                      TEACHER)
+  torch.manual_seed(1)
+  weights, cfg = from_openai(numpy_sd(randomize(TorchCLIP.from_config(TEACHER), 1)), "gelu")
+  assert cfg == TEACHER
+  model_io.save_model(str(teacher), weights, cfg)
   sharded_dir = tmp_path_factory.mktemp("sharded")
   sharded = run(sharded_dir, jax.devices(), teacher=teacher)
   resumed_dir = tmp_path_factory.mktemp("resumed") / "run"
