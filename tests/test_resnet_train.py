@@ -161,3 +161,27 @@ def test_microbatches_refuse_a_batch_norm_student():
     with pytest.raises(prepare.SetupError, match=r"^microbatch_size 2 \(gradient caching\) "
                        r"cannot train a BatchNorm \(ResNet\) student.*microbatch_size=0\.$"):
       prepare.build(config(microbatch_size=2), restoring=False)
+
+
+def test_paper_configs_inherit_their_students_from_rn50():
+  """Shape-only: RN50 → the released students by the per-stage rule; RN101's 512-wide
+  embedding cannot seed them (one sentence, before any tensor is touched)."""
+  from tinyclip_jax.inherit.manual import InheritError, inherit
+  from tinyclip_jax.models import param_shapes, zoo
+  rn50 = zoo.get("RN50")
+  rn50_shapes = param_shapes(rn50)
+  for name, student in (("rn30m", "TinyCLIP-ResNet-30M-Text-29M"),
+                        ("rn19m", "TinyCLIP-ResNet-19M-Text-19M")):
+    spec = importlib.util.spec_from_file_location(name, SMOKE.parent / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config()
+    assert (c.teacher.model, c.student.model, c.microbatch_size) == ("RN50", student, 0)
+    assert mod.get_config("RN101").teacher.model == "RN101"
+    s = zoo.get(student)
+    out = jax.eval_shape(lambda w, s=s: inherit(w, rn50, s), rn50_shapes)
+    assert jax.tree.map(lambda x: x.shape, out) == jax.tree.map(lambda x: x.shape,
+                                                                 param_shapes(s))
+    with pytest.raises(InheritError, match="student embed_dim 1024 exceeds teacher embed_dim "
+                       "512"):
+      inherit({}, zoo.get("RN101"), s)
