@@ -13,5 +13,10 @@ from tinyclip_jax.train.defaults import paper_recipe
 
 
 def get_config(teacher: str = "RN50"):
-  return paper_recipe(teacher or "RN50", "TinyCLIP-ResNet-19M-Text-19M", batch_size=32768,
-                      total_steps=24_400, warmup=5000, teacher_activation="quick_gelu")
+  return paper_recipe(
+      teacher or "RN50",
+      "TinyCLIP-ResNet-19M-Text-19M",
+      batch_size=32768,
+      total_steps=24_400,
+      warmup=5000,
+      teacher_activation="quick_gelu")

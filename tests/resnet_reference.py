@@ -32,10 +32,10 @@ class Bottleneck(nn.Module):
     self.bn3 = nn.BatchNorm2d(planes * 4)
     self.downsample = None
     if stride > 1 or inplanes != planes * 4:
-      self.downsample = nn.Sequential(OrderedDict([
-          ("-1", nn.AvgPool2d(stride)),
-          ("0", nn.Conv2d(inplanes, planes * 4, 1, stride=1, bias=False)),
-          ("1", nn.BatchNorm2d(planes * 4))]))
+      self.downsample = nn.Sequential(
+          OrderedDict([("-1", nn.AvgPool2d(stride)),
+                       ("0", nn.Conv2d(inplanes, planes * 4, 1, stride=1, bias=False)),
+                       ("1", nn.BatchNorm2d(planes * 4))]))
 
   def forward(self, x):
     out = F.relu(self.bn1(self.conv1(x)))
@@ -46,10 +46,11 @@ class Bottleneck(nn.Module):
 
 
 class AttentionPool2d(nn.Module):
+
   def __init__(self, spacial_dim: int, embed_dim: int, num_heads: int, output_dim: int):
     super().__init__()
     self.positional_embedding = nn.Parameter(
-        torch.randn(spacial_dim ** 2 + 1, embed_dim) / embed_dim ** 0.5)
+        torch.randn(spacial_dim**2 + 1, embed_dim) / embed_dim**0.5)
     self.k_proj = nn.Linear(embed_dim, embed_dim)
     self.q_proj = nn.Linear(embed_dim, embed_dim)
     self.v_proj = nn.Linear(embed_dim, embed_dim)
@@ -61,17 +62,30 @@ class AttentionPool2d(nn.Module):
     x = torch.cat([x.mean(dim=0, keepdim=True), x], dim=0)
     x = x + self.positional_embedding[:, None, :].to(x.dtype)
     x, _ = F.multi_head_attention_forward(
-        query=x[:1], key=x, value=x, embed_dim_to_check=x.shape[-1], num_heads=self.num_heads,
-        q_proj_weight=self.q_proj.weight, k_proj_weight=self.k_proj.weight,
-        v_proj_weight=self.v_proj.weight, in_proj_weight=None,
+        query=x[:1],
+        key=x,
+        value=x,
+        embed_dim_to_check=x.shape[-1],
+        num_heads=self.num_heads,
+        q_proj_weight=self.q_proj.weight,
+        k_proj_weight=self.k_proj.weight,
+        v_proj_weight=self.v_proj.weight,
+        in_proj_weight=None,
         in_proj_bias=torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]),
-        bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0,
-        out_proj_weight=self.c_proj.weight, out_proj_bias=self.c_proj.bias,
-        use_separate_proj_weight=True, training=self.training, need_weights=False)
+        bias_k=None,
+        bias_v=None,
+        add_zero_attn=False,
+        dropout_p=0.0,
+        out_proj_weight=self.c_proj.weight,
+        out_proj_bias=self.c_proj.bias,
+        use_separate_proj_weight=True,
+        training=self.training,
+        need_weights=False)
     return x.squeeze(0)
 
 
 class ModifiedResNet(nn.Module):
+
   def __init__(self, layers, output_dim: int, heads: int, image_size: int, width: int):
     super().__init__()
     self.conv1 = nn.Conv2d(3, width // 2, 3, stride=2, padding=1, bias=False)
@@ -105,17 +119,25 @@ class ModifiedResNet(nn.Module):
 class CLIP(nn.Module):
   """OpenAI's CLIP with a ResNet image tower: `encode_image(NCHW)`, `encode_text(ids)`."""
 
-  def __init__(self, embed_dim, image_size, vision_layers, vision_width, context_length,
-               vocab_size, text_width, text_layers, text_heads, quick_gelu=True):
+  def __init__(self,
+               embed_dim,
+               image_size,
+               vision_layers,
+               vision_width,
+               context_length,
+               vocab_size,
+               text_width,
+               text_layers,
+               text_heads,
+               quick_gelu=True):
     super().__init__()
     self.visual = ModifiedResNet(vision_layers, embed_dim, vision_width * 32 // 64, image_size,
                                  vision_width)
-    self.transformer = Transformer(text_width, text_layers, text_heads, 4 * text_width,
-                                   quick_gelu)
+    self.transformer = Transformer(text_width, text_layers, text_heads, 4 * text_width, quick_gelu)
     self.token_embedding = nn.Embedding(vocab_size, text_width)
     self.positional_embedding = nn.Parameter(0.01 * torch.randn(context_length, text_width))
     self.ln_final = nn.LayerNorm(text_width)
-    self.text_projection = nn.Parameter(text_width ** -0.5 * torch.randn(text_width, embed_dim))
+    self.text_projection = nn.Parameter(text_width**-0.5 * torch.randn(text_width, embed_dim))
     self.logit_scale = nn.Parameter(torch.ones([]) * 2.6592)
     mask = torch.full((context_length, context_length), float("-inf")).triu(1)
     self.register_buffer("attn_mask", mask, persistent=False)
@@ -124,9 +146,17 @@ class CLIP(nn.Module):
   def from_config(cls, config) -> "CLIP":
     """From a `tinyclip_jax` CLIPConfig with a ResNet vision tower and a uniform text tower."""
     v, t = config.vision, config.text
-    return cls(config.embed_dim, v.image_size, v.stages, v.width, t.context_length,
-               t.vocab_size, t.width, t.layers, t.heads[0],
-               quick_gelu=config.activation == "quick_gelu")
+    return cls(
+        config.embed_dim,
+        v.image_size,
+        v.stages,
+        v.width,
+        t.context_length,
+        t.vocab_size,
+        t.width,
+        t.layers,
+        t.heads[0],
+        quick_gelu=config.activation == "quick_gelu")
 
   def encode_image(self, image):
     return self.visual(image)
@@ -147,7 +177,7 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
   g = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for p in model.parameters():
-      std = p[0].numel() ** -0.5 if p.ndim > 1 else 0.2
+      std = p[0].numel()**-0.5 if p.ndim > 1 else 0.2
       p.copy_(torch.randn(p.shape, generator=g) * std)
     for m in model.modules():
       if isinstance(m, nn.BatchNorm2d):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -363,8 +362,9 @@ def test_inheritance_equals_torch_slicing(teacher):
     if not k.endswith("num_batches_tracked"):
       np.testing.assert_array_equal(got[k], v.numpy(), err_msg=k)
   # Stage 3 keeps teacher blocks 0 and 1 (3 // 2 = 1); stage 1 keeps block 0 only.
-  np.testing.assert_array_equal(got["visual.layer3.1.bn1.running_mean"],
-                                model.state_dict()["visual.layer3.1.bn1.running_mean"][:32].numpy())  # 4 × width 8
+  np.testing.assert_array_equal(
+      got["visual.layer3.1.bn1.running_mean"],
+      model.state_dict()["visual.layer3.1.bn1.running_mean"][:32].numpy())  # 4 × width 8
 
 
 def test_inheritance_under_jit_keeps_shapes(teacher):

@@ -49,8 +49,13 @@ def smoke_config(overrides: dict):
 def config(**overrides):
   # No zero-shot eval in the loop (its compile is the costliest part here); the embed
   # CLI test below runs the same jitted encoders on the exported weights.
-  c = smoke_config({"total_steps": STEPS, "checkpoint_every": 2, "log_every": 1,
-                    "eval.kind": "", **overrides})
+  c = smoke_config({
+      "total_steps": STEPS,
+      "checkpoint_every": 2,
+      "log_every": 1,
+      "eval.kind": "",
+      **overrides
+  })
   c.teacher.model, c.student.model = "", "tiny-rn-student"
   return c
 
@@ -87,8 +92,12 @@ def runs(tmp_path_factory):
   shutil.rmtree(resumed_dir / "checkpoints" / str(STEPS))
   shutil.rmtree(resumed_dir / "final")
   resumed = run(resumed_dir, jax.devices()[:1], teacher=teacher)
-  return dict(sharded=sharded, resumed=resumed, sharded_dir=sharded_dir,
-              resumed_dir=resumed_dir, teacher=teacher)
+  return dict(
+      sharded=sharded,
+      resumed=resumed,
+      sharded_dir=sharded_dir,
+      resumed_dir=resumed_dir,
+      teacher=teacher)
 
 
 def split(result):
@@ -116,8 +125,7 @@ def test_batch_stats_train_checkpoint_and_resume_on_one_device(runs):
   assert sorted(mgr.all_steps()) == [2, STEPS]
   with pytest.MonkeyPatch.context() as mp:
     patch_models(mp)
-    setup, _ = prepare.build(config(**{"teacher.checkpoint": str(runs["teacher"])}),
-                             restoring=True)
+    setup, _ = prepare.build(config(**{"teacher.checkpoint": str(runs["teacher"])}), restoring=True)
   step, state, _ = checkpoint.restore_latest(mgr, setup.abstract_state)
   assert step == STEPS
   jax.tree.map(np.testing.assert_array_equal, prepare.as_numpy(state.batch_stats), stats)
@@ -138,16 +146,20 @@ def test_export_and_embed_cli_use_running_statistics(runs, tmp_path):
   embedding CLI as the PyTorch reference does in eval mode with the same buffers."""
   weights, cfg = model_io.load_model(str(runs["sharded_dir"] / "final"))
   assert cfg == STUDENT
-  jax.tree.map(np.testing.assert_array_equal, weights,
-               prepare.as_numpy(runs["sharded"]["params"]))
+  jax.tree.map(np.testing.assert_array_equal, weights, prepare.as_numpy(runs["sharded"]["params"]))
   ref = TorchCLIP.from_config(cfg)
-  ref.load_state_dict({k: torch.from_numpy(np.asarray(v))
-                       for k, v in to_open_clip(weights, cfg).items()}, strict=True)
+  ref.load_state_dict(
+      {
+          k: torch.from_numpy(np.asarray(v)) for k, v in to_open_clip(weights, cfg).items()
+      },
+      strict=True)
   ref.eval()
   images = np.random.default_rng(0).integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)
   np.save(tmp_path / "images.npy", images)
-  out = embed.run([f"--checkpoint={runs['sharded_dir'] / 'final'}",
-                   f"--images={tmp_path / 'images.npy'}", f"--output={tmp_path / 'e.npz'}"])
+  out = embed.run([
+      f"--checkpoint={runs['sharded_dir'] / 'final'}", f"--images={tmp_path / 'images.npy'}",
+      f"--output={tmp_path / 'e.npz'}"
+  ])
   x = (images / 255.0 - np.asarray(CLIP_MEAN)) / np.asarray(CLIP_STD)
   with torch.no_grad():
     want = ref.encode_image(torch.from_numpy(x.transpose(0, 3, 1, 2)).float())
@@ -158,8 +170,10 @@ def test_export_and_embed_cli_use_running_statistics(runs, tmp_path):
 def test_microbatches_refuse_a_batch_norm_student():
   with pytest.MonkeyPatch.context() as mp:
     patch_models(mp)
-    with pytest.raises(prepare.SetupError, match=r"^microbatch_size 2 \(gradient caching\) "
-                       r"cannot train a BatchNorm \(ResNet\) student.*microbatch_size=0\.$"):
+    with pytest.raises(
+        prepare.SetupError,
+        match=r"^microbatch_size 2 \(gradient caching\) "
+        r"cannot train a BatchNorm \(ResNet\) student.*microbatch_size=0\.$"):
       prepare.build(config(microbatch_size=2), restoring=False)
 
 
@@ -180,8 +194,8 @@ def test_paper_configs_inherit_their_students_from_rn50():
     assert mod.get_config("RN101").teacher.model == "RN101"
     s = zoo.get(student)
     out = jax.eval_shape(lambda w, s=s: inherit(w, rn50, s), rn50_shapes)
-    assert jax.tree.map(lambda x: x.shape, out) == jax.tree.map(lambda x: x.shape,
-                                                                 param_shapes(s))
-    with pytest.raises(InheritError, match="student embed_dim 1024 exceeds teacher embed_dim "
-                       "512"):
+    assert jax.tree.map(lambda x: x.shape, out) == jax.tree.map(lambda x: x.shape, param_shapes(s))
+    with pytest.raises(
+        InheritError, match="student embed_dim 1024 exceeds teacher embed_dim "
+        "512"):
       inherit({}, zoo.get("RN101"), s)

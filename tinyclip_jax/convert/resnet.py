@@ -17,9 +17,9 @@ from typing import Any, Mapping
 import numpy as np
 
 from tinyclip_jax.convert import openai
-from tinyclip_jax.convert.common import (CONV, LINEAR, SAME, CheckpointError, check_params,
-                                         flatten, from_canonical, layer_indices, require,
-                                         to_canonical, tower_layout, unflatten)
+from tinyclip_jax.convert.common import (CONV, LINEAR, SAME, CheckpointError, check_params, flatten,
+                                         from_canonical, layer_indices, require, to_canonical,
+                                         tower_layout, unflatten)
 from tinyclip_jax.models.config import RESNET_STRIDE, CLIPConfig, TextConfig, resnet_tower
 from tinyclip_jax.models.resnet import stage_blocks
 
@@ -31,8 +31,8 @@ BN = (("weight", "scale", SAME), ("bias", "bias", SAME), ("running_mean", "mean"
 BLOCK = (("conv1", "conv1", False), ("bn1", "bn1", True), ("conv2", "conv2", False),
          ("bn2", "bn2", True), ("conv3", "conv3", False), ("bn3", "bn3", True))
 DOWNSAMPLE = (("downsample.0", "downsample_conv", False), ("downsample.1", "downsample_bn", True))
-STEM = tuple((f"{kind}{i}", f"{kind}{i}", kind == "bn") for i in (1, 2, 3)
-             for kind in ("conv", "bn"))
+STEM = tuple(
+    (f"{kind}{i}", f"{kind}{i}", kind == "bn") for i in (1, 2, 3) for kind in ("conv", "bn"))
 POOL = tuple((f"attnpool.{p}.{w}", f"attnpool/{p}/{c}", layout)
              for p in ("q_proj", "k_proj", "v_proj", "c_proj")
              for w, c, layout in (("weight", "kernel", LINEAR), ("bias", "bias", SAME)))
@@ -49,9 +49,13 @@ def is_resnet_params(params: Mapping[str, Any]) -> bool:
 
 # ----------------------------------------------------------------------------- config
 
+
 def _stages(sd) -> list[int]:
-  found = sorted({int(k.split(".")[1][5:]) for k in sd
-                  if k.startswith("visual.layer") and k.split(".")[1][5:].isdigit()})
+  found = sorted({
+      int(k.split(".")[1][5:])
+      for k in sd
+      if k.startswith("visual.layer") and k.split(".")[1][5:].isdigit()
+  })
   if found != list(range(1, STAGES + 1)):
     raise CheckpointError(f"the ResNet image tower has stages `visual.layer{{N}}` for N in "
                           f"{found} but OpenAI's modified ResNet has exactly layer1..layer4; "
@@ -78,10 +82,16 @@ def infer_config(sd: Mapping[str, Any], activation: str) -> CLIPConfig:
   context = openai._dims(sd, "positional_embedding", 2, "text positions")[0]
   t_heads, t_mlp = openai._block_widths(sd, openai.TOWERS[1][1], openai.HEAD_DIM)
   return CLIPConfig(
-      embed_dim=embed_dim, activation=activation,
+      embed_dim=embed_dim,
+      activation=activation,
       vision=resnet_tower(width, stages, image_size=grid * RESNET_STRIDE),
-      text=TextConfig(width=text_width, heads=t_heads, mlp=t_mlp, head_dim=openai.HEAD_DIM,
-                      vocab_size=vocab, context_length=context))
+      text=TextConfig(
+          width=text_width,
+          heads=t_heads,
+          mlp=t_mlp,
+          head_dim=openai.HEAD_DIM,
+          vocab_size=vocab,
+          context_length=context))
 
 
 def _module(key: str, path: str, is_bn: bool):
@@ -117,10 +127,10 @@ def _entries(config: CLIPConfig):
 
 # ----------------------------------------------------------------------------- maps
 
+
 def from_openai(state_dict: Mapping[str, Any], activation: str) -> tuple[dict, CLIPConfig]:
   """(weights, config) from an OpenAI/open_clip/TinyCLIP ResNet CLIP state dict."""
-  sd = {k: v for k, v in openai.normalize_keys(state_dict).items()
-        if not k.endswith("." + COUNTER)}
+  sd = {k: v for k, v in openai.normalize_keys(state_dict).items() if not k.endswith("." + COUNTER)}
   if "token_embedding.weight" not in sd:
     raise CheckpointError("the checkpoint has a ResNet image tower but no text tower "
                           "(`token_embedding.weight` is missing); give a whole CLIP model.")
@@ -155,6 +165,7 @@ def to_open_clip(params: Mapping[str, Any], config: CLIPConfig) -> dict[str, np.
 
 # ----------------------------------------------------------------------------- checks
 
+
 def kind_mismatch(params: Mapping[str, Any], config) -> str | None:
   """One sentence when `params` and `config` disagree on the image tower's kind or
   the ResNet's stages (before the key-by-key comparison, which would list symptoms)."""
@@ -165,9 +176,10 @@ def kind_mismatch(params: Mapping[str, Any], config) -> str | None:
             "the checkpoint with the config it was converted with (its model_config.json).")
   if has_resnet:
     visual = params["visual"]
-    stages = [sum(1 for k in visual if k.startswith(f"layer{s}_")) for s in
-              range(1, 1 + max([int(k[5:].split("_")[0]) for k in visual
-                                 if k.startswith("layer")] or [0]))]
+    stages = [
+        sum(1 for k in visual if k.startswith(f"layer{s}_")) for s in range(
+            1, 1 + max([int(k[5:].split("_")[0]) for k in visual if k.startswith("layer")] or [0]))
+    ]
     if tuple(stages) != tuple(config.vision.stages):
       return (f"the weights have ResNet stages {stages} but the config says "
               f"{list(config.vision.stages)}; fix the config's stages to match the checkpoint.")

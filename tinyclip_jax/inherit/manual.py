@@ -142,8 +142,9 @@ def inherit(teacher_params, teacher_config: CLIPConfig, student_config: CLIPConf
 
   layer_indices: per tower ('visual', 'text'), the teacher layer behind each
   student layer; towers left out use uniform_layer_indices (per stage for ResNet
-  image towers, see inherit/resnet.py; BatchNorm running statistics are sliced too). Returns a new nested
-  dict with exactly the structure and shapes of param_shapes(student_config).
+  image towers, see inherit/resnet.py; BatchNorm running statistics are sliced too).
+  Returns a new nested dict with exactly the structure and shapes of
+  param_shapes(student_config).
   Raises InheritError when the student is larger than the teacher in any
   dimension or differs in one that slicing cannot fix.
   """

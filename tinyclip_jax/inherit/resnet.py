@@ -27,7 +27,7 @@ def _error(message: str):
 def check_vision(t: VisionConfig, s: VisionConfig, layer_indices=None) -> dict[int, list[int]]:
   """Validates a teacher/student image-tower pair of which at least one is a ResNet;
   returns {stage: teacher block behind each student block}."""
-  from tinyclip_jax.inherit.manual import uniform_layer_indices  # pylint: disable=import-outside-toplevel
+  from tinyclip_jax.inherit.manual import uniform_layer_indices  # pylint: disable=C0415
   if t.kind != s.kind:
     raise _error(f"the teacher's image tower is a {t.kind} and the student's a {s.kind}; "
                  "manual inheritance needs towers of the same kind (init the student from "

@@ -46,18 +46,29 @@ EXPANSION = 4
 def conv(features: int, kernel: int, name: str, dtype, param_dtype, stride: int = 1):
   """Bias-free convolution with PyTorch's symmetric `padding=kernel // 2`."""
   pad = kernel // 2
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                 padding=((pad, pad), (pad, pad)), use_bias=False, dtype=dtype,
-                 param_dtype=param_dtype, name=name,
-                 kernel_init=nn.with_logical_partitioning(
-                     nn.initializers.lecun_normal(), (None, None, None, "embed")))
+  return nn.Conv(
+      features, (kernel, kernel),
+      strides=(stride, stride),
+      padding=((pad, pad), (pad, pad)),
+      use_bias=False,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      name=name,
+      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                               (None, None, None, "embed")))
 
 
 def batch_norm(train: bool, name: str, dtype, param_dtype, zero_scale: bool = False):
-  return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPS,
-                      use_fast_variance=False, dtype=dtype, param_dtype=param_dtype, name=name,
-                      scale_init=zeros(("embed",)) if zero_scale else ones(("embed",)),
-                      bias_init=zeros(("embed",)))
+  return nn.BatchNorm(
+      use_running_average=not train,
+      momentum=BN_MOMENTUM,
+      epsilon=BN_EPS,
+      use_fast_variance=False,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      name=name,
+      scale_init=zeros(("embed",)) if zero_scale else ones(("embed",)),
+      bias_init=zeros(("embed",)))
 
 
 def avg_pool(x, stride: int):
@@ -104,7 +115,7 @@ class AttentionPool2d(nn.Module):
   def __call__(self, x):
     b, hgt, wid, c = x.shape
     h, d = self.heads, c // self.heads
-    std = c ** -0.5
+    std = c**-0.5
     tokens = x.reshape(b, hgt * wid, c)  # row-major positions, as torch's flatten(2)
     pos = self.param("positional_embedding", normal(std, (None, "embed")), (hgt * wid + 1, c),
                      self.param_dtype)
@@ -114,7 +125,7 @@ class AttentionPool2d(nn.Module):
     q = Dense(c, ("embed", "mlp"), name="q_proj", **kw)(x[:, 0])
     k = Dense(c, ("embed", "mlp"), name="k_proj", **kw)(x)
     v = Dense(c, ("embed", "mlp"), name="v_proj", **kw)(x)
-    q = q.reshape(b, h, d) * jnp.asarray(d ** -0.5, self.dtype)
+    q = q.reshape(b, h, d) * jnp.asarray(d**-0.5, self.dtype)
     logits = jnp.einsum("bhd,bnhd->bhn", q, k.reshape(b, -1, h, d)).astype(jnp.float32)
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     out = jnp.einsum("bhn,bnhd->bhd", probs, v.reshape(b, -1, h, d)).reshape(b, c)
@@ -136,15 +147,15 @@ class ModifiedResNet(nn.Module):
                        f"({c.image_size}, {c.image_size}, 3) NHWC; resize them first.")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = images.astype(self.dtype)
-    for i, (features, stride) in enumerate(((c.width // 2, 2), (c.width // 2, 1),
-                                            (c.width, 1)), start=1):
+    for i, (features, stride) in enumerate(((c.width // 2, 2), (c.width // 2, 1), (c.width, 1)),
+                                           start=1):
       x = conv(features, 3, f"conv{i}", stride=stride, **kw)(x)
       x = nn.relu(batch_norm(train, f"bn{i}", **kw)(x))
     x = avg_pool(x, 2)
     for s, blocks in enumerate(c.stages, start=1):
       for i in range(blocks):
         stride = 2 if s > 1 and i == 0 else 1
-        x = Bottleneck(c.width * 2 ** (s - 1), stride, name=f"layer{s}_{i}", **kw)(x, train)
+        x = Bottleneck(c.width * 2**(s - 1), stride, name=f"layer{s}_{i}", **kw)(x, train)
     x = AttentionPool2d(c.pool_heads, self.embed_dim, name="attnpool", **kw)(x)
     return x.astype(jnp.float32)
 
