@@ -126,7 +126,7 @@ class CLIP(nn.Module):
     kw = dict(activation=c.activation, remat=self.remat, dtype=self.dtype,
               param_dtype=self.param_dtype)
     if c.vision.kind == "resnet":
-      self.visual = ModifiedResNet(c.vision, c.embed_dim, dtype=self.dtype,
+      self.visual = ModifiedResNet(c.vision, c.embed_dim, remat=self.remat, dtype=self.dtype,
                                    param_dtype=self.param_dtype)
     else:
       self.visual = VisionTransformer(c.vision, c.embed_dim, **kw)

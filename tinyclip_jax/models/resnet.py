@@ -136,6 +136,7 @@ class ModifiedResNet(nn.Module):
   """Images (B, H, W, 3) float, already normalized → unnormalized embeddings (B, E)."""
   config: VisionConfig
   embed_dim: int
+  remat: bool = False  # recompute each bottleneck's activations in the backward pass
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -152,10 +153,12 @@ class ModifiedResNet(nn.Module):
       x = conv(features, 3, f"conv{i}", stride=stride, **kw)(x)
       x = nn.relu(batch_norm(train, f"bn{i}", **kw)(x))
     x = avg_pool(x, 2)
+    # `train` (argument 2, counting the module) is a Python bool: static under remat.
+    block = nn.remat(Bottleneck, static_argnums=(2,)) if self.remat else Bottleneck
     for s, blocks in enumerate(c.stages, start=1):
       for i in range(blocks):
         stride = 2 if s > 1 and i == 0 else 1
-        x = Bottleneck(c.width * 2**(s - 1), stride, name=f"layer{s}_{i}", **kw)(x, train)
+        x = block(c.width * 2**(s - 1), stride, name=f"layer{s}_{i}", **kw)(x, train)
     x = AttentionPool2d(c.pool_heads, self.embed_dim, name="attnpool", **kw)(x)
     return x.astype(jnp.float32)
 
