@@ -30,7 +30,7 @@ def test_zoo_names_match_parameter_counts(name):
   vis = models.count_params(shapes["visual"]) / 1e6
   txt = (models.count_params(shapes["text"]) - shapes["text"]["token_embedding"].size) / 1e6
   if name.startswith("TinyCLIP"):
-    v_name = float(name.split("ViT-")[1].split("M")[0])
+    v_name = float(name.split("ViT-" if "ViT-" in name else "ResNet-")[1].split("M")[0])
     t_name = float(name.split("Text-")[1].split("M")[0])
     assert abs(vis - v_name) / v_name < 0.05, (vis, v_name)
     assert abs(txt - t_name) / t_name < 0.2, (txt, t_name)

@@ -20,15 +20,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from tinyclip_jax import cli, preprocess, tokenizer
-from tinyclip_jax.models import CLIP, CLIPConfig, l2_normalize
+from tinyclip_jax.models import CLIP, CLIPConfig, l2_normalize, variables
 
 
 @functools.lru_cache(maxsize=16)
 def _jitted_encoders(config: CLIPConfig, dtype):
   """Compiled once per model config: periodic evals in training reuse them."""
   model = CLIP(config, dtype=dtype)
-  img = jax.jit(lambda p, x: l2_normalize(model.apply({"params": p}, x, method=CLIP.encode_image)))
-  txt = jax.jit(lambda p, t: l2_normalize(model.apply({"params": p}, t, method=CLIP.encode_text)))
+  # variables(): BatchNorm (ResNet) evaluates on the running statistics in the weights.
+  img = jax.jit(lambda p, x: l2_normalize(model.apply(variables(p), x, method=CLIP.encode_image)))
+  txt = jax.jit(lambda p, t: l2_normalize(model.apply(variables(p), t, method=CLIP.encode_text)))
   return img, txt
 
 

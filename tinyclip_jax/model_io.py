@@ -1,6 +1,7 @@
 """The project's model checkpoint: one folder holding
 
-  params/             the Flax params, written by orbax-checkpoint
+  params/             the Flax params, written by orbax-checkpoint (with BatchNorm
+                      running statistics `mean`/`var` for ResNet towers)
   model_config.json   CLIPConfig.to_json(), so the folder defines its own model
   extra.json          optional free-form JSON (e.g. where the weights came from)
 

@@ -90,6 +90,11 @@ def describe(config: CLIPConfig) -> str:
     mlp = t.mlp[0] if t.uniform else list(t.mlp)
     return f"{t.layers} layers x width {t.width} (heads {heads}, mlp {mlp})"
   v, t = config.vision, config.text
+  if v.kind == "resnet":
+    return (f"vision ResNet stages {list(v.stages)} x width {v.width} at {v.image_size}px "
+            f"(attention pool {v.pool_heads} heads); text {tower(t)}, context "
+            f"{t.context_length}, vocab {t.vocab_size}; embed {config.embed_dim}; activation "
+            f"{config.activation}")
   return (f"vision {tower(v)}, patch {v.patch_size} at {v.image_size}px; text {tower(t)}, "
           f"context {t.context_length}, vocab {t.vocab_size}; embed {config.embed_dim}; "
           f"activation {config.activation}")

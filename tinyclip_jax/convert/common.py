@@ -51,7 +51,11 @@ def _shape(x) -> tuple[int, ...]:
 def check_params(params: Mapping[str, Any], config) -> None:
   """Raises CheckpointError unless `params` has exactly the leaves and shapes that
   `tinyclip_jax.models.param_shapes(config)` has (dtypes are not checked)."""
+  from tinyclip_jax.convert.resnet import kind_mismatch  # pylint: disable=import-outside-toplevel
   from tinyclip_jax.models import param_shapes  # jax import only when checking
+  mismatch = kind_mismatch(params, config)
+  if mismatch:
+    raise CheckpointError(mismatch)
   want = {k: tuple(v.shape) for k, v in flatten(param_shapes(config)).items()}
   got = {k: _shape(v) for k, v in flatten(params).items()}
   problems = []

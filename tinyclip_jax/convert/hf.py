@@ -211,6 +211,10 @@ def from_hf(state_dict: Mapping[str, Any], hf_config: Mapping[str, Any]) -> tupl
 def to_hf(params: Mapping[str, Any], config: CLIPConfig) -> tuple[dict[str, np.ndarray], dict]:
   """HF CLIPModel tensors (float32) and config.json contents for `params`; pruned
   towers are zero-padded to uniform widths (exact, logged)."""
+  if config.vision.kind == "resnet":
+    raise CheckpointError("Hugging Face CLIPModel has no ResNet image tower, so a ResNet CLIP "
+                          "cannot be exported to hf; export it to open_clip instead "
+                          "(--dst=open_clip:MODEL.safetensors).")
   check_params(params, config)
   params, config = pad_uniform(params, config, FORMAT)
   hf_config = hf_config_dict(config)

@@ -101,11 +101,6 @@ def normalize_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _check_is_clip_vit(sd: Mapping[str, Any]) -> None:
-  if any(k.startswith(("visual.layer1.", "visual.attnpool.")) for k in sd):
-    raise CheckpointError("the checkpoint has a ResNet image tower (`visual.layer1.*`, "
-                          "`visual.attnpool.*`) but a ViT tower (`visual.conv1.weight`, "
-                          "`visual.transformer.resblocks.*`) was expected; ResNet image towers "
-                          "are not supported yet.")
   if "visual.conv1.weight" in sd and "token_embedding.weight" in sd:
     return
   found = ", ".join(f"`{k}`" for k in sorted(sd)[:4]) or "no keys at all"
@@ -192,6 +187,9 @@ def from_openai(state_dict: Mapping[str, Any], activation: str,
   if tinyclip.is_tinyclip(state_dict):  # pruned blocks may be missing: close the gaps
     state_dict = tinyclip.openai_keys(state_dict)
   sd = normalize_keys(state_dict)
+  from tinyclip_jax.convert import resnet  # pylint: disable=import-outside-toplevel
+  if resnet.is_resnet(sd):  # OpenAI's RN50/RN101…, TinyCLIP's ResNet students
+    return resnet.from_openai(sd, activation)
   _check_is_clip_vit(sd)
   config = infer_config(sd, activation, head_dim)
   flat, used = {}, set()
@@ -209,8 +207,11 @@ def from_openai(state_dict: Mapping[str, Any], activation: str,
 
 
 def to_open_clip(params: Mapping[str, Any], config: CLIPConfig) -> dict[str, np.ndarray]:
-  """open_clip `CLIP(...).state_dict()` for a ViT model of `config` (float32 arrays);
-  pruned towers are zero-padded to uniform widths (exact, logged)."""
+  """open_clip `CLIP(...).state_dict()` for a model of `config` (float32 arrays);
+  pruned transformer towers are zero-padded to uniform widths (exact, logged)."""
+  if config.vision.kind == "resnet":
+    from tinyclip_jax.convert import resnet  # pylint: disable=import-outside-toplevel
+    return resnet.to_open_clip(params, config)
   check_params(params, config)
   params, config = pad_uniform(params, config, FORMAT)
   tower_layout(config.vision, "vision", FORMAT)

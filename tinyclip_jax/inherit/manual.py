@@ -22,6 +22,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from tinyclip_jax.models.clip import param_shapes
+from tinyclip_jax.inherit import resnet
 from tinyclip_jax.models.config import CLIPConfig, TowerConfig
 
 TOWERS = {"visual": "vision", "text": "text"}  # param key → config field and name
@@ -92,9 +93,14 @@ def _check(teacher: CLIPConfig, student: CLIPConfig,
     raise InheritError(f"layer_indices has keys {sorted(unknown)}; use 'visual' and/or 'text'.")
   if student.embed_dim > teacher.embed_dim:
     raise _too_big("embed_dim", student.embed_dim, teacher.embed_dim)
-  return {key: _check_tower(name, getattr(teacher, name), getattr(student, name),
-                            layer_indices.get(key))
-          for key, name in TOWERS.items()}
+  out = {}
+  for key, name in TOWERS.items():
+    t, s = getattr(teacher, name), getattr(student, name)
+    if name == "vision" and "resnet" in (t.kind, s.kind):  # blocks chosen per stage
+      out[key] = resnet.check_vision(t, s, layer_indices.get(key))
+    else:
+      out[key] = _check_tower(name, t, s, layer_indices.get(key))
+  return out
 
 
 def _flatten(tree, prefix=()):
@@ -135,8 +141,10 @@ def inherit(teacher_params, teacher_config: CLIPConfig, student_config: CLIPConf
   """The student's params cut out of the teacher's (TinyCLIP manual inheritance).
 
   layer_indices: per tower ('visual', 'text'), the teacher layer behind each
-  student layer; towers left out use uniform_layer_indices. Returns a new nested
-  dict with exactly the structure and shapes of param_shapes(student_config).
+  student layer; towers left out use uniform_layer_indices (per stage for ResNet
+  image towers, see inherit/resnet.py; BatchNorm running statistics are sliced too).
+  Returns a new nested dict with exactly the structure and shapes of
+  param_shapes(student_config).
   Raises InheritError when the student is larger than the teacher in any
   dimension or differs in one that slicing cannot fix.
   """
@@ -149,6 +157,8 @@ def inherit(teacher_params, teacher_config: CLIPConfig, student_config: CLIPConf
     src = path
     if len(path) > 2 and path[1].startswith("layers_"):
       src = (path[0], f"layers_{idx[path[0]][int(path[1][7:])]}") + path[2:]
+    elif isinstance(idx.get(path[0]), dict):  # ResNet stages: block i of stage s
+      src = resnet.source_path(path, idx[path[0]])
     node = out
     for k in path[:-1]:
       node = node.setdefault(k, {})

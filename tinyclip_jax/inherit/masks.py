@@ -141,6 +141,9 @@ def check_kinds(kinds: Sequence[str]) -> tuple[str, ...]:
 
 
 def model_valid(config: CLIPConfig, towers: Sequence[str], kinds: Sequence[str]) -> dict:
+  if getattr(config.vision, "kind", "vit") != "vit":
+    raise MaskError(f"structure masks need transformer towers, but this student's image tower "
+                    f"is a {config.vision.kind}; use manual inheritance (masks.enabled=False).")
   out = {}
   for tower in towers:
     if tower not in TOWERS:

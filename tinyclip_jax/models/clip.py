@@ -9,6 +9,7 @@ function maps; LayerNorms are {scale, bias}):
   text/token_embedding (V, W)   text/positional_embedding (C, W)   text/layers_i
   text/ln_final   text/text_projection (W, E)
   logit_scale ()
+  (A ResNet image tower has its own visual/ layout: see models/resnet.py.)
   layers_i: ln_1, attn/{in_proj_kernel (W,3,H,64), in_proj_bias (3,H,64),
             out_proj_kernel (H,64,W), out_proj_bias (W,)}, ln_2,
             mlp/{c_fc/{kernel,bias}, c_proj/{kernel,bias}}
@@ -16,6 +17,7 @@ function maps; LayerNorms are {scale, bias}):
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -24,6 +26,7 @@ import jax.numpy as jnp
 
 from tinyclip_jax.models.config import CLIPConfig, TextConfig, VisionConfig
 from tinyclip_jax.models.layers import LayerNorm, normal, transformer
+from tinyclip_jax.models.resnet import BN_STATS, ModifiedResNet
 
 Dtype = Any
 
@@ -46,7 +49,7 @@ class VisionTransformer(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, images, gates=None):
+  def __call__(self, images, train: bool = False, gates=None):  # train: no BatchNorm here
     c = self.config
     b, hgt, wid, ch = images.shape
     if (hgt, wid, ch) != (c.image_size, c.image_size, 3):
@@ -132,22 +135,36 @@ class CLIP(nn.Module):
     c = self.config
     kw = dict(activation=c.activation, remat=self.remat, dtype=self.dtype,
               param_dtype=self.param_dtype)
-    self.visual = VisionTransformer(c.vision, c.embed_dim, **kw)
+    if c.vision.kind == "resnet":
+      self.visual = ModifiedResNet(c.vision, c.embed_dim, remat=self.remat, dtype=self.dtype,
+                                   param_dtype=self.param_dtype)
+    else:
+      self.visual = VisionTransformer(c.vision, c.embed_dim, **kw)
     self.text = TextTransformer(c.text, c.embed_dim, **kw)
     self.logit_scale = self.param(
         "logit_scale", nn.with_logical_partitioning(nn.initializers.constant(math.log(1 / 0.07)), ()),
         (), self.param_dtype)
 
-  def encode_image(self, images, gates=None):
-    return self.visual(images, gates)
+  def _visual(self, images, train: bool, gates):
+    if gates is None:
+      return self.visual(images, train)
+    if self.config.vision.kind != "vit":
+      raise ValueError("structure masks apply to transformer towers; this vision tower is a "
+                       f"{self.config.vision.kind}.")
+    return self.visual(images, train, gates)
+
+  def encode_image(self, images, train: bool = False, gates=None):
+    """train: BatchNorm on the batch's statistics (apply with mutable=['batch_stats'])."""
+    return self._visual(images, train, gates)
 
   def encode_text(self, tokens, gates=None):
     return self.text(tokens, gates)
 
-  def __call__(self, images, tokens, gates=None):
-    """gates: optional structure masks {"visual": {...}, "text": {...}} (inherit/masks.py)."""
+  def __call__(self, images, tokens, train: bool = False, gates=None):
+    """train: BatchNorm on batch statistics (ResNet towers); gates: optional structure
+    masks {"visual": {...}, "text": {...}} (inherit/masks.py)."""
     gates = gates or {}
-    return {"image_embeds": l2_normalize(self.visual(images, gates.get("visual"))),
+    return {"image_embeds": l2_normalize(self._visual(images, train, gates.get("visual"))),
             "text_embeds": l2_normalize(self.text(tokens, gates.get("text"))),
             "logit_scale": jnp.exp(self.logit_scale.astype(jnp.float32))}
 
@@ -157,23 +174,65 @@ def dummy_inputs(config: CLIPConfig, batch: int = 1):
   return jnp.zeros((batch, s, s, 3), jnp.float32), jnp.zeros((batch, n), jnp.int32)
 
 
+# "Weights" below are the params with BatchNorm running statistics merged in, leaf
+# `mean`/`var` beside `scale`/`bias` in each BatchNorm (the way a PyTorch state dict
+# holds its buffers). Conversion, inheritance, model checkpoints and evaluation pass
+# weights around as one tree; only training splits them, because the optimizer must
+# see the params alone. For a ViT, weights are exactly the params.
+
+def merge_stats(params, batch_stats):
+  """params + the batch_stats collection → one weights tree."""
+  if not batch_stats:
+    return params
+  out = dict(params)
+  for key, value in batch_stats.items():
+    out[key] = merge_stats(out.get(key, {}), value) if isinstance(value, Mapping) else value
+  return out
+
+
+def split_stats(weights):
+  """weights → (params, batch_stats or None): the inverse of merge_stats."""
+  params, stats = {}, {}
+  for key, value in weights.items():
+    if isinstance(value, Mapping):
+      p, s = split_stats(value)
+      if p:
+        params[key] = p
+      if s:
+        stats[key] = s
+    elif key in BN_STATS:
+      stats[key] = value
+    else:
+      params[key] = value
+  return params, (stats or None)
+
+
+def variables(weights) -> dict:
+  """The flax variables for `model.apply` (running statistics for BatchNorm)."""
+  params, stats = split_stats(weights)
+  return {"params": params} if stats is None else {"params": params, "batch_stats": stats}
+
+
 def init_params(config: CLIPConfig, rng: jax.Array, **model_kw):
-  """Plain (unboxed) params of a freshly initialized model."""
+  """Plain (unboxed) weights of a freshly initialized model (running statistics of a
+  ResNet start at mean 0, variance 1)."""
   model = CLIP(config, **model_kw)
-  variables = model.init(rng, *dummy_inputs(config))
-  return nn.meta.unbox(variables["params"])
+  variables_ = model.init(rng, *dummy_inputs(config))
+  return merge_stats(nn.meta.unbox(variables_["params"]), variables_.get("batch_stats"))
 
 
 def param_shapes(config: CLIPConfig, **model_kw):
-  """Shapes of the params as ShapeDtypeStructs, without allocating anything."""
+  """Shapes of the weights as ShapeDtypeStructs, without allocating anything."""
   return jax.eval_shape(lambda: init_params(config, jax.random.key(0), **model_kw))
 
 
 def logical_axes(config: CLIPConfig, **model_kw):
-  """The logical axis names of every parameter (a pytree of PartitionSpecs)."""
+  """The logical axis names of every weight (a pytree of PartitionSpecs); running
+  statistics are replicated (one small vector per BatchNorm)."""
   boxed = jax.eval_shape(lambda: CLIP(config, **model_kw).init(
-      jax.random.key(0), *dummy_inputs(config))["params"])
-  return nn.get_partition_spec(boxed)
+      jax.random.key(0), *dummy_inputs(config)))
+  stats = jax.tree.map(lambda _: jax.sharding.PartitionSpec(), boxed.get("batch_stats"))
+  return merge_stats(nn.get_partition_spec(boxed["params"]), stats)
 
 
 def count_params(tree) -> int:

@@ -62,20 +62,60 @@ class TowerConfig:
     return len(set(self.heads)) <= 1 and len(set(self.mlp)) <= 1
 
 
+VISION_KINDS = ("vit", "resnet")
+RESNET_STRIDE = 32  # stem 4 × three stride-2 stages: the attention pool sees image_size / 32
+
+
 @dataclasses.dataclass(frozen=True)
 class VisionConfig(TowerConfig):
+  """A ViT (kind 'vit': heads/mlp per layer, patch_size) or OpenAI's modified ResNet
+  (kind 'resnet': `stages` bottleneck blocks per stage, `width` the stem width,
+  heads = mlp = (), patch_size = 32, the total stride). JSON without `kind` is a ViT."""
   image_size: int = 224
   patch_size: int = 32
+  kind: str = "vit"
+  stages: tuple[int, ...] = ()
 
   def __post_init__(self):
     super().__post_init__()
+    object.__setattr__(self, "stages", tuple(int(n) for n in self.stages))
+    if self.kind not in VISION_KINDS:
+      raise ConfigError(f"vision kind {self.kind!r} is unknown; use one of {VISION_KINDS}.")
+    if self.kind == "resnet":
+      self._check_resnet()
+    elif self.stages:
+      raise ConfigError(f"vision stages {list(self.stages)} are given for a ViT tower; stages "
+                        "describe ResNet towers only (set kind='resnet' or drop stages).")
     if self.image_size % self.patch_size:
       raise ConfigError(f"image_size {self.image_size} is not a multiple of patch_size "
                         f"{self.patch_size}; pick sizes that tile the image.")
 
+  def _check_resnet(self):
+    if len(self.stages) != 4 or min(self.stages) <= 0:
+      raise ConfigError(f"ResNet stages {list(self.stages)} must be 4 positive block counts, "
+                        "e.g. (3, 4, 6, 3) for RN50.")
+    if self.heads or self.mlp:
+      raise ConfigError("a ResNet vision tower has no transformer layers; leave heads and mlp "
+                        "empty (its attention pool has width * 32 // head_dim heads).")
+    if self.patch_size != RESNET_STRIDE:
+      raise ConfigError(f"a ResNet vision tower has patch_size {RESNET_STRIDE} (its total "
+                        f"stride), not {self.patch_size}; set patch_size={RESNET_STRIDE}.")
+    if self.width % 2 or (self.width * 32) % self.head_dim:
+      raise ConfigError(f"ResNet width {self.width} must be even with width * 32 a multiple of "
+                        f"head_dim {self.head_dim}; pick e.g. 64, 56 or 44.")
+
   @property
   def grid(self) -> int:
     return self.image_size // self.patch_size
+
+  @property
+  def pool_width(self) -> int:
+    """ResNet: channels of the last stage, which the attention pool attends over."""
+    return self.width * 32
+
+  @property
+  def pool_heads(self) -> int:
+    return self.pool_width // self.head_dim
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +143,7 @@ class CLIPConfig:
     for tower in ("vision", "text"):
       d[tower]["heads"] = list(d[tower]["heads"])
       d[tower]["mlp"] = list(d[tower]["mlp"])
+    d["vision"]["stages"] = list(d["vision"]["stages"])
     return d
 
   def to_json(self) -> str:
@@ -133,6 +174,13 @@ def tower(width: int, layers: int, heads: int | Sequence[int] | None = None,
 
 def vision_tower(width, layers, patch_size, image_size=224, **kw) -> VisionConfig:
   return tower(width, layers, cls=VisionConfig, patch_size=patch_size, image_size=image_size, **kw)
+
+
+def resnet_tower(width: int, stages: Sequence[int], image_size: int = 224,
+                 head_dim: int = 64) -> VisionConfig:
+  """OpenAI's modified ResNet image tower: stem width `width`, blocks per stage."""
+  return VisionConfig(width=width, heads=(), mlp=(), head_dim=head_dim, image_size=image_size,
+                      patch_size=RESNET_STRIDE, kind="resnet", stages=tuple(stages))
 
 
 def text_tower(width, layers, context_length=77, vocab_size=49408, **kw) -> TextConfig:

@@ -1,7 +1,8 @@
 """Named model sizes, under the names users know from open_clip and TinyCLIP."""
 from __future__ import annotations
 
-from tinyclip_jax.models.config import CLIPConfig, ConfigError, text_tower, vision_tower
+from tinyclip_jax.models.config import (CLIPConfig, ConfigError, resnet_tower, text_tower,
+                                        vision_tower)
 
 
 def _clip(embed_dim, vision, text, activation="gelu"):
@@ -27,6 +28,15 @@ ZOO: dict[str, CLIPConfig] = {
                                           text_tower(512, 6, heads=8)),
     "TinyCLIP-ViT-8M-16-Text-3M": _clip(512, vision_tower(256, 10, 16),
                                         text_tower(256, 3, heads=4)),
+    # ResNets: stem width and bottleneck blocks per stage; the attention pool has
+    # width * 32 // 64 heads. TinyCLIP's ResNet students keep RN50's stages and
+    # embedding width and narrow the stem (56: 30M image params, 44: 19M).
+    "RN50": _clip(1024, resnet_tower(64, (3, 4, 6, 3)), text_tower(512, 12, heads=8)),
+    "RN101": _clip(512, resnet_tower(64, (3, 4, 23, 3)), text_tower(512, 12, heads=8)),
+    "TinyCLIP-ResNet-30M-Text-29M": _clip(1024, resnet_tower(56, (3, 4, 6, 3)),
+                                          text_tower(512, 9, heads=8)),
+    "TinyCLIP-ResNet-19M-Text-19M": _clip(1024, resnet_tower(44, (3, 4, 6, 3)),
+                                          text_tower(512, 6, heads=8)),
 }
 
 

@@ -20,7 +20,7 @@ from clu import periodic_actions
 from tinyclip_jax import checkpoint, evaluate, metrics as metrics_lib, parallel
 from tinyclip_jax.data import pipeline, teacher_cache
 from tinyclip_jax.eval import tasks as eval_tasks
-from tinyclip_jax.models import CLIP, CLIPConfig, count_params
+from tinyclip_jax.models import CLIP, CLIPConfig, count_params, merge_stats
 from tinyclip_jax.train import masking, prepare, profiling
 from tinyclip_jax.train.step import make_train_step
 
@@ -100,7 +100,7 @@ def _evaluate(run: _Run, setup, state, step: int) -> dict:
   """Zero-shot / retrieval evals of the student; in the masked phase, of the model the
   current deterministic gates prune to (which equals the masked model), plus its
   structure. Results also go to WORKDIR/evals/step_N.json."""
-  cfg, params, ev = setup.student_config, state.params, {}
+  cfg, params, ev = setup.student_config, merge_stats(state.params, state.batch_stats), {}
   if setup.masking is not None:
     params, pruned_cfg, gates = masking.prune_state(params, cfg, state.masks, setup.masking)
     masking.write_structure(run.workdir, step, cfg, "masked", gates, count_params(params))
@@ -235,10 +235,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     state, step, preempted = _train(run_, setup, state, step, config.total_steps)
   mgr.wait_until_finished()
   writer.flush()
+  weights = merge_stats(state.params, state.batch_stats)  # with BatchNorm running statistics
   if preempted:
-    return {"params": state.params, "student_config": setup.student_config,
+    return {"params": weights, "student_config": setup.student_config,
             "metrics": run_.last, "evals": run_.evals, "step": step, "preempted": True}
-  export = _export(workdir, state.params, setup.student_config)
+  export = _export(workdir, weights, setup.student_config)
   logging.info("exported the student to %s", export)
-  return {"params": state.params, "student_config": setup.student_config, "metrics": run_.last,
+  return {"params": weights, "student_config": setup.student_config, "metrics": run_.last,
           "evals": run_.evals, "step": step}

@@ -19,9 +19,10 @@ from tinyclip_jax import parallel
 from tinyclip_jax.data import pipeline
 from tinyclip_jax.eval import tasks as eval_tasks
 from tinyclip_jax.inherit import manual
-from tinyclip_jax.models import CLIPConfig, ConfigError, init_params, param_shapes
+from tinyclip_jax.models import CLIPConfig, ConfigError, init_params, param_shapes, split_stats
 from tinyclip_jax.models.clip import logical_axes
 from tinyclip_jax.train import defaults, masking, profiling, state as state_lib
+from tinyclip_jax.train.step import uses_batch_norm
 
 PRECISIONS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 INITS = ("inherit", "scratch", "checkpoint")
@@ -156,6 +157,10 @@ def build(config: ml_collections.ConfigDict, restoring: bool,
     student_host, student_cfg = None, _model_config(config.student, "student")
   if model_configs is not None:
     (teacher_cfg, student_cfg), teacher_host = model_configs, None
+  if micro and uses_batch_norm(student_cfg):
+    raise SetupError(f"microbatch_size {micro} (gradient caching) cannot train a BatchNorm "
+                     "(ResNet) student, whose statistics must come from the whole batch; set "
+                     "microbatch_size=0.")
 
   if teacher_cfg is not None:
     _check_compatible(teacher_cfg, student_cfg)
@@ -186,19 +191,24 @@ def build(config: ml_collections.ConfigDict, restoring: bool,
   warmup = config.masks.prune_step if config.masks.enabled else None
 
   dtype = PRECISIONS[config.precision]
-  s_shard, s_shapes = _shardings(student_cfg, mesh)
+  # Student weights = params + BatchNorm running statistics (ResNets); the state keeps
+  # them apart so the optimizer sees the params alone.
+  w_shard, w_shapes = _shardings(student_cfg, mesh)
+  (s_shard, bs_shard), (s_shapes, bs_shapes) = split_stats(w_shard), split_stats(w_shapes)
   tx = state_lib.make_optimizer(config.optimizer, config.total_steps, config.max_nonfinite + 2,
                                 warmup)
   lr_fn = state_lib.learning_rate_fn(config.optimizer, config.total_steps, warmup)
-  abstract = jax.eval_shape(lambda p, m: state_lib.init_state(p, tx, m, mask_tx), s_shapes,
-                            mask_state)
+  abstract = jax.eval_shape(
+      lambda p, m, b: state_lib.init_state(p, tx, m, mask_tx, batch_stats=b), s_shapes,
+      mask_state, bs_shapes)
   repl = parallel.replicated(mesh)
   opt_shard = optax.tree_map_params(tx, lambda _, s: s, abstract.opt_state, s_shard,
                                     transform_non_params=lambda _: repl)
   state_shard = state_lib.TrainState(
       step=repl, params=s_shard, opt_state=opt_shard,
       masks=jax.tree.map(lambda _: repl, abstract.masks),
-      mask_opt_state=jax.tree.map(lambda _: repl, abstract.mask_opt_state))
+      mask_opt_state=jax.tree.map(lambda _: repl, abstract.mask_opt_state),
+      batch_stats=bs_shard)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, state_shard)
 
@@ -226,18 +236,19 @@ def build(config: ml_collections.ConfigDict, restoring: bool,
                     out_shardings=state_shard)(jax.device_put(pruned.params, s_shard))
     return setup, state
   if config.student.init == "scratch":
-    params = jax.jit(lambda r: init_params(student_cfg, r), out_shardings=s_shard)(rng_student)
+    params = jax.jit(lambda r: init_params(student_cfg, r), out_shardings=w_shard)(rng_student)
   elif config.student.init == "inherit":
     source = t_params if source_host is None else source_host
     params = jax.jit(lambda p: manual.inherit(p, source_cfg, student_cfg),
-                     out_shardings=s_shard)(source)
+                     out_shardings=w_shard)(source)
   else:
-    params = jax.device_put(student_host, s_shard)
+    params = jax.device_put(student_host, w_shard)
+  params, batch_stats = split_stats(params)
   if config.loss.learn_scale:  # a learned τ_s starts at student_scale
     params = dict(params, logit_scale=jax.device_put(
         jnp.log(jnp.float32(config.loss.student_scale)), s_shard["logit_scale"]))
-  state = jax.jit(lambda p, m: state_lib.init_state(p, tx, m, mask_tx),
-                  out_shardings=state_shard)(params, mask_state)
+  state = jax.jit(lambda p, m, b: state_lib.init_state(p, tx, m, mask_tx, batch_stats=b),
+                  out_shardings=state_shard)(params, mask_state, batch_stats)
   return setup, state
 
 

@@ -26,6 +26,9 @@ class TrainState:
   # inside) the model's params, with their own optimizer state.
   masks: Any = None
   mask_opt_state: Any = None
+  # BatchNorm running statistics of a ResNet student (flax's batch_stats collection,
+  # updated by every step, never by the optimizer); None for BatchNorm-free models.
+  batch_stats: Any = None
 
 
 def learning_rate_fn(opt: ml_collections.ConfigDict, total_steps: int, warmup: int | None = None):
@@ -72,6 +75,8 @@ def nonfinite_counts(opt_state) -> tuple[jax.Array, jax.Array]:
   return opt_state.notfinite_count, opt_state.total_notfinite
 
 
-def init_state(params, tx, masks=None, mask_tx=None, step: int = 0) -> TrainState:
+def init_state(params, tx, masks=None, mask_tx=None, step: int = 0,
+               batch_stats=None) -> TrainState:
   return TrainState(step=jnp.asarray(step, jnp.int32), params=params, opt_state=tx.init(params),
-                    masks=masks, mask_opt_state=None if masks is None else mask_tx.init(masks))
+                    masks=masks, mask_opt_state=None if masks is None else mask_tx.init(masks),
+                    batch_stats=batch_stats)

@@ -7,6 +7,13 @@ the logit scale), so (1) embed the whole batch microbatch by microbatch keeping 
 activations, (2) take the loss and its gradient w.r.t. those embeddings, (3) run each
 microbatch forward again under `jax.vjp` with its slice of that gradient and sum the
 parameter gradients. Cost: one extra student forward per step.
+
+BatchNorm (ResNet students) normalizes with the statistics of the batch the jitted
+step is given: the global batch, sharded over the mesh, so XLA inserts the
+cross-device reductions and the result is synchronized batch norm. The running
+statistics come back from the forward pass and enter the new state; a step the
+optimizer skips as non-finite keeps the old ones. Gradient caching refuses
+BatchNorm students: statistics of microbatches are not the global batch's.
 """
 from __future__ import annotations
 
@@ -20,7 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from tinyclip_jax import losses
 from tinyclip_jax.inherit import masks as masks_lib
-from tinyclip_jax.models import CLIP
+from tinyclip_jax.models import CLIP, variables
 from tinyclip_jax.parallel import BATCH_AXES
 from tinyclip_jax.train.state import TrainState, nonfinite_counts
 
@@ -35,8 +42,22 @@ def student_scale(params, loss_cfg) -> jax.Array:
 
 
 def _embeds(model: CLIP, params, batch, gates=None) -> tuple[jax.Array, jax.Array]:
-  out = model.apply({"params": params}, batch["images"], batch["tokens"], gates=gates)
+  """Evaluation-mode embeddings (BatchNorm on running statistics merged into params)."""
+  out = model.apply(variables(params), batch["images"], batch["tokens"], gates=gates)
   return out["image_embeds"], out["text_embeds"]
+
+
+def _train_embeds(model: CLIP, params, batch_stats, batch, gates=None):
+  """(embeddings, new batch_stats) in training mode: BatchNorm on the batch's statistics."""
+  if batch_stats is None:
+    return _embeds(model, params, batch, gates), None
+  out, new = model.apply({"params": params, "batch_stats": batch_stats}, batch["images"],
+                         batch["tokens"], train=True, gates=gates, mutable=["batch_stats"])
+  return (out["image_embeds"], out["text_embeds"]), new["batch_stats"]
+
+
+def uses_batch_norm(config) -> bool:
+  return config.vision.kind == "resnet"
 
 
 class _Microbatches:
@@ -65,11 +86,13 @@ class _Microbatches:
 
 def make_grad_fn(student: CLIP, teacher: CLIP | None, loss_cfg, mesh, batch_size: int,
                  microbatch_size: int = 0):
-  """Returns grad_fn(trainable, teacher_params, batch, gates_of=None) -> ((loss, terms), grads).
+  """Returns grad_fn(trainable, teacher_params, batch, gates_of=None, batch_stats=None)
+  -> ((loss, terms), grads).
 
   `trainable` is the student's params, or with `gates_of` a pair (params, log α of
   the structure masks) and gates_of(log α) the gates the student runs with; the
-  gradient is then taken w.r.t. both."""
+  gradient is then taken w.r.t. both. With batch_stats (a BatchNorm student)
+  terms["batch_stats"] holds the new running statistics."""
   weights = losses.LossConfig(alpha=loss_cfg.alpha, distill_weight=loss_cfg.distill_weight,
                               image_image=loss_cfg.image_image, text_text=loss_cfg.text_text,
                               embedding=loss_cfg.embedding)
@@ -99,17 +122,26 @@ def make_grad_fn(student: CLIP, teacher: CLIP | None, loss_cfg, mesh, batch_size
     return jax.lax.stop_gradient(dict(zip(EMBEDS, t_embeds), logit_scale=jnp.asarray(
         loss_cfg.teacher_scale, jnp.float32)))
 
-  def one_shot(trainable, teacher_params, batch, gates_of=None):
+  def one_shot(trainable, teacher_params, batch, gates_of=None, batch_stats=None):
     t_out = teacher_out(teacher_embeds(teacher_params, batch))
-    return jax.value_and_grad(
-        lambda tr: loss_of(student_embeds(tr, batch, gates_of), tr, t_out, gates_of),
-        has_aux=True)(trainable)
+
+    def loss(tr):
+      params, gates = (tr, None) if gates_of is None else (tr[0], gates_of(tr[1]))
+      embeds, new_stats = _train_embeds(student, params, batch_stats, batch, gates)
+      value, terms = loss_of(embeds, tr, t_out, gates_of)
+      return value, (terms if new_stats is None else dict(terms, batch_stats=new_stats))
+    return jax.value_and_grad(loss, has_aux=True)(trainable)
 
   if not microbatch_size:
     return one_shot
+  if uses_batch_norm(student.config):
+    raise ValueError("microbatch_size > 0 (gradient caching) cannot train a BatchNorm (ResNet) "
+                     "student, whose statistics must come from the whole batch; set "
+                     "microbatch_size=0.")
   mb = _Microbatches(mesh, batch_size, microbatch_size)
 
-  def cached(trainable, teacher_params, batch, gates_of=None):
+  def cached(trainable, teacher_params, batch, gates_of=None, batch_stats=None):
+    del batch_stats  # None: BatchNorm students are refused above
     cached_t = teacher_embeds(None, batch) if "teacher_image" in batch else None
     batch = {k: batch[k] for k in ("images", "tokens")}
     chunks = jax.tree.map(mb.split, batch)
@@ -152,13 +184,14 @@ def make_train_step(student: CLIP, teacher: CLIP | None, loss_cfg, mesh, tx,
   def step(state: TrainState, teacher_params, batch):
     extra, new_masks, mask_opt_state = {}, state.masks, state.mask_opt_state
     if sparsity is None:
-      (loss, terms), grads = grad_fn(state.params, teacher_params, batch)
+      (loss, terms), grads = grad_fn(state.params, teacher_params, batch,
+                                     batch_stats=state.batch_stats)
     else:
       logas, lambdas = state.masks["logas"], state.masks["lambdas"]
       noise = masks_lib.uniform_noise(jax.random.fold_in(sparsity.rng, state.step), logas)
       gates_of = lambda l: masks_lib.training_gates(l, sparsity.valid, noise)  # noqa: E731
       (loss, terms), (grads, g_logas) = grad_fn((state.params, logas), teacher_params, batch,
-                                                gates_of)
+                                                gates_of, state.batch_stats)
       (lag, extra), (g_lag, g_lambdas) = jax.value_and_grad(
           sparsity.terms, argnums=(0, 1), has_aux=True)(logas, lambdas, state.step)
       g_masks = {"logas": jax.tree.map(jnp.add, g_logas, g_lag), "lambdas": g_lambdas}
@@ -169,13 +202,18 @@ def make_train_step(student: CLIP, teacher: CLIP | None, loss_cfg, mesh, tx,
       loss = loss + lag
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    batch_stats = state.batch_stats
+    if batch_stats is not None:  # keep the old statistics when the update was skipped
+      batch_stats = jax.tree.map(lambda new, old: jnp.where(opt_state.last_finite, new, old),
+                                 terms.pop("batch_stats"), batch_stats)
     consecutive, total = nonfinite_counts(opt_state)
     metrics = dict(terms, **extra, loss=loss, grad_norm=optax.tree.norm(grads),
                    learning_rate=lr_fn(state.step),
                    student_scale=student_scale(state.params, loss_cfg),
                    teacher_scale=jnp.asarray(loss_cfg.teacher_scale, jnp.float32),
                    nonfinite_in_a_row=consecutive, nonfinite_total=total)
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state, masks=new_masks,
-                      mask_opt_state=mask_opt_state), metrics
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                         masks=new_masks, mask_opt_state=mask_opt_state,
+                         batch_stats=batch_stats), metrics
 
   return step

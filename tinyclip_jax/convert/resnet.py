@@ -1,0 +1,186 @@
+"""OpenAI / open_clip CLIP state dicts with a modified-ResNet image tower ↔ canonical
+weights (pure numpy).
+
+Keys are those of OpenAI's `ModifiedResNet` (RN50, RN101, … in TorchScript archives)
+and open_clip's, TinyCLIP's wrapped `_image_encoder.*` layouts included (the prefixes
+are stripped by `openai.normalize_keys`). BatchNorm running statistics travel with
+the weights (leaves `mean`/`var`); `num_batches_tracked` is dropped on the way in
+(PyTorch reads it only when momentum is None, which CLIP never uses) and written as
+0 on the way out so open_clip's `load_state_dict(strict=True)` finds every buffer.
+The text tower has the same keys as in ViT models and reuses `openai`'s tables.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import numpy as np
+
+from tinyclip_jax.convert import openai
+from tinyclip_jax.convert.common import (CONV, LINEAR, SAME, CheckpointError, check_params, flatten,
+                                         from_canonical, layer_indices, require, to_canonical,
+                                         tower_layout, unflatten)
+from tinyclip_jax.models.config import RESNET_STRIDE, CLIPConfig, TextConfig, resnet_tower
+from tinyclip_jax.models.resnet import stage_blocks
+
+STAGES = 4  # OpenAI's ModifiedResNet always has layer1..layer4
+COUNTER = "num_batches_tracked"
+BN = (("weight", "scale", SAME), ("bias", "bias", SAME), ("running_mean", "mean", SAME),
+      ("running_var", "var", SAME))
+# (torch module, canonical module, is BatchNorm) inside one Bottleneck.
+BLOCK = (("conv1", "conv1", False), ("bn1", "bn1", True), ("conv2", "conv2", False),
+         ("bn2", "bn2", True), ("conv3", "conv3", False), ("bn3", "bn3", True))
+DOWNSAMPLE = (("downsample.0", "downsample_conv", False), ("downsample.1", "downsample_bn", True))
+STEM = tuple(
+    (f"{kind}{i}", f"{kind}{i}", kind == "bn") for i in (1, 2, 3) for kind in ("conv", "bn"))
+POOL = tuple((f"attnpool.{p}.{w}", f"attnpool/{p}/{c}", layout)
+             for p in ("q_proj", "k_proj", "v_proj", "c_proj")
+             for w, c, layout in (("weight", "kernel", LINEAR), ("bias", "bias", SAME)))
+
+
+def is_resnet(sd: Mapping[str, Any]) -> bool:
+  """True for a (normalized) state dict with a ResNet image tower."""
+  return any(k.startswith(("visual.layer1.", "visual.attnpool.")) for k in sd)
+
+
+def is_resnet_params(params: Mapping[str, Any]) -> bool:
+  return "attnpool" in (params.get("visual") or {})
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def _stages(sd) -> list[int]:
+  found = sorted({
+      int(k.split(".")[1][5:])
+      for k in sd
+      if k.startswith("visual.layer") and k.split(".")[1][5:].isdigit()
+  })
+  if found != list(range(1, STAGES + 1)):
+    raise CheckpointError(f"the ResNet image tower has stages `visual.layer{{N}}` for N in "
+                          f"{found} but OpenAI's modified ResNet has exactly layer1..layer4; "
+                          "the checkpoint is truncated or not a CLIP ResNet.")
+  return [len(layer_indices(sd, f"visual.layer{s}.")) for s in range(1, STAGES + 1)]
+
+
+def infer_config(sd: Mapping[str, Any], activation: str) -> CLIPConfig:
+  """The model config implied by the shapes of a normalized ResNet state dict."""
+  stages = _stages(sd)
+  width = openai._dims(sd, "visual.conv3.weight", 4, "last stem convolution")[0]
+  tokens, pool_width = openai._dims(sd, "visual.attnpool.positional_embedding", 2,
+                                    "attention-pool positions")
+  grid = math.isqrt(max(tokens - 1, 0))
+  if grid * grid + 1 != tokens:
+    raise CheckpointError(f"`visual.attnpool.positional_embedding` has {tokens} rows but a "
+                          "square grid plus the mean token (g*g+1 rows) was expected.")
+  if pool_width != width * 32:
+    raise CheckpointError(f"`visual.attnpool.positional_embedding` is {pool_width} wide but the "
+                          f"stem width {width} implies {width * 32}; the checkpoint's shapes "
+                          "are inconsistent.")
+  embed_dim = openai._dims(sd, "visual.attnpool.c_proj.weight", 2, "attention-pool output")[0]
+  vocab, text_width = openai._dims(sd, "token_embedding.weight", 2, "token embedding")
+  context = openai._dims(sd, "positional_embedding", 2, "text positions")[0]
+  t_heads, t_mlp = openai._block_widths(sd, openai.TOWERS[1][1], openai.HEAD_DIM)
+  return CLIPConfig(
+      embed_dim=embed_dim,
+      activation=activation,
+      vision=resnet_tower(width, stages, image_size=grid * RESNET_STRIDE),
+      text=TextConfig(
+          width=text_width,
+          heads=t_heads,
+          mlp=t_mlp,
+          head_dim=openai.HEAD_DIM,
+          vocab_size=vocab,
+          context_length=context))
+
+
+def _module(key: str, path: str, is_bn: bool):
+  if is_bn:
+    for w, c, layout in BN:
+      yield f"{key}.{w}", f"{path}/{c}", layout
+  else:
+    yield f"{key}.weight", f"{path}/kernel", CONV
+
+
+def vision_entries(config: CLIPConfig):
+  """(state-dict key, canonical path, layout) of every tensor of the ResNet tower."""
+  v = config.vision
+  for key, path, is_bn in STEM:
+    yield from _module(f"visual.{key}", f"visual/{path}", is_bn)
+  for s, i in stage_blocks(v.stages):
+    table = BLOCK + (DOWNSAMPLE if i == 0 else ())  # every first block: stride or 4× width
+    for key, path, is_bn in table:
+      yield from _module(f"visual.layer{s}.{i}.{key}", f"visual/layer{s}_{i}/{path}", is_bn)
+  yield "visual.attnpool.positional_embedding", "visual/attnpool/positional_embedding", SAME
+  for key, path, layout in POOL:
+    yield f"visual.{key}", f"visual/{path}", layout
+
+
+def _entries(config: CLIPConfig):
+  """(key, path, layout, head_dim) for the whole model."""
+  for key, path, layout in vision_entries(config):
+    yield key, path, layout, 0
+  for key, path, layout, hd in openai._entries(config):
+    if not key.startswith("visual."):
+      yield key, path, layout, hd
+
+
+# ----------------------------------------------------------------------------- maps
+
+
+def from_openai(state_dict: Mapping[str, Any], activation: str) -> tuple[dict, CLIPConfig]:
+  """(weights, config) from an OpenAI/open_clip/TinyCLIP ResNet CLIP state dict."""
+  sd = {k: v for k, v in openai.normalize_keys(state_dict).items() if not k.endswith("." + COUNTER)}
+  if "token_embedding.weight" not in sd:
+    raise CheckpointError("the checkpoint has a ResNet image tower but no text tower "
+                          "(`token_embedding.weight` is missing); give a whole CLIP model.")
+  config = infer_config(sd, activation)
+  flat, used = {}, set()
+  for key, path, layout, hd in _entries(config):
+    flat[path] = to_canonical(layout, key, require(sd, key, path), hd)
+    used.add(key)
+  extra = sorted(sd.keys() - used)
+  if extra:
+    raise CheckpointError(f"key `{extra[0]}` (and {len(extra) - 1} more) has no place in a "
+                          f"CLIP ResNet with stages {list(config.vision.stages)}; expected "
+                          "only OpenAI/open_clip ModifiedResNet and text keys.")
+  params = unflatten(flat)
+  check_params(params, config)
+  return params, config
+
+
+def to_open_clip(params: Mapping[str, Any], config: CLIPConfig) -> dict[str, np.ndarray]:
+  """open_clip `CLIP(...).state_dict()` of a ResNet model: float32 tensors, int64
+  `num_batches_tracked` buffers."""
+  check_params(params, config)
+  tower_layout(config.text, "text", openai.FORMAT)
+  flat = flatten(params)
+  out = {}
+  for key, path, layout, _ in _entries(config):
+    out[key] = from_canonical(layout, flat[path])
+    if key.endswith(".running_var"):
+      out[key[:-len("running_var")] + COUNTER] = np.zeros((), np.int64)
+  return out
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def kind_mismatch(params: Mapping[str, Any], config) -> str | None:
+  """One sentence when `params` and `config` disagree on the image tower's kind or
+  the ResNet's stages (before the key-by-key comparison, which would list symptoms)."""
+  has_resnet = is_resnet_params(params)
+  if has_resnet != (config.vision.kind == "resnet"):
+    have, want = ("a ResNet", "a ViT") if has_resnet else ("a ViT", "a ResNet")
+    return (f"the weights have {have} image tower but the config describes {want} one; pair "
+            "the checkpoint with the config it was converted with (its model_config.json).")
+  if has_resnet:
+    visual = params["visual"]
+    stages = [
+        sum(1 for k in visual if k.startswith(f"layer{s}_")) for s in range(
+            1, 1 + max([int(k[5:].split("_")[0]) for k in visual if k.startswith("layer")] or [0]))
+    ]
+    if tuple(stages) != tuple(config.vision.stages):
+      return (f"the weights have ResNet stages {stages} but the config says "
+              f"{list(config.vision.stages)}; fix the config's stages to match the checkpoint.")
+  return None
