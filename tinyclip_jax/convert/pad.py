@@ -21,7 +21,10 @@ TOWERS = (("vision", "visual"), ("text", "text"))
 
 
 def exportable(tower) -> bool:
-  """True when the tower is already what a uniform PyTorch module builds."""
+  """True when the tower is already what a uniform PyTorch module builds (a ResNet
+  image tower always is: it has no per-layer heads to pad)."""
+  if getattr(tower, "kind", "vit") != "vit":
+    return True
   return (tower.uniform and tower.layers > 0 and tower.heads[0] > 0 and tower.mlp[0] > 0 and
           tower.heads[0] * tower.head_dim == tower.width)
 
