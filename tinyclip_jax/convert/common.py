@@ -166,3 +166,13 @@ def tower_layout(tower, name: str, fmt: str) -> tuple[int, int]:
         f"the {name} tower has {heads[0]} heads of {tower.head_dim} channels but width "
         f"{tower.width}; {fmt} needs heads * head_dim == width.")
   return heads[0], mlp[0]
+
+
+def take_entries(sd: Mapping[str, Any], entries) -> tuple[dict, list[str]]:
+  """(canonical flat params, sorted unused keys) for (key, path, layout, head_dim)
+  entries read from a normalized state dict."""
+  flat, used = {}, set()
+  for key, path, layout, hd in entries:
+    flat[path] = to_canonical(layout, key, require(sd, key, path), hd)
+    used.add(key)
+  return flat, sorted(sd.keys() - used)

@@ -14,7 +14,7 @@ import numpy as np
 from tinyclip_jax.convert import tinyclip
 from tinyclip_jax.convert.common import (CONV, IN_BIAS, IN_PROJ, LINEAR, OUT_PROJ, SAME, SCALAR,
                                          CheckpointError, check_params, flatten, from_canonical,
-                                         layer_indices, require, to_canonical, tower_layout,
+                                         layer_indices, require, take_entries, tower_layout,
                                          unflatten)
 from tinyclip_jax.convert.pad import pad_uniform
 from tinyclip_jax.models.config import CLIPConfig, TextConfig, VisionConfig
@@ -192,11 +192,7 @@ def from_openai(state_dict: Mapping[str, Any], activation: str,
     return resnet.from_openai(sd, activation)
   _check_is_clip_vit(sd)
   config = infer_config(sd, activation, head_dim)
-  flat, used = {}, set()
-  for key, path, layout, hd in _entries(config):
-    flat[path] = to_canonical(layout, key, require(sd, key, path), hd)
-    used.add(key)
-  extra = sorted(sd.keys() - used)
+  flat, extra = take_entries(sd, _entries(config))
   if extra:
     raise CheckpointError(f"key `{extra[0]}` (and {len(extra) - 1} more) has no place in a CLIP "
                           "ViT model with plain pre-LN blocks; expected only OpenAI/open_clip "

@@ -18,7 +18,7 @@ import numpy as np
 
 from tinyclip_jax.convert import openai
 from tinyclip_jax.convert.common import (CONV, LINEAR, SAME, CheckpointError, check_params, flatten,
-                                         from_canonical, layer_indices, require, to_canonical,
+                                         from_canonical, layer_indices, take_entries,
                                          tower_layout, unflatten)
 from tinyclip_jax.models.config import RESNET_STRIDE, CLIPConfig, TextConfig, resnet_tower
 from tinyclip_jax.models.resnet import stage_blocks
@@ -135,11 +135,7 @@ def from_openai(state_dict: Mapping[str, Any], activation: str) -> tuple[dict, C
     raise CheckpointError("the checkpoint has a ResNet image tower but no text tower "
                           "(`token_embedding.weight` is missing); give a whole CLIP model.")
   config = infer_config(sd, activation)
-  flat, used = {}, set()
-  for key, path, layout, hd in _entries(config):
-    flat[path] = to_canonical(layout, key, require(sd, key, path), hd)
-    used.add(key)
-  extra = sorted(sd.keys() - used)
+  flat, extra = take_entries(sd, _entries(config))
   if extra:
     raise CheckpointError(f"key `{extra[0]}` (and {len(extra) - 1} more) has no place in a "
                           f"CLIP ResNet with stages {list(config.vision.stages)}; expected "
