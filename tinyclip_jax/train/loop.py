@@ -93,7 +93,7 @@ def _compile(config, setup):
   compiled = jit_step.lower(setup.abstract_state, setup.teacher_params, batch_abs).compile()
   logging.info("compiled the train step in %.1f s", time.time() - t0)
   _log_compiled(compiled)
-  return compiled, batch_abs
+  return compiled
 
 
 def _evaluate(run: _Run, setup, state, step: int) -> dict:
@@ -119,7 +119,7 @@ def _evaluate(run: _Run, setup, state, step: int) -> dict:
 def _train(run: _Run, setup, state, start: int, end: int) -> tuple[Any, int, bool]:
   """Steps start+1 … end of one phase → (state, last step, preempted)."""
   config = run.config
-  compiled, _ = _compile(config, setup)
+  compiled = _compile(config, setup)
   flops_per_pair = prepare.model_flops_per_pair(setup.student_config, setup.teacher_config)
   progress = periodic_actions.ReportProgress(num_train_steps=config.total_steps,
                                              every_steps=config.log_every, every_secs=None)
@@ -228,8 +228,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if setup.masking is not None and not preempted:
     params, cfg, gates = masking.prune_state(state.params, student_cfg, state.masks, setup.masking)
     masking.write_structure(workdir, step, student_cfg, "pruned", gates, count_params(params))
+    # The teacher stays on device: loading it again would hold two copies at once.
     setup, state = prepare.build(config, restoring=False,
-                                 pruned=prepare.Pruned(cfg, params, step))
+                                 pruned=prepare.Pruned(cfg, params, step), teacher_from=setup)
     checkpoint.save(mgr, step, state, pipeline.gather_state(run_.data_state), run_.config_json,
                     cfg.to_dict())
     state, step, preempted = _train(run_, setup, state, step, config.total_steps)

@@ -123,13 +123,14 @@ class Pruned:
 
 def build(config: ml_collections.ConfigDict, restoring: bool,
           model_configs: tuple[CLIPConfig | None, CLIPConfig] | None = None,
-          pruned: Pruned | None = None) -> tuple[Setup, Any]:
+          pruned: Pruned | None = None, teacher_from: Setup | None = None) -> tuple[Setup, Any]:
   """Returns (setup, initial train state or None when `restoring`).
 
   `model_configs` (teacher, student) replaces the configs named in `config` (benchmarks
   use it for other image sizes); the teacher then has random weights. With masks on,
   the setup is the masked phase unless `pruned` gives the student after the prune
-  step (a fresh optimizer; training continues at pruned.step)."""
+  step (a fresh optimizer; training continues at pruned.step). `teacher_from`: a
+  setup whose teacher (weights on device, cache) is reused instead of loaded again."""
   validate(config)
   try:
     mesh = parallel.make_mesh(config.mesh.to_dict())
@@ -147,11 +148,15 @@ def build(config: ml_collections.ConfigDict, restoring: bool,
   rng_teacher, rng_student = jax.random.split(jax.random.key(config.seed))
 
   teacher_cfg = teacher_host = None
-  if config.teacher.checkpoint:
+  if teacher_from is not None:
+    teacher_cfg = teacher_from.teacher_config
+  elif config.teacher.checkpoint:
     teacher_host, teacher_cfg = _load_checkpoint(config.teacher.checkpoint, "teacher.checkpoint")
   elif defaults.has_model(config.teacher):
     teacher_cfg = _model_config(config.teacher, "teacher")
-  if config.student.init == "checkpoint":
+  if pruned is not None:  # the student is the pruned model, whatever it started from
+    student_host, student_cfg = None, pruned.config
+  elif config.student.init == "checkpoint":
     student_host, student_cfg = _load_checkpoint(config.student.checkpoint, "student.checkpoint")
   else:
     student_host, student_cfg = None, _model_config(config.student, "student")
@@ -178,8 +183,6 @@ def build(config: ml_collections.ConfigDict, restoring: bool,
     except manual.InheritError as e:
       raise SetupError(str(e)) from e
 
-  if pruned is not None:
-    student_cfg = pruned.config
   mask_training = mask_state = mask_tx = None
   if config.masks.enabled and pruned is None:
     mask_tx = state_lib.make_mask_optimizer(config.masks, config.optimizer)
@@ -212,8 +215,11 @@ def build(config: ml_collections.ConfigDict, restoring: bool,
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, state_shard)
 
-  t_params = t_shard = None
-  if teacher_cfg is not None:
+  t_params = t_shard = cache = None
+  if teacher_from is not None:
+    t_params, t_shard = teacher_from.teacher_params, teacher_from.teacher_shardings
+    cache = teacher_from.teacher_cache
+  elif teacher_cfg is not None:
     t_shard, _ = _shardings(teacher_cfg, mesh)
     if teacher_host is None:  # a zoo teacher with random weights (smoke runs, benchmarks)
       logging.warning("the teacher has random weights (teacher.checkpoint is empty); for a "
@@ -221,10 +227,8 @@ def build(config: ml_collections.ConfigDict, restoring: bool,
       t_params = jax.jit(lambda r: init_params(teacher_cfg, r), out_shardings=t_shard)(rng_teacher)
     else:
       t_params = jax.device_put(teacher_host, t_shard)
-
-  cache = None
-  if config.teacher.cache:
-    cache = _check_cache(config, teacher_cfg, teacher_host, t_params)
+    if config.teacher.cache:
+      cache = _check_cache(config, teacher_cfg, teacher_host, t_params)
   # With a cache the step never sees the teacher's weights (only inheritance below does).
   setup = Setup(mesh, dtype, student_cfg, teacher_cfg, None if cache else t_params, s_shard,
                 None if cache else t_shard, tx, lr_fn, state_shard, abstract, mask_training, cache)
