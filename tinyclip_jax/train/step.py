@@ -98,16 +98,18 @@ def make_grad_fn(student: CLIP, teacher: CLIP | None, loss_cfg, mesh, batch_size
                               embedding=loss_cfg.embedding)
   loss_fn = losses.sharded_distill_loss(mesh, BATCH_AXES, weights)
 
+  def unpack(trainable, gates_of):
+    """(student params, gates or None) of what the gradient is taken of."""
+    return (trainable, None) if gates_of is None else (trainable[0], gates_of(trainable[1]))
+
   def loss_of(embeds, trainable, t_out, gates_of):
     params = trainable if gates_of is None else trainable[0]
     s_out = dict(zip(EMBEDS, embeds), logit_scale=student_scale(params, loss_cfg))
     return loss_fn(s_out, t_out)
 
   def student_embeds(trainable, chunk, gates_of):
-    if gates_of is None:
-      return _embeds(student, trainable, chunk)
-    params, logas = trainable
-    return _embeds(student, params, chunk, gates_of(logas))
+    params, gates = unpack(trainable, gates_of)
+    return _embeds(student, params, chunk, gates)
 
   def teacher_embeds(teacher_params, batch):
     """The teacher's normalized embeddings: from the cache (teacher.cache), or a
@@ -126,7 +128,7 @@ def make_grad_fn(student: CLIP, teacher: CLIP | None, loss_cfg, mesh, batch_size
     t_out = teacher_out(teacher_embeds(teacher_params, batch))
 
     def loss(tr):
-      params, gates = (tr, None) if gates_of is None else (tr[0], gates_of(tr[1]))
+      params, gates = unpack(tr, gates_of)
       embeds, new_stats = _train_embeds(student, params, batch_stats, batch, gates)
       value, terms = loss_of(embeds, tr, t_out, gates_of)
       return value, (terms if new_stats is None else dict(terms, batch_stats=new_stats))
