@@ -66,23 +66,18 @@ def _first_difference(want: Any, got: Any, path: str = "") -> str | None:
   return None if want == got else f"{path} (cache: {got!r}; this run: {want!r})"
 
 
-def to_bf16_bits(x: np.ndarray) -> np.ndarray:
-  return np.asarray(x, np.float32).astype(ml_dtypes.bfloat16).view(np.uint16)
-
-
-def from_bf16_bits(x: np.ndarray) -> np.ndarray:
-  return np.asarray(x).view(ml_dtypes.bfloat16).astype(np.float32)
-
-
 DTYPES = ("bfloat16", "float32")
 
 
 def encode(x: np.ndarray, dtype: str) -> np.ndarray:
-  return to_bf16_bits(x) if dtype == "bfloat16" else np.asarray(x, np.float32)
+  """float32 as stored: bfloat16 bits in uint16 (safetensors' numpy side has no bf16)."""
+  x = np.asarray(x, np.float32)
+  return x.astype(ml_dtypes.bfloat16).view(np.uint16) if dtype == "bfloat16" else x
 
 
 def decode(x: np.ndarray) -> np.ndarray:
-  return from_bf16_bits(x) if x.dtype == np.uint16 else np.asarray(x, np.float32)
+  x = np.asarray(x)
+  return (x.view(ml_dtypes.bfloat16) if x.dtype == np.uint16 else x).astype(np.float32)
 
 
 class Writer:

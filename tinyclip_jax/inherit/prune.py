@@ -76,7 +76,7 @@ def _prune_block(block: Mapping[str, Any], g: Mapping[str, np.ndarray], hidden: 
 
 
 def _prune_tower(p: Mapping[str, Any], cfg: TowerConfig, g: Mapping[str, np.ndarray],
-                 tower: str) -> tuple[dict, TowerConfig, list[int]]:
+                 tower: str) -> tuple[dict, TowerConfig]:
   hidden = _np(g["hidden"]).astype(np.float32) if "hidden" in g else np.ones(cfg.width, np.float32)
   keep = hidden != 0
   if not keep.any():
@@ -101,7 +101,7 @@ def _prune_tower(p: Mapping[str, Any], cfg: TowerConfig, g: Mapping[str, np.ndar
     out[k] = {n: _np(v)[keep] for n, v in p[k].items()}
   out[proj] = _np(p[proj])[keep]
 
-  heads, mlp, kept_layers = [], [], []
+  heads, mlp = [], []
   for i, (nh, nm) in enumerate(zip(cfg.heads, cfg.mlp)):
     lg = {k: _np(v)[i] for k, v in g.items() if k != "hidden"}
     block, kh, km = _prune_block(p[f"layers_{i}"], lg, hidden, keep, nh, nm)
@@ -109,9 +109,8 @@ def _prune_tower(p: Mapping[str, Any], cfg: TowerConfig, g: Mapping[str, np.ndar
       out[f"layers_{len(heads)}"] = block
       heads.append(kh)
       mlp.append(km)
-      kept_layers.append(i)
   new_cfg = dataclasses.replace(cfg, width=int(keep.sum()), heads=tuple(heads), mlp=tuple(mlp))
-  return out, new_cfg, kept_layers
+  return out, new_cfg
 
 
 def prune(params: Mapping[str, Any], config: CLIPConfig,
@@ -122,7 +121,7 @@ def prune(params: Mapping[str, Any], config: CLIPConfig,
   changes = {}
   for tower, g in gates.items():
     field = TOWERS[tower]
-    out[tower], changes[field], _ = _prune_tower(params[tower], getattr(config, field), g, tower)
+    out[tower], changes[field] = _prune_tower(params[tower], getattr(config, field), g, tower)
   return out, config.replace(**changes)
 
 
