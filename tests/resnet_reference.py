@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.torch_reference import Transformer
+from tests.torch_reference import TextCLIP
 
 
 class Bottleneck(nn.Module):
@@ -116,7 +116,7 @@ class ModifiedResNet(nn.Module):
     return self.attnpool(x)
 
 
-class CLIP(nn.Module):
+class CLIP(TextCLIP):
   """OpenAI's CLIP with a ResNet image tower: `encode_image(NCHW)`, `encode_text(ids)`."""
 
   def __init__(self,
@@ -130,17 +130,10 @@ class CLIP(nn.Module):
                text_layers,
                text_heads,
                quick_gelu=True):
-    super().__init__()
-    self.visual = ModifiedResNet(vision_layers, embed_dim, vision_width * 32 // 64, image_size,
-                                 vision_width)
-    self.transformer = Transformer(text_width, text_layers, text_heads, 4 * text_width, quick_gelu)
-    self.token_embedding = nn.Embedding(vocab_size, text_width)
-    self.positional_embedding = nn.Parameter(0.01 * torch.randn(context_length, text_width))
-    self.ln_final = nn.LayerNorm(text_width)
-    self.text_projection = nn.Parameter(text_width**-0.5 * torch.randn(text_width, embed_dim))
-    self.logit_scale = nn.Parameter(torch.ones([]) * 2.6592)
-    mask = torch.full((context_length, context_length), float("-inf")).triu(1)
-    self.register_buffer("attn_mask", mask, persistent=False)
+    super().__init__(
+        ModifiedResNet(vision_layers, embed_dim, vision_width * 32 // 64, image_size,
+                       vision_width), embed_dim, context_length, vocab_size, text_width,
+        text_layers, text_heads, 4 * text_width, quick_gelu)
 
   @classmethod
   def from_config(cls, config) -> "CLIP":
@@ -157,17 +150,6 @@ class CLIP(nn.Module):
         t.layers,
         t.heads[0],
         quick_gelu=config.activation == "quick_gelu")
-
-  def encode_image(self, image):
-    return self.visual(image)
-
-  def encode_text(self, text):
-    n = text.shape[1]
-    x = self.token_embedding(text) + self.positional_embedding[:n]
-    x = self.transformer(x.permute(1, 0, 2), self.attn_mask[:n, :n]).permute(1, 0, 2)
-    x = self.ln_final(x)
-    x = x[torch.arange(x.shape[0]), text.argmax(dim=-1)]
-    return x @ self.text_projection
 
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -20,14 +20,12 @@ def images(n: int, seed: int, sizes=((32, 32),)):
   return out
 
 
-def build_cifar10(data_dir: str, n: int = 24) -> list[dict]:
-  examples = [{
-      "id": f"test_{i:05d}",
-      "image": im,
-      "label": i % 10
-  } for i, im in enumerate(images(n, 1))]
+def local_builder(base, examples: list[dict]):
+  """`base` (a TFDS builder class, under its own dataset name) whose train and test
+  splits are `examples`: prepared locally, nothing downloaded."""
 
-  class Cifar10(cifar.Cifar10, skip_registration=True):
+  class Local(base, skip_registration=True):
+    name = base.name
 
     def _split_generators(self, dl_manager):
       del dl_manager
@@ -37,7 +35,17 @@ def build_cifar10(data_dir: str, n: int = 24) -> list[dict]:
       for i, ex in enumerate(examples):
         yield i, ex
 
-  Cifar10(data_dir=data_dir).download_and_prepare()
+  return Local
+
+
+def build_cifar10(data_dir: str, n: int = 24) -> list[dict]:
+  examples = [{
+      "id": f"test_{i:05d}",
+      "image": im,
+      "label": i % 10
+  } for i, im in enumerate(images(n, 1))]
+
+  local_builder(cifar.Cifar10, examples)(data_dir=data_dir).download_and_prepare()
   return examples
 
 
@@ -70,18 +78,8 @@ def build_coco_captions(data_dir: str, n: int = 20, shards: int = 1) -> list[dic
         } for j, c in enumerate(caps)]
     })
 
-  class CocoCaptions(coco_captions.CocoCaptions, skip_registration=True):
-
-    def _split_generators(self, dl_manager):
-      del dl_manager
-      return {"train": self._examples(), "test": self._examples()}
-
-    def _examples(self):
-      for i, ex in enumerate(examples):
-        yield i, ex
-
   config = tfds.download.DownloadConfig(max_examples_per_split=None)
-  b = CocoCaptions(data_dir=data_dir)
+  b = local_builder(coco_captions.CocoCaptions, examples)(data_dir=data_dir)
   if shards > 1:  # several files per split, so training can deal them to windows
     config = tfds.download.DownloadConfig(num_shards=shards)
   b.download_and_prepare(download_config=config)

@@ -80,17 +80,16 @@ class VisionTransformer(nn.Module):
     return self.ln_post(x[:, 0, :]) @ self.proj
 
 
-class CLIP(nn.Module):
-  """OpenAI's CLIP with a ViT image tower: `encode_image(NCHW)`, `encode_text(ids)`."""
+class TextCLIP(nn.Module):
+  """OpenAI's CLIP around a given image tower `visual`: the text tower, projection,
+  logit scale and causal mask, `encode_image`, `encode_text`, `forward`."""
 
-  def __init__(self, embed_dim: int, image_size: int, patch_size: int, vision_width: int,
-               vision_layers: int, vision_heads: int, vision_mlp: int, context_length: int,
-               vocab_size: int, text_width: int, text_layers: int, text_heads: int,
-               text_mlp: int, quick_gelu: bool):
+  def __init__(self, visual: nn.Module, embed_dim: int, context_length: int, vocab_size: int,
+               text_width: int, text_layers: int, text_heads: int, text_mlp: int,
+               quick_gelu: bool):
     super().__init__()
     self.context_length = context_length
-    self.visual = VisionTransformer(image_size, patch_size, vision_width, vision_layers,
-                                    vision_heads, vision_mlp, embed_dim, quick_gelu)
+    self.visual = visual
     self.transformer = Transformer(text_width, text_layers, text_heads, text_mlp, quick_gelu)
     self.token_embedding = nn.Embedding(vocab_size, text_width)
     self.positional_embedding = nn.Parameter(0.01 * torch.randn(context_length, text_width))
@@ -99,17 +98,6 @@ class CLIP(nn.Module):
     self.logit_scale = nn.Parameter(torch.ones([]) * 2.6592)
     mask = torch.full((context_length, context_length), float("-inf")).triu(1)
     self.register_buffer("attn_mask", mask, persistent=False)
-
-  @classmethod
-  def from_config(cls, config) -> "CLIP":
-    """From a `tinyclip_jax` CLIPConfig with uniform towers (heads * head_dim == width)."""
-    v, t = config.vision, config.text
-    for name, tower in (("vision", v), ("text", t)):
-      if not tower.uniform or tower.heads[0] * tower.head_dim != tower.width:
-        raise ValueError(f"the {name} tower must be uniform with heads * head_dim == width.")
-    return cls(config.embed_dim, v.image_size, v.patch_size, v.width, v.layers, v.heads[0],
-               v.mlp[0], t.context_length, t.vocab_size, t.width, t.layers, t.heads[0],
-               t.mlp[0], quick_gelu=config.activation == "quick_gelu")
 
   def encode_image(self, image: torch.Tensor) -> torch.Tensor:
     return self.visual(image)
@@ -127,6 +115,31 @@ class CLIP(nn.Module):
     image_features = F.normalize(self.encode_image(image), dim=-1)
     text_features = F.normalize(self.encode_text(text), dim=-1)
     return image_features, text_features, self.logit_scale.exp()
+
+
+class CLIP(TextCLIP):
+  """OpenAI's CLIP with a ViT image tower: `encode_image(NCHW)`, `encode_text(ids)`."""
+
+  def __init__(self, embed_dim: int, image_size: int, patch_size: int, vision_width: int,
+               vision_layers: int, vision_heads: int, vision_mlp: int, context_length: int,
+               vocab_size: int, text_width: int, text_layers: int, text_heads: int,
+               text_mlp: int, quick_gelu: bool):
+    super().__init__(
+        VisionTransformer(image_size, patch_size, vision_width, vision_layers, vision_heads,
+                          vision_mlp, embed_dim, quick_gelu),
+        embed_dim, context_length, vocab_size, text_width, text_layers, text_heads, text_mlp,
+        quick_gelu)
+
+  @classmethod
+  def from_config(cls, config) -> "CLIP":
+    """From a `tinyclip_jax` CLIPConfig with uniform towers (heads * head_dim == width)."""
+    v, t = config.vision, config.text
+    for name, tower in (("vision", v), ("text", t)):
+      if not tower.uniform or tower.heads[0] * tower.head_dim != tower.width:
+        raise ValueError(f"the {name} tower must be uniform with heads * head_dim == width.")
+    return cls(config.embed_dim, v.image_size, v.patch_size, v.width, v.layers, v.heads[0],
+               v.mlp[0], t.context_length, t.vocab_size, t.width, t.layers, t.heads[0],
+               t.mlp[0], quick_gelu=config.activation == "quick_gelu")
 
 
 # ----------------------------------------------------------------------------- pruned towers
