@@ -75,13 +75,16 @@ def build(config, out: str, steps: int = 0, chunk: int = 100, dtype: str = "bflo
   path.mkdir(parents=True, exist_ok=True)
   writer = teacher_cache.Writer(out, chunk, dtype)
   t0 = time.time()
-  for s in range(1, steps + 1):
-    out_ = forward(setup.teacher_params, loop._global_batch(next(data), batch_abs))  # pylint: disable=protected-access
-    local = multihost_utils.global_array_to_host_local_array(
-        (out_["image_embeds"], out_["text_embeds"]), setup.mesh, rows.spec)
-    writer.add(*(jax.device_get(x) for x in local))
-    if s % 100 == 0 or s == steps:
-      logging.info("cached %d/%d steps (%.1f steps/s)", s, steps, s / (time.time() - t0))
+  try:
+    for s in range(1, steps + 1):
+      out_ = forward(setup.teacher_params, loop._global_batch(next(data), batch_abs))  # pylint: disable=protected-access
+      local = multihost_utils.global_array_to_host_local_array(
+          (out_["image_embeds"], out_["text_embeds"]), setup.mesh, rows.spec)
+      writer.add(*(jax.device_get(x) for x in local))
+      if s % 100 == 0 or s == steps:
+        logging.info("cached %d/%d steps (%.1f steps/s)", s, steps, s / (time.time() - t0))
+  finally:
+    pipeline.close_source(data)  # before exit: see ShardedPairs.close
   manifest = dict(teacher_cache.describe(config, setup.teacher_config, digest),
                   format=teacher_cache.FORMAT, steps=steps, chunk=chunk,
                   embed_dim=setup.teacher_config.embed_dim, precision=config.precision,

@@ -26,6 +26,7 @@ import time
 import ml_collections
 from absl import logging
 
+from tinyclip_jax import paths
 from tinyclip_jax.inherit import prune
 from tinyclip_jax.models import count_params
 from tinyclip_jax.train import loop, prepare
@@ -135,6 +136,7 @@ def run_auto(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  config, workdir = paths.resolve_config(config), paths.resolve(workdir)
   d = config.demo
   if config.eval.kind != "synthetic":
     raise prepare.SetupError(f"eval.kind {config.eval.kind!r}: the demo compares its models on "

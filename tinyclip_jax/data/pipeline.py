@@ -13,11 +13,10 @@ from __future__ import annotations
 import json
 import queue
 import threading
-from typing import Iterator
-
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 
 from tinyclip_jax import preprocess, tokenizer
 from tinyclip_jax.data import synthetic
@@ -148,6 +147,43 @@ def host_state(saved: dict) -> dict:
   return hosts[jax.process_index()]
 
 
+class InputStalled(ValueError):
+  """The input gave no usable sample for data.stall_records records on some process."""
+
+
+class InputMonitor:
+  """Checks the gathered input state at points every process reaches together (before
+  the first step, and at every step that logs, evaluates or checkpoints), so that all
+  processes stop at the same step when one of them has no usable input: a process
+  that stopped alone would leave the others waiting in the next collective."""
+
+  MIN_RECORDS_FOR_WARNING = 1000  # a smaller sample says little about the fraction
+
+  def __init__(self, cfg: ml_collections.ConfigDict):
+    self.cfg, self.warned = cfg, False
+
+  def check(self, gathered: dict) -> None:
+    hosts = gathered["hosts"]
+    skipped = skipped_metrics(gathered)
+    dropped = {k.split("/", 1)[1]: v for k, v in skipped.items() if v and k != "skipped/bad_utf8"}
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(dropped.items())) or "none"
+    stalled = [i for i, h in enumerate(hosts) if h.get("stalled")]
+    if stalled:
+      raise InputStalled(
+          f"the training input gave no usable sample in {int(self.cfg.stall_records)} records "
+          f"in a row on process(es) {stalled} of {len(hosts)}; skipped so far: {counts}; "
+          "check data.train and its samples (captions are KEY.txt, or KEY.json's field "
+          f"data.caption_key={self.cfg.caption_key!r}).")
+    used = sum(int(h.get("used", 0)) for h in hosts)
+    records = used + sum(dropped.values())
+    if (not self.warned and records >= self.MIN_RECORDS_FOR_WARNING and
+        used < float(self.cfg.min_usable_fraction) * records):
+      self.warned = True
+      logging.warning("only %d of %d training records (%.1f%%) were usable, below "
+                      "data.min_usable_fraction=%s; skipped: %s", used, records,
+                      100 * used / records, self.cfg.min_usable_fraction, counts)
+
+
 def skipped_metrics(gathered: dict) -> dict[str, int]:
   """{"skipped/<reason>": count summed over processes} of a gathered state."""
   out: dict[str, int] = {}
@@ -157,40 +193,107 @@ def skipped_metrics(gathered: dict) -> dict[str, int]:
   return out
 
 
-def prefetch(source, size: int, transform=None) -> Iterator[tuple[dict, dict]]:
-  """Yields (batch, source state after that batch) made `size` batches ahead on a
+class Prefetcher:
+  """Iterates (batch, source state after that batch), made `size` batches ahead on a
   thread; the state travels with its batch so a checkpoint saves the right position.
-  `transform` (e.g. host → device arrays) runs on that thread too, so the transfer
-  of the next batches overlaps the current step."""
-  transform = transform or (lambda b: b)
-  if size <= 0:
-    while True:
-      batch = next(source)
-      yield transform(batch), source.get_state()
-  q: queue.Queue = queue.Queue(maxsize=size)
-  stop = threading.Event()
+  `transform` (e.g. host → device arrays) runs on that thread too, so the transfer of
+  the next batches overlaps the current step.
 
-  def work():
+  `close()` stops and joins the thread and then closes the source. It must run before
+  the interpreter shuts down: a daemon thread left inside XLA's host-to-device copy,
+  or a tf.data iterator left to the garbage collector at exit, aborts or hangs the
+  process after all work is done (see ShardedPairs.close). Use it as a context
+  manager, or call close() in a `finally`.
+  """
+
+  JOIN_TIMEOUT_S = 120.0
+
+  def __init__(self, source, size: int, transform=None):
+    self.source, self.size = source, int(size)
+    self.transform = transform or (lambda b: b)
+    self._peeked = None
+    self._queue: queue.Queue = queue.Queue(maxsize=max(self.size, 1))
+    self._stop = threading.Event()
+    self._thread = None
+    if self.size > 0:
+      self._thread = threading.Thread(target=self._work, name="prefetch", daemon=True)
+      self._thread.start()
+
+  def _make(self):
+    batch = next(self.source)
+    return self.transform(batch), self.source.get_state()
+
+  def _work(self):
     try:
-      while not stop.is_set():
-        batch = next(source)
-        item = (transform(batch), source.get_state())
-        while not stop.is_set():
+      while not self._stop.is_set():
+        item = self._make()
+        while not self._stop.is_set():
           try:
-            q.put(item, timeout=0.1)
+            self._queue.put(item, timeout=0.1)
             break
           except queue.Full:
             continue
-    except Exception as e:  # noqa: BLE001 - surfaced in the consumer
-      q.put(e)
+    except BaseException as e:  # noqa: BLE001 - surfaced in the consumer
+      self._put_final(e)
 
-  thread = threading.Thread(target=work, daemon=True)
-  thread.start()
-  try:
-    while True:
-      item = q.get()
-      if isinstance(item, Exception):
-        raise item
-      yield item
-  finally:
-    stop.set()
+  def _put_final(self, e):
+    while not self._stop.is_set():
+      try:
+        self._queue.put(e, timeout=0.1)
+        return
+      except queue.Full:
+        continue
+
+  def __iter__(self):
+    return self
+
+  def peek(self) -> tuple[dict, dict]:
+    """The next item without consuming it."""
+    if self._peeked is None:
+      self._peeked = next(self)
+    return self._peeked
+
+  def __next__(self) -> tuple[dict, dict]:
+    if self._peeked is not None:
+      item, self._peeked = self._peeked, None
+      return item
+    if self._thread is None:
+      return self._make()
+    item = self._queue.get()
+    if isinstance(item, BaseException):
+      raise item
+    return item
+
+  def close(self) -> None:
+    """Stops and joins the thread, then closes the source. Idempotent."""
+    self._stop.set()
+    if self._thread is not None:
+      while True:  # unblock a producer waiting on a full queue
+        try:
+          self._queue.get_nowait()
+        except queue.Empty:
+          break
+      self._thread.join(self.JOIN_TIMEOUT_S)
+      if self._thread.is_alive():
+        logging.warning("the input thread did not stop within %.0f s", self.JOIN_TIMEOUT_S)
+      self._thread = None
+    self._peeked = None
+    close_source(self.source)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+def close_source(source) -> None:
+  """Ends a batch source's readers (a tf.data iterator, files) if it has any."""
+  close = getattr(source, "close", None)
+  if close is not None:
+    close()
+
+
+def prefetch(source, size: int, transform=None) -> Prefetcher:
+  """See Prefetcher."""
+  return Prefetcher(source, size, transform)

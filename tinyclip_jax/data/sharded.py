@@ -21,6 +21,8 @@ are exact and part of the state.
 """
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import tensorflow as tf
 
@@ -36,6 +38,7 @@ except (RuntimeError, ValueError):  # no TPU devices known to TF, or already ini
 
 AUTOTUNE = tf.data.AUTOTUNE
 _N = len(shards.REASONS) + 1
+_BEAT = _N  # reason code of a heartbeat record (not a reason: outside the counts)
 
 
 def _fingerprint(*ints):
@@ -70,8 +73,10 @@ class ShardedPairs:
     self.image_size, self.context_length = image_size, context_length
     self.local_batch = global_batch // process_count
     self.process_index, self.process_count = process_index, process_count
-    self.state = {"epoch": 0, "window": 0, "offset": 0, "skipped": {r: 0 for r in shards.REASONS}}
+    self.state = {"epoch": 0, "window": 0, "offset": 0, "used": 0,
+                  "skipped": {r: 0 for r in shards.REASONS}}
     self._it = None
+    self._stalled_batch = None
 
   # -- state -----------------------------------------------------------------------------
   def get_state(self) -> dict:
@@ -83,9 +88,11 @@ class ShardedPairs:
         "epoch": int(state["epoch"]),
         "window": int(state["window"]),
         "offset": int(state["offset"]),
+        "used": int(state.get("used", 0)),
         "skipped": skipped
     }
     self._it = None
+    self._stalled_batch = None
 
   # -- the tf.data graph -----------------------------------------------------------------
   def _read_unit(self, path):
@@ -95,7 +102,8 @@ class ShardedPairs:
     return tf.data.Dataset.from_generator(
         fn,
         output_signature=shards.RECORD_SIGNATURE,
-        args=(path, int(self.cfg.min_image_size), int(self.cfg.max_image_pixels)))
+        args=(path, int(self.cfg.min_image_size), int(self.cfg.max_image_pixels),
+              str(self.cfg.caption_key)))
 
   def _window(self, epoch, window, paths, skip):
     per = int(self.cfg.shards_per_window)
@@ -141,6 +149,23 @@ class ShardedPairs:
     reason = tf.where(empty, shards.CODE["empty_caption"], r["reason"])
     return dict(r, caption=fixed, reason=reason, bad_utf8=bad_utf8)
 
+  def _with_heartbeats(self, ds, every: int):
+    """A heartbeat record after every `every` records. Heartbeats are never decoded or
+    counted; they reach the end of the pipeline only when `every` records in a row
+    gave no usable sample (the `stall` flag). Without them a stream in which every
+    record is filtered out (all captions missing, all images broken) would never
+    yield a batch: the consumer would wait forever on a busy CPU."""
+    beat = {k: tf.zeros(spec.shape, spec.dtype) for k, spec in ds.element_spec.items()}
+    beat["reason"] = tf.constant(_BEAT, ds.element_spec["reason"].dtype)
+    choice = tf.data.Dataset.range(every + 1).map(lambda i: tf.cast(i // every, tf.int64))
+    return tf.data.Dataset.choose_from_datasets(
+        [ds, tf.data.Dataset.from_tensors(beat).repeat()], choice.repeat())
+
+  def _decode_record(self, r):
+    """Decodes and augments a record; a heartbeat passes with a blank image."""
+    blank = lambda: dict(r, image=tf.zeros([self.image_size] * 2 + [3], tf.float32))
+    return tf.cond(tf.equal(r["reason"], _BEAT), blank, lambda: dict(r, **self._decode(r)))
+
   def _decode(self, r):
     image = tf.io.decode_image(r["image"], channels=3, expand_animations=False)
     h, w = tf.shape(image)[0], tf.shape(image)[1]
@@ -167,40 +192,58 @@ class ShardedPairs:
     ds = tf.data.Dataset.from_generator(self._windows, output_signature=sig)
     ds = ds.flat_map(lambda e, w, p, n, skip: self._window(e, w, p[:n], skip))
     ds = ds.map(self._caption)
+    stall_after = int(self.cfg.stall_records)
+    if stall_after > 0:
+      ds = self._with_heartbeats(ds, stall_after)
 
     def count_pre(c, r):  # cumulative counts up to and including this record
-      c_counts, c_ok = c
+      c_counts, c_ok, c_seen = c
+      real = tf.cast(tf.not_equal(r["reason"], _BEAT), tf.int64)
       hit = tf.one_hot(r["reason"], _N, dtype=tf.int64) + tf.cast(r["bad_utf8"], tf.int64) * \
           tf.one_hot(shards.CODE["bad_utf8"], _N, dtype=tf.int64)
-      c_counts = c_counts + hit
+      c_counts = c_counts + hit * real
       c_ok = c_ok + tf.cast(tf.equal(r["reason"], 0), tf.int64)
-      return (c_counts, c_ok), dict(r, counts=c_counts, n_ok=c_ok)
+      c_seen = c_seen + real
+      return (c_counts, c_ok, c_seen), dict(r, counts=c_counts, n_ok=c_ok, seen=c_seen)
 
     start = np.zeros(_N, np.int64)
     for reason, n in s["skipped"].items():
       start[shards.CODE[reason]] = n
-    ds = ds.scan((tf.constant(start), tf.constant(0, tf.int64)), count_pre)
-    ds = ds.filter(lambda r: tf.equal(r["reason"], 0))
+    zero = tf.constant(0, tf.int64)
+    ds = ds.scan((tf.constant(start), zero, zero), count_pre)
+    ds = ds.filter(lambda r: tf.logical_or(tf.equal(r["reason"], 0), tf.equal(r["reason"], _BEAT)))
     # A JPEG that does not decode raises inside the map; ignore_errors drops exactly
     # those (the readers never raise), and the scan below counts them.
     ds = ds.map(
-        self._decode, num_parallel_calls=int(self.cfg.num_parallel_calls),
+        self._decode_record, num_parallel_calls=int(self.cfg.num_parallel_calls),
         deterministic=True).ignore_errors()
 
     def count_post(c, r):
-      c_counts, c_arrived = c
-      c_counts = c_counts + tf.one_hot(r["reason"], _N, dtype=tf.int64)
-      c_arrived = c_arrived + 1
+      c_counts, c_arrived, last_usable = c
+      beat = tf.equal(r["reason"], _BEAT)
+      real = tf.cast(tf.logical_not(beat), tf.int64)
+      c_counts = c_counts + tf.one_hot(r["reason"], _N, dtype=tf.int64) * real
+      c_arrived = c_arrived + real
       corrupt = r["n_ok"] - c_arrived  # passed the reader, never reached this scan
       counts = r["counts"] + c_counts + corrupt * tf.one_hot(
           shards.CODE["corrupt_image"], _N, dtype=tf.int64)
-      return (c_counts, c_arrived), dict(r, counts=counts)
+      last_usable = tf.where(tf.equal(r["reason"], 0), r["seen"], last_usable)
+      run = r["seen"] - last_usable  # records read since the last usable one
+      stall = tf.logical_and(beat, run >= stall_after)
+      return (c_counts, c_arrived, last_usable), dict(r, counts=counts, stall=stall,
+                                                      stall_run=run)
 
-    ds = ds.scan((tf.zeros(_N, tf.int64), tf.constant(0, tf.int64)), count_post)
-    ds = ds.filter(lambda r: tf.equal(r["reason"], 0))
-    keep = ("key", "image", "caption", "epoch", "window", "index", "counts")
+    ds = ds.scan((tf.zeros(_N, tf.int64), zero, zero), count_post)
+    ds = ds.filter(lambda r: tf.logical_or(tf.equal(r["reason"], 0), r["stall"]))
+    keep = ("key", "image", "caption", "epoch", "window", "index", "counts", "stall", "stall_run")
     ds = ds.map(lambda r: {k: r[k] for k in keep})
-    ds = ds.batch(self.local_batch, drop_remainder=True)
+    # The stream ends with its first stall row, so that row's (partial) batch comes
+    # out at once instead of waiting for a batch's worth of stalls.
+    ds = ds.scan(tf.constant(False), lambda ended, r: (tf.logical_or(ended, r["stall"]),
+                                                       dict(r, after_stall=ended)))
+    ds = ds.take_while(lambda r: tf.logical_not(r["after_stall"]))
+    ds = ds.map(lambda r: {k: r[k] for k in keep})
+    ds = ds.batch(self.local_batch, drop_remainder=stall_after <= 0)
     options = tf.data.Options()
     options.deterministic = True
     options.threading.private_threadpool_size = max(0, int(self.cfg.threads))
@@ -209,17 +252,21 @@ class ShardedPairs:
   # -- iteration ---------------------------------------------------------------------------
   def next_batch(self) -> dict[str, np.ndarray]:
     """The next batch with its sample keys and captions (tests and tools)."""
+    if self._stalled_batch is not None:
+      return self._stalled_batch
     if self._it is None:
       self._it = self.dataset().as_numpy_iterator()
     b = next(self._it)
     counts = b["counts"][-1]
+    skipped = {r: int(counts[shards.CODE[r]]) for r in shards.REASONS}
+    if b["stall"].any():
+      return self._stall(b, skipped)
     self.state = {
         "epoch": int(b["epoch"][-1]),
         "window": int(b["window"][-1]),
         "offset": int(b["index"][-1]) + 1,
-        "skipped": {
-            r: int(counts[shards.CODE[r]]) for r in shards.REASONS
-        }
+        "used": self.state["used"] + len(b["key"]),
+        "skipped": skipped
     }
     captions = [c.decode("utf-8") for c in b["caption"]]
     return {
@@ -228,6 +275,37 @@ class ShardedPairs:
         "keys": [k.decode("utf-8", "replace") for k in b["key"]],
         "captions": captions
     }
+
+  def _stall(self, b, skipped: dict) -> dict:
+    """No usable sample in `stall_records` records: the state says so (the loop stops
+    every process at its next agreement point, see pipeline.check_input) and, until
+    then, this source returns one blank batch without reading further."""
+    run = int(b["stall_run"][np.argmax(b["stall"])])
+    self.state = dict(self.state, skipped=skipped, stalled=run)
+    n = self.local_batch
+    self._stalled_batch = {
+        "images": np.zeros((n,) + b["image"].shape[1:], b["image"].dtype),
+        "tokens": tokenizer.tokenize([""] * n, self.context_length),
+        "keys": [""] * n,
+        "captions": [""] * n
+    }
+    self.close()
+    return self._stalled_batch
+
+  def close(self) -> None:
+    """Ends the tf.data iterator now, while the interpreter is alive.
+
+    Why it matters: the shard readers are Python generators run by tf.data
+    (`from_generator`) on tf.data's own threads. An iterator still alive at
+    interpreter shutdown is destroyed by the garbage collector after Python has
+    started finalizing; its destructor waits for in-flight reader calls, which can no
+    longer take the GIL, so the process hangs after all work is done. Deleting it
+    here runs that teardown while the readers can still finish.
+    """
+    it, self._it = self._it, None
+    if it is not None:
+      del it
+      gc.collect()
 
   def __iter__(self):
     return self

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
 import posixpath
 import re
 import tarfile
@@ -26,6 +27,7 @@ REASONS = ("corrupt_image", "missing_image", "empty_caption", "missing_caption",
            "tiny_image", "huge_image", "truncated_tar", "truncated_tfrecord", "unreadable_shard")
 CODE = {r: i + 1 for i, r in enumerate(REASONS)}
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+DEFAULT_CAPTION_KEY = "caption"  # of KEY.json, read when a sample has no KEY.txt
 _BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}|\{([^{}]*,[^{}]*)\}")
 
 
@@ -108,9 +110,28 @@ def check_header(image: bytes, min_size: int, max_pixels: int) -> int:
   return 0
 
 
-def _sample(key: str, parts: dict, min_size: int, max_pixels: int):
+def json_caption(raw: bytes, caption_key: str) -> bytes | None:
+  """The caption under `caption_key` ('a/b' for nested keys) of a sample's JSON
+  metadata (img2dataset writes {"caption": ...}), or None when it has none."""
+  try:
+    value = json.loads(raw)
+  except ValueError:
+    return None
+  for part in caption_key.split("/"):
+    if not isinstance(value, dict) or part not in value:
+      return None
+    value = value[part]
+  return value.encode("utf-8") if isinstance(value, str) else None
+
+
+def _sample(key: str, parts: dict, min_size: int, max_pixels: int,
+            caption_key: str = DEFAULT_CAPTION_KEY):
+  """A sample's record: the caption is KEY.txt, or, without one, the JSON's
+  `caption_key` field."""
   image = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
   caption = parts.get("txt")
+  if caption is None and "json" in parts and caption_key:
+    caption = json_caption(parts["json"], caption_key)
   if image is None:
     return _record(key, None, caption, CODE["missing_image"])
   if caption is None:
@@ -118,11 +139,15 @@ def _sample(key: str, parts: dict, min_size: int, max_pixels: int):
   return _record(key, image, caption, check_header(image, min_size, max_pixels))
 
 
-def read_tar(path, min_size, max_pixels):
+def _text(x) -> str:
+  return x.decode() if isinstance(x, bytes) else str(x)
+
+
+def read_tar(path, min_size, max_pixels, caption_key=DEFAULT_CAPTION_KEY):
   """Samples of a webdataset tar (consecutive members sharing a key: KEY.jpg, KEY.txt,
   KEY.json, ...). Streamed, so a truncated tar yields its complete samples, then one
   `truncated_tar` marker."""
-  path = path.decode() if isinstance(path, bytes) else path
+  path, caption_key = _text(path), _text(caption_key)
   key, parts = None, {}
   try:
     with tf.io.gfile.GFile(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
@@ -133,12 +158,12 @@ def read_tar(path, min_size, max_pixels):
         stem, _, ext = base.partition(".")
         name = posixpath.join(folder, stem)
         if name != key and key is not None:  # before reading on: complete samples first
-          yield _sample(key, parts, min_size, max_pixels)
+          yield _sample(key, parts, min_size, max_pixels, caption_key)
           parts = {}
         key = name
         parts[ext.lower()] = tar.extractfile(member).read()
     if key is not None:
-      yield _sample(key, parts, min_size, max_pixels)
+      yield _sample(key, parts, min_size, max_pixels, caption_key)
   except (tarfile.TarError, EOFError) as e:
     yield _record(f"{path}:{key}", None, None, CODE["truncated_tar"])
     tf.get_logger().warning("truncated tar %s after sample %s: %s", path, key, e)
@@ -147,10 +172,10 @@ def read_tar(path, min_size, max_pixels):
     tf.get_logger().warning("cannot read shard %s: %s", path, e)
 
 
-def read_tfrecord(path, min_size, max_pixels):
+def read_tfrecord(path, min_size, max_pixels, caption_key=DEFAULT_CAPTION_KEY):
   """Samples of an img2dataset TFRecord shard (tf.train.Example with `key`, `jpg`
-  (or another image extension) and `txt` bytes features)."""
-  path = path.decode() if isinstance(path, bytes) else path
+  (or another image extension) and `txt` (or `json`) bytes features)."""
+  path, caption_key = _text(path), _text(caption_key)
   count = 0
   try:
     for raw in tf.compat.v1.io.tf_record_iterator(path):
@@ -159,7 +184,7 @@ def read_tfrecord(path, min_size, max_pixels):
       key = parts.pop("key", f"{path}:{count}".encode())
       key = key.decode("utf-8", "replace") if isinstance(key, bytes) else key
       count += 1
-      yield _sample(key, parts, min_size, max_pixels)
+      yield _sample(key, parts, min_size, max_pixels, caption_key)
   except tf.errors.DataLossError as e:
     yield _record(f"{path}:{count}", None, None, CODE["truncated_tfrecord"])
     tf.get_logger().warning("truncated tfrecord %s after %d records: %s", path, count, e)

@@ -173,6 +173,11 @@ class CachedTeacher:
   def set_state(self, state):
     self.source.set_state(state)
 
+  def close(self):
+    close = getattr(self.source, "close", None)
+    if close is not None:
+      close()
+
   def __iter__(self):
     return self
 

@@ -111,6 +111,14 @@ def base_config() -> ml_collections.ConfigDict:
       "text_key": "captions/text",
       "seed": 0,
       "max_objects": 2,         # synthetic only
+      # webdataset/tfrecord: the caption is KEY.txt; a sample without one takes this
+      # field of KEY.json ('a/b' for nested fields; "" = never read the JSON).
+      "caption_key": "caption",
+      # Stop (exit 2, skip counts by reason) when this many records in a row on any
+      # host gave no usable sample; 0 = never. Warn when the usable fraction of the
+      # records read so far falls below min_usable_fraction.
+      "stall_records": 10_000,
+      "min_usable_fraction": 0.5,
       "prefetch": 2,            # batches made ahead on a host thread
       "shuffle_buffer": 10_000,     # records, within a window of shards
       "shards_per_window": 8,       # shards read interleaved (and shuffled together)

@@ -70,6 +70,7 @@ class _Run:
   evals: list
   last: dict
   data_state: dict = dataclasses.field(default_factory=dict)
+  monitor: Any = None
 
 
 def _batch_abstract(config, setup):
@@ -126,6 +127,7 @@ def _train(run: _Run, setup, state, start: int, end: int) -> tuple[Any, int, boo
   model_json = setup.student_config.to_dict()
   prev_metrics, t_log, step_log, step = None, time.time(), start, start
   window = profiling.StepWindow(config, run.workdir)
+  sharded_input = config.data.kind != "synthetic"
   for step in range(start + 1, end + 1):
     batch, data_state = next(run.batches)
     window.before(step)
@@ -140,14 +142,24 @@ def _train(run: _Run, setup, state, start: int, end: int) -> tuple[Any, int, boo
     final = step == config.total_steps
     do_eval = (run.eval_task is not None or run.suite) and (step % config.eval_every == 0 or
                                                             final)
-    if step % config.log_every == 0 or final or do_eval:
+    masked_end = setup.masking is not None and step == end
+    do_save = not masked_end and (step % config.checkpoint_every == 0 or final or
+                                  run.mgr.reached_preemption(step))
+    do_log = step % config.log_every == 0 or final or do_eval
+    # Every process reaches these steps together: the input state is gathered and
+    # checked (a stalled input stops all processes here, before anything is saved).
+    gathered = (pipeline.gather_state(data_state)
+                if do_save or (do_log and sharded_input) else None)
+    if gathered is not None and sharded_input:
+      run.monitor.check(gathered)
+    if do_log:
       m = jax.device_get(m)
       now = time.time()
       pairs_s = (step - step_log) * config.batch_size / max(now - t_log, 1e-9)
       run.last = {k: float(v) for k, v in m.items()}
       run.last.update(pairs_per_s=pairs_s, model_flops_per_s=pairs_s * flops_per_pair)
-      if config.data.kind != "synthetic":
-        run.last.update(pipeline.skipped_metrics(pipeline.gather_state(data_state)))
+      if sharded_input:
+        run.last.update(pipeline.skipped_metrics(gathered))
       t_log, step_log = now, step
       if do_eval:
         ev = _evaluate(run, setup, state, step)
@@ -155,11 +167,8 @@ def _train(run: _Run, setup, state, start: int, end: int) -> tuple[Any, int, boo
         run.last.update({f"eval/{k}": v for k, v in ev.items()})
       run.writer.write_scalars(step, run.last)
     # The masked phase's last state is saved after pruning (by the caller).
-    masked_end = setup.masking is not None and step == end
-    if not masked_end and (step % config.checkpoint_every == 0 or final or
-                           run.mgr.reached_preemption(step)):
-      checkpoint.save(run.mgr, step, state, pipeline.gather_state(data_state), run.config_json,
-                      model_json)
+    if do_save:
+      checkpoint.save(run.mgr, step, state, gathered, run.config_json, model_json)
       if run.mgr.reached_preemption(step):
         run.mgr.wait_until_finished()
         logging.info("preempted: saved step %d", step)
@@ -178,8 +187,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   Returns {"params", "student_config", "metrics" (last logged), "evals" (history)}.
   """
   prepare.validate(config)
-  if "://" not in workdir:
-    os.makedirs(workdir, exist_ok=True)
   mgr = checkpoint.manager(workdir, config.keep_checkpoints)
   latest = mgr.latest_step()
   resuming = latest is not None
@@ -204,9 +211,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       metrics_lib.truncate_jsonl(jsonl, start)
     logging.info("resumed from step %d in %s", start, workdir)
 
-  writer = metrics_lib.create_writer(workdir)
-  if start == 0:
-    writer.write_hparams({k: str(v) for k, v in config.to_dict().items()})
   eval_task = None
   if config.eval.kind:
     eval_task = evaluate.load_task(config.eval.kind, student_cfg.vision.image_size,
@@ -219,23 +223,40 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   # sharding are the same on both sides of a prune step).
   batch_abs = _batch_abstract(config, setup)
   batches = pipeline.prefetch(data, config.data.prefetch, lambda b: _global_batch(b, batch_abs))
-  run_ = _Run(config, workdir, mgr, writer, batches, eval_task,
-              eval_tasks.task_list(config.eval.tasks), json.loads(config.to_json_best_effort()),
-              [], {})
-
-  end = config.masks.prune_step if setup.masking is not None else config.total_steps
-  state, step, preempted = _train(run_, setup, state, start, end)
-  if setup.masking is not None and not preempted:
-    params, cfg, gates = masking.prune_state(state.params, student_cfg, state.masks, setup.masking)
-    masking.write_structure(workdir, step, student_cfg, "pruned", gates, count_params(params))
-    # The teacher stays on device: loading it again would hold two copies at once.
-    setup, state = prepare.build(config, restoring=False,
-                                 pruned=prepare.Pruned(cfg, params, step), teacher_from=setup)
-    checkpoint.save(mgr, step, state, pipeline.gather_state(run_.data_state), run_.config_json,
-                    cfg.to_dict())
-    state, step, preempted = _train(run_, setup, state, step, config.total_steps)
-  mgr.wait_until_finished()
-  writer.flush()
+  monitor = pipeline.InputMonitor(config.data)
+  writer = None
+  # Every thread and reader this run started ends before it returns, error or not: a
+  # prefetch thread inside XLA or a tf.data iterator left to interpreter shutdown
+  # aborts or hangs the process after the work is done.
+  try:
+    if config.data.kind != "synthetic":  # no usable input: stop before writing anything
+      monitor.check(pipeline.gather_state(batches.peek()[1]))
+    if "://" not in workdir:
+      os.makedirs(workdir, exist_ok=True)
+    writer = metrics_lib.create_writer(workdir)
+    if start == 0:
+      writer.write_hparams({k: str(v) for k, v in config.to_dict().items()})
+    run_ = _Run(config, workdir, mgr, writer, batches, eval_task,
+                eval_tasks.task_list(config.eval.tasks), json.loads(config.to_json_best_effort()),
+                [], {}, monitor=monitor)
+    end = config.masks.prune_step if setup.masking is not None else config.total_steps
+    state, step, preempted = _train(run_, setup, state, start, end)
+    if setup.masking is not None and not preempted:
+      params, cfg, gates = masking.prune_state(state.params, student_cfg, state.masks,
+                                               setup.masking)
+      masking.write_structure(workdir, step, student_cfg, "pruned", gates, count_params(params))
+      # The teacher stays on device: loading it again would hold two copies at once.
+      setup, state = prepare.build(config, restoring=False,
+                                   pruned=prepare.Pruned(cfg, params, step), teacher_from=setup)
+      checkpoint.save(mgr, step, state, pipeline.gather_state(run_.data_state),
+                      run_.config_json, cfg.to_dict())
+      state, step, preempted = _train(run_, setup, state, step, config.total_steps)
+    mgr.wait_until_finished()
+  finally:
+    batches.close()
+    mgr.close()
+    if writer is not None:
+      writer.close()
   weights = merge_stats(state.params, state.batch_stats)  # with BatchNorm running statistics
   if preempted:
     return {"params": weights, "student_config": setup.student_config,

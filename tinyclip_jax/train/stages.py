@@ -20,6 +20,7 @@ import ml_collections
 from absl import logging
 from etils import epath
 
+from tinyclip_jax import paths
 from tinyclip_jax.train import loop, prepare
 
 STAGE_KEYS = ("name", "from_stage")
@@ -75,7 +76,9 @@ def plan(config: ml_collections.ConfigDict, workdir: str) -> list[tuple[str, Any
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """One run, or every stage in order (resuming where a previous attempt stopped)."""
+  """One run, or every stage in order (resuming where a previous attempt stopped).
+  Relative paths (workdir, checkpoints, caches, shards) are resolved here, once."""
+  config, workdir = paths.resolve_config(config), paths.resolve(workdir)
   if not config.stages:
     return loop.run(config, workdir)
   result: dict[str, Any] = {"stages": []}
