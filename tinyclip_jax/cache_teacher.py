@@ -37,6 +37,8 @@ def _define_flags() -> None:
 
 def build(config, out: str, steps: int = 0, chunk: int = 100, dtype: str = "bfloat16") -> dict:
   """Writes the cache; returns its manifest."""
+  from tinyclip_jax import paths  # pylint: disable=import-outside-toplevel
+  config, out = paths.resolve_config(config), paths.resolve(out)
   import jax  # pylint: disable=import-outside-toplevel
   from etils import epath  # pylint: disable=import-outside-toplevel
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel

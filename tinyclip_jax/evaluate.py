@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tinyclip_jax import cli, preprocess, tokenizer
+from tinyclip_jax import cli, paths, preprocess, tokenizer
 from tinyclip_jax.models import CLIP, CLIPConfig, l2_normalize, variables
 
 
@@ -128,13 +128,16 @@ def main(argv=None) -> int:
                  usage_line="python -m tinyclip_jax.evaluate --checkpoint=DIR "
                  "[--dataset=TASK[,TASK...]] [--data_dir=DIR] [--num_examples=N] "
                  "[--max_examples=N] [--output=FILE]")
-  p.add_argument("--checkpoint", required=True, help="flax model folder")
-  p.add_argument("--dataset", default="synthetic", help="task(s), comma-separated")
-  p.add_argument("--data_dir", default="", help="TFDS data_dir of the datasets")
+  p.add_argument("--checkpoint", required=True, type=paths.resolve, help="flax model folder")
+  p.add_argument("--dataset", default="synthetic", type=paths.resolve_tasks,
+                 help="task(s), comma-separated")
+  p.add_argument("--data_dir", default="", type=paths.resolve,
+                 help="TFDS data_dir of the datasets")
   p.add_argument("--num_examples", type=int, default=512, help="size of the synthetic task")
   p.add_argument("--max_examples", type=int, default=0, help="per TFDS/wds task; 0 = all")
   p.add_argument("--batch_size", type=int, default=256)
-  p.add_argument("--output", default="", help="write the metrics as JSON here")
+  p.add_argument("--output", default="", type=paths.resolve,
+                 help="write the metrics as JSON here")
   return cli.run_main(lambda a: _run(p.parse_args(a)), argv)
 
 

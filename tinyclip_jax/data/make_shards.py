@@ -57,8 +57,9 @@ def samples(num: int, image_size: int, seed: int, start: int = 0, bad: dict | No
       parts["jpg"] = parts["jpg"][:len(parts["jpg"]) // 2]  # header fine, data cut
     elif kind == "empty_caption":
       parts["txt"] = b"  \n"
-    elif kind == "missing_caption":
+    elif kind == "missing_caption":  # neither KEY.txt nor a caption in KEY.json
       del parts["txt"]
+      parts["json"] = json.dumps({"key": key}).encode()
     elif kind == "bad_utf8":
       parts["txt"] = caption.encode() + b" \xff\xfe"
     elif kind == "tiny_image":
