@@ -57,10 +57,12 @@ def caption_sets(n: int) -> list[list[str]]:
           for i in range(n)]
 
 
-def build_coco_captions(data_dir: str, n: int = 20, shards: int = 1) -> list[dict]:
+def build_coco_captions(data_dir: str, n: int = 20, shards: int = 1,
+                        captions: list[list[str]] | None = None) -> list[dict]:
+  """`captions`: each image's captions (default `caption_sets(n)`)."""
   pics = images(n, 3, sizes=((40, 48), (48, 36), (32, 32)))
   examples = []
-  for i, (im, caps) in enumerate(zip(pics, caption_sets(n))):
+  for i, (im, caps) in enumerate(zip(pics, captions or caption_sets(n))):
     examples.append({
         "image": im,
         "image/filename": f"{i:012d}.jpg",

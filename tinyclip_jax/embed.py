@@ -5,10 +5,11 @@
 
 --images: a folder of image files (sorted by name; png/jpg/jpeg/webp/bmp),
 preprocessed as CLIP's eval transform at the model's image size, or a .npy uint8
-NHWC array already at that size. --texts: one caption per line. The npz holds
-L2-normalized float32 `image_embeds` / `text_embeds`, the int32 `tokens` and the
-`image_files` names (for whichever inputs were given). Bad input prints one
-sentence to stderr and exits with code 2.
+NHWC array already at that size. --texts: one caption per line (lines end at a
+line feed only; a trailing carriage return is dropped). The npz holds L2-normalized
+float32 `image_embeds` / `text_embeds`, the int32 `tokens` and the `image_files`
+names (for whichever inputs were given). Bad input prints one sentence to stderr and
+exits with code 2.
 """
 from __future__ import annotations
 
@@ -94,8 +95,8 @@ def image_source(path: str, size: int) -> tuple[list[str], Callable[[int, int], 
 def load_texts(path: str) -> list[str]:
   if not os.path.isfile(path):
     raise UsageError(f"{path} is not a file; give a text file with one caption per line.")
-  with open(path, encoding="utf-8") as f:
-    lines = f.read().splitlines()
+  from tinyclip_jax.data.captions import read_lines
+  lines = read_lines(path)  # split at "\n" only: a caption may hold U+2028, \f, …
   if not lines:
     raise UsageError(f"{path} is empty; give one caption per line.")
   return lines

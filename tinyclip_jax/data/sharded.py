@@ -27,7 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from tinyclip_jax import tokenizer
-from tinyclip_jax.data import augment, shards, tfds_input
+from tinyclip_jax.data import augment, shards
 
 # TensorFlow stays off the accelerators: JAX owns them.
 tf.config.set_visible_devices([], "GPU")
@@ -137,10 +137,11 @@ class ShardedPairs:
   def _caption(self, r):
     """Picks one of several captions (TFDS), repairs non-UTF-8 ones (U+FFFD) and flags
     them; flags empty ones."""
-    parts = tf.strings.split(r["caption"], tfds_input.CAPTION_SEP)
-    seed = tf.stack([_fingerprint(self.cfg.seed + 1, r["epoch"], r["window"]), r["index"]])
-    pick = tf.random.stateless_uniform([], seed, 0, tf.maximum(tf.size(parts), 1), tf.int32)
-    caption = tf.cond(tf.size(parts) > 1, lambda: parts[pick], lambda: r["caption"])
+    caption = parts = r["caption"]
+    if parts.shape.rank == 1:  # TFDS: a vector of the image's captions (maybe empty)
+      seed = tf.stack([_fingerprint(self.cfg.seed + 1, r["epoch"], r["window"]), r["index"]])
+      pick = tf.random.stateless_uniform([], seed, 0, tf.maximum(tf.size(parts), 1), tf.int32)
+      caption = tf.cond(tf.size(parts) > 0, lambda: parts[pick], lambda: tf.constant(""))
     fixed = tf.strings.unicode_transcode(
         caption, "UTF-8", "UTF-8", errors="replace", replacement_char=0xFFFD)
     bad_utf8 = tf.logical_and(tf.equal(r["reason"], 0), tf.not_equal(fixed, caption))

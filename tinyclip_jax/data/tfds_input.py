@@ -1,10 +1,12 @@
 """TFDS datasets as sources: a prepared builder found by name and data_dir (never
 downloaded here), its split's files as shard units, and a record reader that maps
-an example to the pipeline's raw record (key, encoded image, caption, reason).
+an example to the pipeline's raw record (key, encoded image, captions, reason).
 
 Images are read undecoded (`SkipDecoding`) so training and evaluation decode them
-the same way as webdataset shards. Several captions per image (coco_captions) are
-joined with CAPTION_SEP; the training pipeline picks one per sample and epoch.
+the same way as webdataset shards. The record holds all of an image's captions
+(coco_captions has ~5) as a string vector, never joined into one string (no
+separator character is safe: a caption may hold any); the training pipeline picks
+one per sample and epoch.
 """
 from __future__ import annotations
 
@@ -14,8 +16,6 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from tinyclip_jax.data.shards import CODE, DataError
-
-CAPTION_SEP = "\x1f"  # ASCII unit separator: never part of a caption
 
 
 def builder(name: str, data_dir: str, what: str = "data.tfds_name"):
@@ -55,7 +55,8 @@ def _field(example, path: str):
 
 
 def record_reader(b, image_key: str, text_key: str):
-  """(file path tensor) → dataset of raw records (key, image bytes, caption, reason)."""
+  """(file path tensor) → dataset of raw records (key, image bytes, captions, reason);
+  captions is a string vector, empty when the example has none."""
   decoders = {image_key.split("/")[0]: tfds.decode.SkipDecoding()}
   features = b.info.features
 
@@ -68,10 +69,9 @@ def record_reader(b, image_key: str, text_key: str):
                       f"{text_key!r}; set data.image_key / data.text_key to its image and "
                       "caption features.")
     text = tf.reshape(text, [-1])
-    caption = tf.strings.reduce_join(text, separator=CAPTION_SEP)
     reason = tf.where(tf.size(text) > 0, 0, CODE["missing_caption"])
     key = tf.strings.format("{}:{}", [tf.strings.split(path, "/")[-1], i])
-    return key, image, caption, tf.cast(reason, tf.int32)
+    return key, image, text, tf.cast(reason, tf.int32)
 
   def read(path):
     return tf.data.TFRecordDataset(path).enumerate().map(lambda i, s: parse(path, i, s))

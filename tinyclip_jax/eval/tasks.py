@@ -177,11 +177,12 @@ def retrieval_tfds(name: str,
 
 def wds_pairs(pattern: str, max_examples: int = 0):
   """(image bytes, captions) of webdataset shards in file order; bad samples skipped."""
+  from tinyclip_jax.data import captions as lines  # pylint: disable=import-outside-toplevel
   from tinyclip_jax.data import shards  # pylint: disable=import-outside-toplevel
   n = 0
   for path in shards.resolve(pattern, "eval task wds:"):
     for _, image, caption, reason in shards.read_tar(path, 1, 2**62):
-      captions = [c.strip() for c in caption.decode("utf-8", "replace").splitlines()]
+      captions = [c.strip() for c in lines.split_lines(caption.decode("utf-8", "replace"))]
       captions = [c for c in captions if c]
       if reason or not captions:
         continue

@@ -199,7 +199,7 @@ def build(config: ml_collections.ConfigDict, restoring: bool,
   w_shard, w_shapes = _shardings(student_cfg, mesh)
   (s_shard, bs_shard), (s_shapes, bs_shapes) = split_stats(w_shard), split_stats(w_shapes)
   tx = state_lib.make_optimizer(config.optimizer, config.total_steps, config.max_nonfinite + 2,
-                                warmup)
+                                warmup, model_config=student_cfg)
   lr_fn = state_lib.learning_rate_fn(config.optimizer, config.total_steps, warmup)
   abstract = jax.eval_shape(
       lambda p, m, b: state_lib.init_state(p, tx, m, mask_tx, batch_stats=b), s_shapes,
