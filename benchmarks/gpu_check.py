@@ -153,10 +153,9 @@ def wheel_paths(folder: str) -> list[str]:
   return out
 
 
-def worker_env(base: dict, dry_run: bool) -> dict:
+def worker_env(base: dict, dry_run: bool, wheels: list[str]) -> dict:
   env = dict(base)
-  env["PYTHONPATH"] = os.pathsep.join(
-      [ROOT] + wheel_paths(os.path.join(ROOT, WHEELS)) + [p for p in [base.get("PYTHONPATH")] if p])
+  env["PYTHONPATH"] = os.pathsep.join([ROOT] + wheels + [p for p in [base.get("PYTHONPATH")] if p])
   if dry_run:  # a CPU check wherever it runs; compiled fast, as it times nothing that counts
     env.update(JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="", JAX_DISABLE_MOST_OPTIMIZATIONS="1")
   else:  # JAX's process is alone on the GPU while it runs
@@ -272,7 +271,8 @@ def _check(argv) -> None:
     out.write(json.dumps(line) + "\n")
     out.flush()
 
-  env = worker_env(base_env, args.dry_run)
+  wheels = wheel_paths(os.path.join(ROOT, WHEELS))
+  env = worker_env(base_env, args.dry_run, wheels)
   jax_budget = JAX_SHARE * budget
   error = run_worker([sys.executable, "-m", "benchmarks.gpu_check_jax", name, str(jax_budget)],
                      env, jax_budget + GRACE_S, "jax", on_line)
@@ -290,7 +290,7 @@ def _check(argv) -> None:
   if error:
     on_line({"gpu_check": "torch", "error": error})
   on_line(dict(summarize(lines), out=os.path.abspath(args.out),
-               wheels=[os.path.basename(w) for w in wheel_paths(os.path.join(ROOT, WHEELS))],
+               wheels=[os.path.basename(w) for w in wheels],
                wall_s=time.monotonic() - start))
   out.close()
 
