@@ -27,6 +27,8 @@ GPU_PEAKS = (
     ("H100 PCIe", 756e12, "H100 PCIe"),
     ("H100 NVL", 835e12, "H100 NVL"),
     ("H100", 989e12, "H100 SXM"),
+    ("H200 NVL", 835e12, "H200 NVL"),
+    ("H200", 989e12, "H200 SXM"),
     ("A100", 312e12, "A100"),
 )
 
@@ -57,21 +59,23 @@ def measured_matmul_peak(n: int = 2048, repeats: int = 5, dtype: str = "float32"
   return 2.0 * n**3 / best
 
 
-def mfu(model_flops_per_s: float, dtype: str = "float32") -> dict:
-  """{"peak_flops_per_s", "peak_source", "mfu"} for the devices jax sees."""
+def device_peak(dtype: str = "float32", cpu_matmul: int = 2048) -> tuple[float | None, str]:
+  """(peak FLOP/s of the devices jax sees, where it comes from); None for an unknown
+  accelerator. On CPU the best of a few cpu_matmul² matmuls in `dtype`."""
   import jax  # pylint: disable=import-outside-toplevel
   device = jax.devices()[0]
   if device.platform == "cpu":
-    peak = measured_matmul_peak(dtype=dtype)
-    source = f"measured: best {dtype} 2048x2048 matmul in XLA on this machine"
-  else:
-    known = table_peak(device.device_kind)
-    if known is None:
-      return {
-          "peak_flops_per_s": None,
-          "peak_source": f"unknown device {device.device_kind!r}",
-          "mfu": None
-      }
-    peak = known[0] * jax.device_count()
-    source = f"table: {known[1]} dense bf16 peak x {jax.device_count()} devices"
-  return {"peak_flops_per_s": peak, "peak_source": source, "mfu": model_flops_per_s / peak}
+    return (measured_matmul_peak(n=cpu_matmul, dtype=dtype),
+            f"measured: best {dtype} {cpu_matmul}x{cpu_matmul} matmul in XLA on this machine")
+  known = table_peak(device.device_kind)
+  if known is None:
+    return None, f"unknown device {device.device_kind!r}"
+  return (known[0] * jax.device_count(),
+          f"table: {known[1]} dense bf16 peak x {jax.device_count()} devices")
+
+
+def mfu(model_flops_per_s: float, dtype: str = "float32") -> dict:
+  """{"peak_flops_per_s", "peak_source", "mfu"} for the devices jax sees."""
+  peak, source = device_peak(dtype)
+  return {"peak_flops_per_s": peak, "peak_source": source,
+          "mfu": None if peak is None else model_flops_per_s / peak}

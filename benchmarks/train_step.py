@@ -4,15 +4,18 @@ python -m benchmarks.train_step --student=TinyCLIP-ViT-39M-16-Text-19M --teacher
     --batch=8 --image=224 --steps=10
 
 Prints one JSON line, with model FLOPs utilization (`mfu`) against the device's peak
-(benchmarks/peak.py: a table for TPUs, A100 and H100; a measured matmul on CPU).
+(benchmarks/peak.py: a table for TPUs and NVIDIA GPUs; a measured matmul on CPU).
 Both sides run one step = teacher forward (no grad), student forward + backward,
 affinity-mimicking loss (τ=50), global-norm clip, AdamW update, on random weights and
 random inputs. The PyTorch side uses transformers' CLIPModel
-and runs in a subprocess, so each side's peak RSS is its own.
+and runs in a subprocess, so each side's peak RSS is its own. The pieces (build,
+compile, time) are also what benchmarks/gpu_check.py runs on an accelerator.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import os
 import resource
@@ -21,10 +24,12 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+
 from benchmarks import peak
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
   """This process's peak RSS. VmHWM, not getrusage: ru_maxrss survives fork+exec,
   so a subprocess would report its parent's peak."""
   try:
@@ -37,92 +42,174 @@ def _peak_rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _configs(args):
+def model_configs(student: str, teacher: str, image: int):
+  """[student, teacher] zoo configs at `image` pixels."""
   from tinyclip_jax.models import zoo  # pylint: disable=import-outside-toplevel
   out = []
-  for name in (args.student, args.teacher):
+  for name in (student, teacher):
     c = zoo.get(name)
-    if args.image != c.vision.image_size:
-      import dataclasses  # pylint: disable=import-outside-toplevel
-      c = c.replace(vision=dataclasses.replace(c.vision, image_size=args.image))
+    if image != c.vision.image_size:
+      c = c.replace(vision=dataclasses.replace(c.vision, image_size=image))
     out.append(c)
   return out
 
 
-def run_jax(args, cached: bool = False) -> dict:
-  """The step as training compiles it; `cached`: teacher embeddings come with the batch
-  (teacher.cache) instead of a teacher forward."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from tinyclip_jax.models import CLIP  # pylint: disable=import-outside-toplevel
-  from tinyclip_jax.train import defaults, prepare  # pylint: disable=import-outside-toplevel
-  from tinyclip_jax.train.step import make_train_step  # pylint: disable=import-outside-toplevel
+def time_steps(run_one, steps: int, warmup: int, deadline: float | None = None) -> list[float]:
+  """Seconds of each timed run_one() (which returns when the device is done) after
+  `warmup` untimed ones; past `deadline` (time.monotonic()) it stops once one is timed."""
+  times = []
+  for i in range(steps + warmup):
+    t = time.perf_counter()
+    run_one()
+    if i >= warmup:
+      times.append(time.perf_counter() - t)
+    if deadline is not None and times and time.monotonic() > deadline:
+      break
+  return times
 
-  student_cfg, teacher_cfg = _configs(args)
+
+def random_tokens(rng, batch: int, text_cfg) -> np.ndarray:
+  """Random ids below the end-of-text id (the vocabulary's last), which ends every row
+  at position 20."""
+  eot = text_cfg.vocab_size - 1
+  tokens = rng.integers(1, eot, (batch, text_cfg.context_length)).astype(np.int32)
+  tokens[:, min(20, text_cfg.context_length - 1)] = eot
+  return tokens
+
+
+# ------------------------------------------------------------------------------ JAX
+
+
+def build_jax(student_cfg, teacher_cfg, batch: int, precision: str, microbatch: int = 0):
+  """(config, setup, initial state) as training builds them: a random teacher, the
+  student inherited from it."""
+  from tinyclip_jax.train import defaults, prepare  # pylint: disable=import-outside-toplevel
   c = defaults.base_config()
-  c.teacher.model, c.student.model = args.teacher, args.student
-  c.batch_size, c.total_steps, c.precision, c.remat = args.batch, 1000, args.precision, args.remat
+  c.batch_size, c.total_steps, c.precision = batch, 1000, precision
   c.optimizer.warmup_steps = 10
-  c.microbatch_size = args.microbatch
+  c.microbatch_size = microbatch
   setup, state = prepare.build(c, restoring=False, model_configs=(teacher_cfg, student_cfg))
+  return c, setup, state
+
+
+@dataclasses.dataclass
+class CompiledStep:
+  """One jitted step for one batch size. `memory_mb`: the executable's own account
+  (arguments + outputs + temporaries − aliased), None where the backend gives none."""
+  executable: object
+  batch_abstract: dict
+  teacher_params: object
+  compile_s: float
+  memory_mb: float | None
+
+
+def compile_step(c, setup, batch: int, remat: bool = False, cached: bool = False) -> CompiledStep:
+  """The step as training compiles it (state donated); `cached`: the teacher's embeddings
+  come with the batch (teacher.cache) instead of from a teacher forward."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from tinyclip_jax.models import CLIP  # pylint: disable=import-outside-toplevel
+  from tinyclip_jax.train import prepare  # pylint: disable=import-outside-toplevel
+  from tinyclip_jax.train.step import make_train_step  # pylint: disable=import-outside-toplevel
+  c = c.copy_and_resolve_references()
+  c.batch_size = batch
   dim = setup.teacher_config.embed_dim if cached else 0
   batch_abs = prepare.batch_abstract(c, setup.student_config, setup.mesh, dim)
   teacher_params = None if cached else setup.teacher_params
-  step = make_train_step(CLIP(setup.student_config, remat=c.remat, dtype=setup.dtype),
+  step = make_train_step(CLIP(setup.student_config, remat=remat, dtype=setup.dtype),
                          None if cached else CLIP(setup.teacher_config, dtype=setup.dtype),
-                         c.loss, setup.mesh, setup.tx, setup.lr_fn, c.batch_size,
-                         c.microbatch_size)
+                         c.loss, setup.mesh, setup.tx, setup.lr_fn, batch, c.microbatch_size)
   t0 = time.time()
   compiled = jax.jit(step, donate_argnums=(0,)).lower(
       setup.abstract_state, teacher_params, batch_abs).compile()
   compile_s = time.time() - t0
   try:  # the compiled executable's own account, where the backend gives one
     mem = compiled.memory_analysis()
-    compiled_mb = (mem.argument_size_in_bytes + mem.output_size_in_bytes +
-                   mem.temp_size_in_bytes - mem.alias_size_in_bytes) / 2**20
+    memory_mb = (mem.argument_size_in_bytes + mem.output_size_in_bytes +
+                 mem.temp_size_in_bytes - mem.alias_size_in_bytes) / 2**20
   except Exception:  # noqa: BLE001
-    compiled_mb = None
-  rng = np.random.default_rng(0)
+    memory_mb = None
+  return CompiledStep(compiled, batch_abs, teacher_params, compile_s, memory_mb)
+
+
+def random_batch(batch_abs: dict, text_cfg, seed: int = 0) -> dict:
+  """Random images and tokens, and unit teacher embeddings where the step reads them;
+  on device with the step's shardings."""
+  import jax  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(seed)
   batch = {"images": rng.standard_normal(batch_abs["images"].shape, np.float32),
-           "tokens": rng.integers(1, 49407, batch_abs["tokens"].shape).astype(np.int32)}
-  batch["tokens"][:, 20] = 49407
-  for k in ("teacher_image", "teacher_text") if cached else ():
-    e = rng.standard_normal(batch_abs[k].shape).astype(np.float32)
-    batch[k] = e / np.linalg.norm(e, axis=-1, keepdims=True)
-  batch = {k: jax.device_put(v, batch_abs[k].sharding) for k, v in batch.items()}
-  times = []
-  for i in range(args.steps + args.warmup):
-    t = time.perf_counter()
-    state, m = compiled(state, teacher_params, batch)
-    jax.block_until_ready(m["loss"])
-    if i >= args.warmup:
-      times.append(time.perf_counter() - t)
+           "tokens": random_tokens(rng, batch_abs["tokens"].shape[0], text_cfg)}
+  for k in ("teacher_image", "teacher_text"):
+    if k in batch_abs:
+      e = rng.standard_normal(batch_abs[k].shape).astype(np.float32)
+      batch[k] = e / np.linalg.norm(e, axis=-1, keepdims=True)
+  return {k: jax.device_put(v, batch_abs[k].sharding) for k, v in batch.items()}
+
+
+def time_jax(step: CompiledStep, state, batch: dict, steps: int, warmup: int,
+             deadline: float | None = None):
+  """(step times, last loss, state after) of `step` run from `state` (donated)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  box = {"state": state}
+
+  def run_one():
+    box["state"], m = step.executable(box["state"], step.teacher_params, batch)
+    box["loss"] = float(jax.block_until_ready(m["loss"]))
+  times = time_steps(run_one, steps, warmup, deadline)
+  return times, box["loss"], box["state"]
+
+
+def flops_per_pair(setup, cached: bool = False) -> float:
+  """Model FLOPs per pair (prepare.model_flops_per_pair); with the teacher's embeddings
+  cached its forward is not part of the step, so only the student's count."""
+  from tinyclip_jax.train import prepare  # pylint: disable=import-outside-toplevel
+  return prepare.model_flops_per_pair(setup.student_config,
+                                      None if cached else setup.teacher_config)
+
+
+def run_jax(args, cached: bool = False) -> dict:
+  """The step as training compiles it; `cached`: teacher embeddings come with the batch
+  (teacher.cache) instead of a teacher forward."""
+  import jax  # pylint: disable=import-outside-toplevel
+  student_cfg, teacher_cfg = model_configs(args.student, args.teacher, args.image)
+  c, setup, state = build_jax(student_cfg, teacher_cfg, args.batch, args.precision,
+                              args.microbatch)
+  step = compile_step(c, setup, args.batch, args.remat, cached)
+  batch = random_batch(step.batch_abstract, setup.student_config.text)
+  times, loss, state = time_jax(step, state, batch, args.steps, args.warmup)
   step_s = statistics.median(times)
-  flops = prepare.model_flops_per_pair(setup.student_config, setup.teacher_config) * args.batch
-  del state, compiled  # the peak measurement below should not compete for memory
+  flops = flops_per_pair(setup) * args.batch  # the uncached step's, as before
+  compile_s, compiled_mb = step.compile_s, step.memory_mb
+  del state, step  # the peak measurement below should not compete for memory
   return {"step_s": step_s, "pairs_per_s": args.batch / step_s, "compile_s": compile_s,
-          "peak_rss_mb": _peak_rss_mb(), "compiled_memory_mb": compiled_mb,
+          "peak_rss_mb": peak_rss_mb(), "compiled_memory_mb": compiled_mb,
           "model_flops_per_s": flops / step_s, **peak.mfu(flops / step_s, args.precision),
-          "loss": float(m["loss"]), "device": jax.devices()[0].device_kind,
+          "loss": loss, "device": jax.devices()[0].device_kind,
           "num_devices": jax.device_count(), "load_avg_1min": os.getloadavg()[0]}
 
 
-def run_torch(args) -> dict:
-  """The same step in PyTorch (transformers CLIPModel), float32."""
+# -------------------------------------------------------------------------- PyTorch
+
+
+def torch_step(student_cfg, teacher_cfg, batch: int, device: str = "cpu",
+               autocast: str | None = None):
+  """run_one() of the same step in PyTorch (transformers' CLIPModel, SDPA attention),
+  float32 weights; `autocast` ("bfloat16") runs the math in that dtype."""
   import torch  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel
   from tinyclip_jax.convert.hf import hf_config_dict  # pylint: disable=import-outside-toplevel
 
-  student_cfg, teacher_cfg = _configs(args)
   torch.manual_seed(0)
-  build = lambda c: transformers.CLIPModel(transformers.CLIPConfig(**hf_config_dict(c)))
+  build = lambda c: transformers.CLIPModel(transformers.CLIPConfig(
+      **hf_config_dict(c), attn_implementation="sdpa")).to(device)
   student, teacher = build(student_cfg).train(), build(teacher_cfg).eval()
   opt = torch.optim.AdamW(student.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-6,
-                          weight_decay=0.2)
-  b, s = args.batch, args.image
-  images = torch.randn(b, 3, s, s)
-  tokens = torch.randint(1, 49407, (b, student_cfg.text.context_length))
-  tokens[:, 20] = 49407
+                          weight_decay=0.2, fused=True if device == "cuda" else None)
+  rng = np.random.default_rng(0)
+  s = student_cfg.vision.image_size
+  images = torch.from_numpy(rng.standard_normal((batch, 3, s, s), np.float32)).to(device)
+  tokens = torch.from_numpy(random_tokens(rng, batch, student_cfg.text)).long().to(device)
+  amp = (torch.autocast(device, dtype=getattr(torch, autocast)) if autocast else
+         contextlib.nullcontext())
 
   def embeds(model):
     i = model.get_image_features(pixel_values=images)
@@ -134,21 +221,29 @@ def run_torch(args) -> dict:
   def soft_ce(logits, target):
     return -(target.softmax(-1) * logits.log_softmax(-1)).sum(-1).mean()
 
-  times = []
-  for i in range(args.steps + args.warmup):
-    t0 = time.perf_counter()
-    with torch.no_grad():
-      ti, tt = embeds(teacher)
-    si, st = embeds(student)
-    loss = 0.5 * (soft_ce(50 * si @ st.T, 50 * ti @ tt.T) + soft_ce(50 * st @ si.T, 50 * tt @ ti.T))
+  def run_one():
+    with amp:
+      with torch.no_grad():
+        ti, tt = embeds(teacher)
+      si, st = embeds(student)
+      loss = 0.5 * (soft_ce(50 * si @ st.T, 50 * ti @ tt.T) +
+                    soft_ce(50 * st @ si.T, 50 * tt @ ti.T))
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(student.parameters(), 5.0)
     opt.step()
-    if i >= args.warmup:
-      times.append(time.perf_counter() - t0)
+    if device == "cuda":
+      torch.cuda.synchronize()
+  return run_one
+
+
+def run_torch(args) -> dict:
+  """The same step in PyTorch (transformers CLIPModel), float32, on the CPU."""
+  import torch  # pylint: disable=import-outside-toplevel
+  student_cfg, teacher_cfg = model_configs(args.student, args.teacher, args.image)
+  times = time_steps(torch_step(student_cfg, teacher_cfg, args.batch), args.steps, args.warmup)
   step_s = statistics.median(times)
-  return {"step_s": step_s, "pairs_per_s": b / step_s, "peak_rss_mb": _peak_rss_mb(),
+  return {"step_s": step_s, "pairs_per_s": args.batch / step_s, "peak_rss_mb": peak_rss_mb(),
           "threads": torch.get_num_threads(), "torch": torch.__version__}
 
 

@@ -20,6 +20,8 @@ from benchmarks import peak
     ("NVIDIA H100 80GB HBM3", 989e12, "H100 SXM"),
     ("NVIDIA H100 PCIe", 756e12, "H100 PCIe"),
     ("NVIDIA H100 NVL", 835e12, "H100 NVL"),
+    ("NVIDIA H200", 989e12, "H200 SXM"),
+    ("NVIDIA H200 NVL", 835e12, "H200 NVL"),
 ])
 def test_table_peaks(kind, flops, name):
   assert peak.table_peak(kind) == (flops, name)
@@ -32,10 +34,11 @@ def test_unknown_devices_have_no_table_peak(kind):
 
 def test_cpu_mfu_is_against_a_measured_matmul(monkeypatch):
   calls = []
-  monkeypatch.setattr(peak, "measured_matmul_peak", lambda dtype: calls.append(dtype) or 2e10)
+  monkeypatch.setattr(peak, "measured_matmul_peak",
+                      lambda n, dtype: calls.append((n, dtype)) or 2e10)
   assert jax.devices()[0].platform == "cpu"
   out = peak.mfu(5e9, "float32")
-  assert calls == ["float32"]
+  assert calls == [(2048, "float32")]
   assert out["peak_flops_per_s"] == 2e10 and out["mfu"] == 0.25
   assert out["peak_source"].startswith("measured")
 

@@ -8,9 +8,14 @@ mode would fall back to nearest-neighbour. Outputs are HWC / NHWC float32.
 from __future__ import annotations
 
 import os
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
-from PIL import Image
+
+# Pillow is imported where images are read, not with the module: the train step alone (the
+# input pipeline's checks, benchmarks/gpu_check.py) runs on images without it.
+if TYPE_CHECKING:
+  from PIL import Image
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -37,6 +42,7 @@ def center_crop_box(width: int, height: int, size: int) -> tuple[int, int, int, 
 
 def resize_and_crop(image: Image.Image, size: int) -> Image.Image:
   """RGB image of size × size: shorter side resized to `size` (bicubic), center crop."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel,redefined-outer-name
   image = image.convert("RGB")
   new_size = resized_size(image.width, image.height, size)
   if new_size != image.size:  # torchvision returns the image unchanged in that case
@@ -53,8 +59,10 @@ def normalize(images: np.ndarray) -> np.ndarray:
   return (images.astype(np.float32) / np.float32(255.0) - _MEAN) / _STD
 
 
-def load_image(image: str | os.PathLike | Image.Image, size: int) -> np.ndarray:
-  """An image file or PIL image → normalized float32 (size, size, 3)."""
+def load_image(image: str | os.PathLike | IO[bytes] | Image.Image, size: int) -> np.ndarray:
+  """An image file (path or open binary file) or PIL image → normalized float32 (size,
+  size, 3)."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel,redefined-outer-name
   if isinstance(image, Image.Image):
     return normalize(np.asarray(resize_and_crop(image, size)))
   with Image.open(image) as opened:

@@ -13,7 +13,6 @@ import json
 import os
 from typing import Sequence
 
-import ftfy
 import numpy as np
 import regex
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
@@ -98,6 +97,9 @@ def _backend(vocab_path: str) -> _RustTokenizer:
 
 def clean_text(text: str) -> str:
   """OpenAI's cleaning: ftfy, html-unescape twice, strip, collapse whitespace, strip, lower-case."""
+  # ftfy is imported here, not with the module: steps on random tokens (benchmarks/gpu_check.py)
+  # run where it is not installed.
+  import ftfy  # pylint: disable=import-outside-toplevel
   text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
   return _WHITESPACE.sub(" ", text).strip().lower()
 

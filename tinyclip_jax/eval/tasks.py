@@ -19,7 +19,6 @@ from typing import Callable, Iterable
 
 import jax
 import numpy as np
-from PIL import Image
 
 from tinyclip_jax import evaluate, parallel, preprocess, tokenizer
 from tinyclip_jax.eval import metadata, retrieval
@@ -47,11 +46,7 @@ def parse(spec: str) -> tuple[str, str, str]:
 def decode(encoded: list[bytes], size: int) -> np.ndarray:
   """Encoded images → CLIP-preprocessed float32 (n, size, size, 3)."""
 
-  def one(b):
-    with Image.open(io.BytesIO(b)) as im:
-      return preprocess.load_image(im, size)
-
-  return np.stack(list(_POOL.map(one, encoded)))
+  return np.stack(list(_POOL.map(lambda b: preprocess.load_image(io.BytesIO(b), size), encoded)))
 
 
 def on_mesh(fn: Callable, mesh) -> Callable:
