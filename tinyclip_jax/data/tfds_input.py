@@ -96,4 +96,13 @@ def eval_examples(name: str,
   if max_examples:
     ds = ds.take(max_examples)
   ds = ds.map(lambda ex: {k: _field(ex, p) for k, p in fields.items()})
-  return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator(), b
+  return _closing(ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()), b
+
+
+def _closing(iterator):
+  """Yields from a tf.data iterator and deletes it when done or closed, not at
+  interpreter shutdown (see sharded.ShardedPairs.close)."""
+  try:
+    yield from iterator
+  finally:
+    del iterator
