@@ -129,11 +129,12 @@ class CLIP(TextCLIP):
                text_width,
                text_layers,
                text_heads,
-               quick_gelu=True):
+               quick_gelu=True,
+               eot_token_id=49407):
     super().__init__(
         ModifiedResNet(vision_layers, embed_dim, vision_width * 32 // 64, image_size,
                        vision_width), embed_dim, context_length, vocab_size, text_width,
-        text_layers, text_heads, 4 * text_width, quick_gelu)
+        text_layers, text_heads, 4 * text_width, quick_gelu, eot_token_id)
 
   @classmethod
   def from_config(cls, config) -> "CLIP":
@@ -149,7 +150,8 @@ class CLIP(TextCLIP):
         t.width,
         t.layers,
         t.heads[0],
-        quick_gelu=config.activation == "quick_gelu")
+        quick_gelu=config.activation == "quick_gelu",
+        eot_token_id=t.eot_token_id)
 
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -283,9 +283,14 @@ def test_from_openai_reads_pruned_blocks():
   assert "attn" not in params["visual"]["layers_1"]
   img, tok = inputs(got)
   assert all(np.isfinite(x).all() for x in flax_embed(params, got, img, tok))
-  # Exports pad pruned towers to uniform widths (parity: tests/test_convert_pruned.py).
+  # Exports pad pruned towers to uniform widths (parity: tests/test_convert_pruned.py);
+  # HF's config.json also records the pruned config, which the import cuts back to.
   assert from_openai(to_open_clip(params, got), "quick_gelu")[1].vision.heads == (2, 2)
-  assert from_hf(*to_hf(params, got))[1].text.mlp == (80, 80)
+  sd, hf_cfg = to_hf(params, got)
+  assert hf_cfg["text_config"]["intermediate_size"] == 80 and sd[
+      "text_model.encoder.layers.1.mlp.fc1.weight"].shape == (80, 64)
+  assert_trees_equal(from_hf(sd, hf_cfg)[0], params)
+  assert from_hf(sd, hf_cfg)[1] == got
 
 
 # ----------------------------------------------------------------------------- zoo

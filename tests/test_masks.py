@@ -253,7 +253,8 @@ def torch_masked_clip(params, cfg, gates, images, tokens):
   ids = torch.from_numpy(np.asarray(tokens)).long()
   x = t(tp["token_embedding"])[ids] + t(tp["positional_embedding"])[:ids.shape[1]]
   x = x * t(gt["hidden"])
-  x, keep = torch_tower(tp, x, gt, cfg.text.heads, cfg.text.mlp, True, ids.argmax(-1))
+  eot = (ids == cfg.text.eot_token_id).int().argmax(-1)  # the first end-of-text token
+  x, keep = torch_tower(tp, x, gt, cfg.text.heads, cfg.text.mlp, True, eot)
   txt_emb = ln_kept(x, t(tp["ln_final"]["scale"]), t(tp["ln_final"]["bias"]), keep) @ t(
       tp["text_projection"])
   return F.normalize(img_emb, dim=-1).numpy(), F.normalize(txt_emb, dim=-1).numpy()
@@ -267,8 +268,9 @@ def masked_setup():
   logas = random_logas(valid, seed=11, low=-3.0, high=4.0)
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.normal(size=(3, 32, 32, 3)), jnp.float32)
-  tokens = jnp.asarray(rng.integers(1, 299, size=(3, 16)), jnp.int32)
-  return cfg, params, valid, logas, images, tokens
+  tokens = rng.integers(1, 299, size=(3, 16))
+  tokens[[0, 1, 2, 0], [6, 9, 12, 14]] = cfg.text.eot_token_id  # 299; pooled at the first
+  return cfg, params, valid, logas, images, jnp.asarray(tokens, jnp.int32)
 
 
 def test_masked_forward_matches_a_torch_spelling_of_the_reference(masked_setup):

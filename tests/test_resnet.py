@@ -54,6 +54,7 @@ def inputs():
   rng = np.random.default_rng(0)
   images = rng.normal(size=(BATCH, 64, 64, 3)).astype(np.float32)  # NHWC
   tokens = rng.integers(1, TEXT["vocab_size"], size=(BATCH, TEXT["context_length"]))
+  tokens[np.arange(BATCH), [3, 5, 7]] = TEXT["vocab_size"] - 1  # the end of text: pooled there
   return images, tokens.astype(np.int32)
 
 

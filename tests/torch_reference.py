@@ -86,9 +86,10 @@ class TextCLIP(nn.Module):
 
   def __init__(self, visual: nn.Module, embed_dim: int, context_length: int, vocab_size: int,
                text_width: int, text_layers: int, text_heads: int, text_mlp: int,
-               quick_gelu: bool):
+               quick_gelu: bool, eot_token_id: int):
     super().__init__()
     self.context_length = context_length
+    self.eot_token_id = eot_token_id
     self.visual = visual
     self.transformer = Transformer(text_width, text_layers, text_heads, text_mlp, quick_gelu)
     self.token_embedding = nn.Embedding(vocab_size, text_width)
@@ -107,8 +108,9 @@ class TextCLIP(nn.Module):
     x = self.token_embedding(text) + self.positional_embedding[:n]
     x = self.transformer(x.permute(1, 0, 2), self.attn_mask[:n, :n]).permute(1, 0, 2)
     x = self.ln_final(x)
-    # Pool at the end-of-text token, the largest id in every sequence.
-    x = x[torch.arange(x.shape[0]), text.argmax(dim=-1)]
+    # Pool at the first end-of-text token, as transformers does (OpenAI's largest-id
+    # rule agrees only while no id above it appears).
+    x = x[torch.arange(x.shape[0]), (text == self.eot_token_id).int().argmax(dim=-1)]
     return x @ self.text_projection
 
   def forward(self, image: torch.Tensor, text: torch.Tensor):
@@ -123,12 +125,12 @@ class CLIP(TextCLIP):
   def __init__(self, embed_dim: int, image_size: int, patch_size: int, vision_width: int,
                vision_layers: int, vision_heads: int, vision_mlp: int, context_length: int,
                vocab_size: int, text_width: int, text_layers: int, text_heads: int,
-               text_mlp: int, quick_gelu: bool):
+               text_mlp: int, quick_gelu: bool, eot_token_id: int):
     super().__init__(
         VisionTransformer(image_size, patch_size, vision_width, vision_layers, vision_heads,
                           vision_mlp, embed_dim, quick_gelu),
         embed_dim, context_length, vocab_size, text_width, text_layers, text_heads, text_mlp,
-        quick_gelu)
+        quick_gelu, eot_token_id)
 
   @classmethod
   def from_config(cls, config) -> "CLIP":
@@ -139,7 +141,8 @@ class CLIP(TextCLIP):
         raise ValueError(f"the {name} tower must be uniform with heads * head_dim == width.")
     return cls(config.embed_dim, v.image_size, v.patch_size, v.width, v.layers, v.heads[0],
                v.mlp[0], t.context_length, t.vocab_size, t.width, t.layers, t.heads[0],
-               t.mlp[0], quick_gelu=config.activation == "quick_gelu")
+               t.mlp[0], quick_gelu=config.activation == "quick_gelu",
+               eot_token_id=t.eot_token_id)
 
 
 # ----------------------------------------------------------------------------- pruned towers
@@ -205,7 +208,7 @@ def pruned_clip(config) -> CLIP:
   v, t = config.vision, config.text
   quick = config.activation == "quick_gelu"
   model = CLIP(config.embed_dim, v.image_size, v.patch_size, v.width, 0, 1, 1, t.context_length,
-               t.vocab_size, t.width, 0, 1, 1, quick_gelu=quick)
+               t.vocab_size, t.width, 0, 1, 1, quick_gelu=quick, eot_token_id=t.eot_token_id)
   model.visual.transformer = PrunedTransformer(v.width, v.heads, v.mlp, quick, v.head_dim)
   model.transformer = PrunedTransformer(t.width, t.heads, t.mlp, quick, t.head_dim)
   return model

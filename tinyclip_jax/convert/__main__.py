@@ -1,7 +1,8 @@
 """Convert CLIP checkpoints between formats.
 
-  python -m tinyclip_jax.convert --src=KIND:PATH --dst=KIND:PATH \
-      [--activation=gelu|quick_gelu] [--overwrite]
+  python -m tinyclip_jax.convert --src=KIND:PATH --dst=KIND:PATH [--overwrite] \
+      [--activation=gelu|quick_gelu] [--vision-head-dim=N] [--text-head-dim=N]
+      [--eot-token-id=N] [--model=NAME] [--open-clip-config=PATH]
 
 Sources: openai (OpenAI's TorchScript .pt or a state dict), open_clip (state dict
 .pt/.bin/.safetensors, including TinyCLIP's {'state_dict': ...} files), tinyclip
@@ -11,6 +12,15 @@ Destinations: flax, hf (a folder that transformers loads offline, with tokenizer
 and image-processor files), open_clip (.safetensors, or .pt/.bin via torch.save)
 and tinyclip (TinyCLIP's pruned layout, per-layer widths kept). hf and open_clip
 hold uniform towers only: pruned towers are padded with zero weights (exact).
+
+What tensors cannot hold (activation, head sizes, the end-of-text id the text is
+pooled at, per-layer widths of a padded model) travels with every export: hf in
+config.json, open_clip and tinyclip in open_clip_config.json beside the file (open_clip's
+own hub format, plus the exact config under `tinyclip_jax_config`), flax in
+model_config.json. State-dict imports read that file when it is there (or the one
+--open-clip-config names); the flags state these facts for files that come without
+it, --model names a known model for its head sizes; what nobody states is assumed
+with a warning, or refused when ambiguous (see tinyclip_jax/convert/meta.py).
 
 Bad input prints one sentence to stderr and exits with code 2; the destination
 is only ever created complete (written under a temporary name, then renamed).
@@ -22,22 +32,29 @@ import json
 import os
 import sys
 
+from absl import logging
+
 from tinyclip_jax import cli
 from tinyclip_jax.cli import UsageError
-from tinyclip_jax.models.config import ACTIVATIONS, CLIPConfig
+from tinyclip_jax.models.config import ACTIVATIONS, CLIP_EOT, CLIPConfig
 from tinyclip_jax.preprocess import CLIP_MEAN, CLIP_STD
 
 SOURCES = ("openai", "open_clip", "tinyclip", "hf", "flax")
 DESTINATIONS = ("flax", "hf", "open_clip", "tinyclip")
+STATE_DICT_SOURCES = ("openai", "open_clip", "tinyclip")
 # State dicts do not record the activation: OpenAI's models use QuickGELU, models
-# trained with open_clip mostly GELU.
-DEFAULT_ACTIVATION = {"openai": "quick_gelu", "open_clip": "gelu",
-                      "tinyclip": "gelu"}  # auto models are pruned from open_clip's ViT-B/32
+# trained with open_clip mostly GELU (open_clip's default; TinyCLIP's auto models are
+# pruned from open_clip's ViT-B/32). For openai it is a fact of the kind, not assumed.
+DEFAULT_ACTIVATION = {"open_clip": ("gelu", "open_clip's default"),
+                      "tinyclip": ("gelu", "open_clip's default, which TinyCLIP trains with")}
 OPEN_CLIP_SUFFIXES = (".safetensors", ".pt", ".bin")
 
 
-USAGE = ("python -m tinyclip_jax.convert --src=KIND:PATH --dst=KIND:PATH "
-         "[--activation=gelu|quick_gelu] [--overwrite]")
+USAGE = ("python -m tinyclip_jax.convert --src=KIND:PATH --dst=KIND:PATH [--overwrite] "
+         "[--activation=gelu|quick_gelu] [--vision-head-dim=N] [--text-head-dim=N] "
+         "[--eot-token-id=N] [--model=NAME] [--open-clip-config=PATH]")
+FACT_FLAGS = ("activation", "vision_head_dim", "text_head_dim", "eot_token_id", "model",
+              "open_clip_config")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,6 +65,16 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--activation", choices=ACTIVATIONS, default=None,
                  help="MLP activation of openai/open_clip/tinyclip sources (defaults: "
                       "openai quick_gelu, open_clip and tinyclip gelu)")
+  p.add_argument("--vision-head-dim", type=int, default=None,
+                 help="channels per attention head of the image tower (open_clip's head_width)")
+  p.add_argument("--text-head-dim", type=int, default=None,
+                 help="channels per attention head of the text tower (width // heads)")
+  p.add_argument("--eot-token-id", type=int, default=None,
+                 help="the id the tokenizer ends text with; the text is pooled at it (49407)")
+  p.add_argument("--model", default=None,
+                 help="a known model (zoo or open_clip name, e.g. ViT-H-14) for its head sizes")
+  p.add_argument("--open-clip-config", default=None,
+                 help="open_clip_config.json of a state dict (default: the one beside it)")
   p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
   return p
 
@@ -65,18 +92,17 @@ def parse_location(text: str, flag: str, kinds: tuple[str, ...]) -> tuple[str, s
 # --------------------------------------------------------------------------- reading
 
 
-def read_source(kind: str, path: str, activation: str | None):
+def read_source(kind: str, path: str, args: argparse.Namespace):
   """(params, config) of the source checkpoint."""
+  if kind in STATE_DICT_SOURCES:
+    return read_state_dict_source(kind, path, args)
+  given = [f for f in FACT_FLAGS if getattr(args, f, None) is not None]
+  if given:
+    flag = "--" + given[0].replace("_", "-")
+    raise UsageError(f"{flag} applies to openai, open_clip and tinyclip sources only; a "
+                     f"{kind} checkpoint records its own activation, head sizes and end-of-text "
+                     "id.")
   from tinyclip_jax.convert import io
-  if kind == "tinyclip":  # pruned, or masked (pruned here with its L0 masks)
-    from tinyclip_jax.convert.tinyclip import from_tinyclip
-    return from_tinyclip(io.read_state_dict(path), activation or DEFAULT_ACTIVATION[kind])
-  if kind in ("openai", "open_clip"):
-    from tinyclip_jax.convert.openai import from_openai
-    return from_openai(io.read_state_dict(path), activation or DEFAULT_ACTIVATION[kind])
-  if activation is not None:
-    raise UsageError(f"--activation applies to openai, open_clip and tinyclip sources only; a "
-                     f"{kind} checkpoint records its own activation.")
   if kind == "hf":
     from tinyclip_jax.convert.hf import from_hf
     return from_hf(*io.read_hf_folder(path))
@@ -84,20 +110,58 @@ def read_source(kind: str, path: str, activation: str | None):
   return load_model(path)
 
 
+def _stated_facts(args: argparse.Namespace, doc, where: str | None):
+  """The facts the command line, a named model and open_clip_config.json state."""
+  from tinyclip_jax.convert import meta, sidecar
+  parts = [meta.Facts(args.activation, args.vision_head_dim, args.text_head_dim,
+                      args.eot_token_id, "the command line")]
+  if args.model:
+    parts.append(meta.named_facts(args.model))
+  if doc is not None:
+    parts.append(sidecar.facts(doc, where))
+  return meta.combine(parts)
+
+
+def read_state_dict_source(kind: str, path: str, args: argparse.Namespace):
+  """An openai/open_clip/tinyclip state dict, with the facts it does not hold."""
+  from tinyclip_jax.convert import io, meta, openai, sidecar
+  state_dict = io.read_state_dict(path)
+  where = args.open_clip_config or sidecar.beside(path)
+  if args.open_clip_config is None and not os.path.isfile(where):
+    where = None
+  doc = sidecar.read(where) if where else None
+  facts = _stated_facts(args, doc, where)
+  act = facts.activation
+  if act is None:  # every OpenAI CLIP is QuickGELU; other state dicts: assumed, with a warning
+    act = "quick_gelu" if kind == "openai" else meta.assumed_activation(*DEFAULT_ACTIVATION[kind])
+  kw = dict(vision_head_dim=facts.vision_head_dim, text_head_dim=facts.text_head_dim,
+            eot_token_id=facts.eot_token_id)
+  if kind == "tinyclip":  # pruned, or masked (pruned here with its L0 masks)
+    from tinyclip_jax.convert.tinyclip import from_tinyclip
+    params, config = from_tinyclip(state_dict, act, **kw)
+  else:
+    from tinyclip_jax.convert.openai import from_openai
+    params, config = from_openai(state_dict, act, **kw)
+  if args.model:
+    meta.check_named(args.model, config)
+  if doc is None:
+    return params, config
+  sidecar.check(doc, config, where)
+  return meta.reconcile(params, config, sidecar.recorded(doc, where), where, openai.FORMAT)
+
+
 def describe(config: CLIPConfig) -> str:
   def tower(t):
     heads = t.heads[0] if t.uniform else list(t.heads)
     mlp = t.mlp[0] if t.uniform else list(t.mlp)
-    return f"{t.layers} layers x width {t.width} (heads {heads}, mlp {mlp})"
+    return f"{t.layers} layers x width {t.width} (heads {heads} of {t.head_dim}, mlp {mlp})"
   v, t = config.vision, config.text
+  text = (f"text {tower(t)}, context {t.context_length}, vocab {t.vocab_size}, end of text "
+          f"{t.eot_token_id}; embed {config.embed_dim}; activation {config.activation}")
   if v.kind == "resnet":
     return (f"vision ResNet stages {list(v.stages)} x width {v.width} at {v.image_size}px "
-            f"(attention pool {v.pool_heads} heads); text {tower(t)}, context "
-            f"{t.context_length}, vocab {t.vocab_size}; embed {config.embed_dim}; activation "
-            f"{config.activation}")
-  return (f"vision {tower(v)}, patch {v.patch_size} at {v.image_size}px; text {tower(t)}, "
-          f"context {t.context_length}, vocab {t.vocab_size}; embed {config.embed_dim}; "
-          f"activation {config.activation}")
+            f"(attention pool {v.pool_heads} heads of {v.head_dim}); {text}")
+  return f"vision {tower(v)}, patch {v.patch_size} at {v.image_size}px; {text}"
 
 
 # --------------------------------------------------------------------------- writing
@@ -138,6 +202,10 @@ def write_hf(path: str, params, config: CLIPConfig, overwrite: bool) -> None:
   from tinyclip_jax.convert.io import write_safetensors_atomic
   from tinyclip_jax.model_io import staging_dir
   state_dict, hf_config = to_hf(params, config)  # refuses unexportable models before writing
+  if config.text.eot_token_id != CLIP_EOT:
+    logging.warning("the tokenizer files written are CLIP's, which end text with %d, but the model "
+                    "pools the text at %d; ship the model's own tokenizer with it", CLIP_EOT,
+                    config.text.eot_token_id)
   with staging_dir(path, overwrite) as tmp:
     tmp = str(tmp)
     _write_json(os.path.join(tmp, "config.json"), hf_config)
@@ -154,15 +222,41 @@ def _write_json(path: str, value: dict) -> None:
     json.dump(value, f, indent=2, sort_keys=True)
 
 
-def write_open_clip(path: str, params, config: CLIPConfig) -> None:
-  from tinyclip_jax.convert.openai import to_open_clip
-  _write_state_dict(path, to_open_clip(params, config))
+def write_open_clip(path: str, params, config: CLIPConfig, overwrite: bool) -> None:
+  from tinyclip_jax.convert import pad, sidecar
+  from tinyclip_jax.convert.openai import FORMAT, to_open_clip
+  state_dict = to_open_clip(params, config)  # pruned towers zero-padded
+  doc = sidecar.document(pad.padded_config(config, FORMAT), config)
+  _write_with_sidecar(path, state_dict, doc, overwrite)
 
 
-def write_tinyclip(path: str, params, config: CLIPConfig) -> None:
+def write_tinyclip(path: str, params, config: CLIPConfig, overwrite: bool) -> None:
+  from tinyclip_jax.convert import sidecar
   from tinyclip_jax.convert.tinyclip import to_tinyclip
   # torch files as released: {'state_dict': ...}, which TinyCLIP's loaders unwrap.
-  _write_state_dict(path, to_tinyclip(params, config), wrap="state_dict")
+  _write_with_sidecar(path, to_tinyclip(params, config), sidecar.document(config, config),
+                      overwrite, wrap="state_dict")
+
+
+def _write_with_sidecar(path: str, state_dict, doc: dict, overwrite: bool,
+                        wrap: str | None = None) -> None:
+  """The weights, then open_clip_config.json beside them (one per folder: an existing
+  one of another model is only replaced with --overwrite)."""
+  from tinyclip_jax.convert import sidecar
+  from tinyclip_jax.convert.io import atomic_write
+  side = sidecar.beside(path)
+  text = json.dumps(doc, indent=2, sort_keys=True) + "\n"
+  if os.path.exists(side) and not overwrite:
+    with open(side) as f:
+      if f.read() != text:
+        raise UsageError(f"{side} already exists and describes another model; export into a "
+                         "folder of its own or pass --overwrite to replace it.")
+  _write_state_dict(path, state_dict, wrap)
+  try:
+    atomic_write(side, lambda f: f.write(text.encode()))
+  except BaseException:
+    os.remove(path)
+    raise
 
 
 def _write_state_dict(path: str, state_dict, wrap: str | None = None) -> None:
@@ -191,9 +285,9 @@ def write_destination(kind: str, path: str, params, config: CLIPConfig, overwrit
   elif kind == "hf":
     write_hf(path, params, config, overwrite)
   elif kind == "tinyclip":
-    write_tinyclip(path, params, config)
+    write_tinyclip(path, params, config, overwrite)
   else:
-    write_open_clip(path, params, config)
+    write_open_clip(path, params, config, overwrite)
 
 
 # --------------------------------------------------------------------------- main
@@ -205,12 +299,12 @@ def run(argv: list[str]) -> None:
   dst_kind, dst = parse_location(args.dst, "dst", DESTINATIONS)
   check_destination(dst_kind, dst, args.overwrite)
   print(f"reading {src_kind} checkpoint {src}", flush=True)
-  params, config = read_source(src_kind, src, args.activation)
+  params, config = read_source(src_kind, src, args)
   print(f"model: {describe(config)}", flush=True)
-  note = padding_note(dst_kind, config)
-  if note:
-    print(note, file=sys.stderr, flush=True)
+  note = padding_note(dst_kind, config)  # refuses what cannot be padded, before writing
   write_destination(dst_kind, dst, params, config, args.overwrite, args.src)
+  if note:  # after writing: a refused write prints its one sentence only
+    print(note, file=sys.stderr, flush=True)
   print(f"wrote {dst_kind} checkpoint {dst}", flush=True)
 
 

@@ -9,18 +9,21 @@ import math
 from typing import Any, Mapping
 
 import numpy as np
+from absl import logging
 
+from tinyclip_jax.convert import meta
 from tinyclip_jax.convert.common import (CONV, IN_BIAS, IN_PROJ, LINEAR, OUT_PROJ, SAME, SCALAR,
                                          CheckpointError, check_params, flatten, from_canonical,
                                          layer_indices, require, to_canonical, tower_layout,
                                          unflatten)
 from tinyclip_jax.convert.pad import pad_uniform, padded_config
-from tinyclip_jax.models.config import ACTIVATIONS, CLIPConfig, TextConfig, VisionConfig
+from tinyclip_jax.models.config import (ACTIVATIONS, CLIP_EOT, CLIPConfig, TextConfig, VisionConfig,
+                                        default_eot)
 from tinyclip_jax.models.layers import LN_EPS
 
 FORMAT = "a Hugging Face CLIPModel"
-CLIP_VOCAB = 49408
-BOS, EOS, PAD = 49406, 49407, 1  # CLIP's <|startoftext|>, <|endoftext|>; HF's pad default
+BOS, PAD = 49406, 1  # CLIP's <|startoftext|>; HF's pad default
+LEGACY_EOS = 2  # transformers pools at the largest id when eos_token_id is 2 (old configs)
 # CLIPTextConfig / CLIPVisionConfig defaults, for config.json files that omit a field.
 DEFAULT_HEADS = {"text": 8, "vision": 12}
 DEFAULT_ACT = "quick_gelu"
@@ -112,6 +115,23 @@ def _layers(sd, cfg, name: str, prefix: str, width: int) -> tuple[list[int], lis
   return [heads] * len(idx), mlp, width // heads
 
 
+def _eot(tcfg: Mapping[str, Any], vocab: int) -> int:
+  """The id transformers pools the text at, as the model's eot_token_id."""
+  eos = tcfg.get("eos_token_id")
+  if eos is None:
+    return meta.eot_token_id(vocab, None)
+  if int(eos) == LEGACY_EOS:  # the largest id: CLIP's end of text, while the vocabulary has no more
+    if vocab > CLIP_EOT + 1:
+      logging.warning("config.json has the legacy eos_token_id %d, for which transformers pools at "
+                      "the largest id, but the vocabulary has %d ids; pooling at the first %d "
+                      "(CLIP's end of text) instead", LEGACY_EOS, vocab, default_eot(vocab))
+    return default_eot(vocab)
+  if not 0 <= int(eos) < vocab:
+    raise CheckpointError(f"text_config.eos_token_id = {eos} is outside the vocabulary of {vocab} "
+                          "ids; set it to the id the tokenizer ends text with (49407 for CLIP).")
+  return int(eos)
+
+
 def infer_config(sd: Mapping[str, Any], hf_config: Mapping[str, Any]) -> CLIPConfig:
   vcfg, tcfg = _tower_config(hf_config, "vision"), _tower_config(hf_config, "text")
   for name, cfg in (("vision", vcfg), ("text", tcfg)):
@@ -143,22 +163,31 @@ def infer_config(sd: Mapping[str, Any], hf_config: Mapping[str, Any]) -> CLIPCon
       vision=VisionConfig(width=width, heads=v_heads, mlp=v_mlp, head_dim=v_hd,
                           image_size=grid * patch, patch_size=patch),
       text=TextConfig(width=text_width, heads=t_heads, mlp=t_mlp, head_dim=t_hd,
-                      vocab_size=vocab, context_length=context))
+                      vocab_size=vocab, context_length=context, eot_token_id=_eot(tcfg, vocab)))
+
+
+def _special_ids(t: TextConfig) -> dict[str, int]:
+  """bos/eos/pad ids of config.json: eos is the id the model pools at."""
+  if t.eot_token_id == LEGACY_EOS:
+    raise CheckpointError(f"the model pools text at id {LEGACY_EOS}, which transformers' CLIPModel "
+                          "reads as its legacy setting (pool at the largest id), so a Hugging Face "
+                          "folder cannot hold it; export it with --dst=open_clip or --dst=flax.")
+  bos = BOS if t.vocab_size > CLIP_EOT else max(t.vocab_size - 2, 0)
+  return dict(bos_token_id=bos, eos_token_id=t.eot_token_id,
+              pad_token_id=min(PAD, t.vocab_size - 1))
 
 
 def hf_config_dict(config: CLIPConfig) -> dict[str, Any]:
   """config.json contents for `transformers.CLIPConfig(**d)` (of the zero-padded
-  model when `config` has pruned towers; see `pad.py`)."""
+  model when `config` has pruned towers; see `pad.py`), with `config` itself under
+  `tinyclip_jax_config` (transformers keeps unknown keys), so an import restores
+  what CLIPModel cannot hold (per-layer widths)."""
+  recorded = config.to_dict()
   config = padded_config(config, FORMAT)
   vh, vm = tower_layout(config.vision, "vision", FORMAT)
   th, tm = tower_layout(config.text, "text", FORMAT)
   v, t, e = config.vision, config.text, config.embed_dim
   common = dict(hidden_act=config.activation, layer_norm_eps=LN_EPS, projection_dim=e)
-  vocab = t.vocab_size
-  # HF pools at the first eos id (argmax when eos == 2); OpenAI at the largest id.
-  # They agree because the eos id is the largest id of the vocabulary.
-  ids = (dict(bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD) if vocab == CLIP_VOCAB else
-         dict(bos_token_id=max(vocab - 2, 0), eos_token_id=vocab - 1, pad_token_id=min(PAD, vocab - 1)))
   return {
       "architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": e,
       "logit_scale_init_value": 2.6592,
@@ -167,7 +196,8 @@ def hf_config_dict(config: CLIPConfig) -> dict[str, Any]:
                             patch_size=v.patch_size, num_channels=3, **common),
       "text_config": dict(hidden_size=t.width, intermediate_size=tm, num_hidden_layers=t.layers,
                           num_attention_heads=th, max_position_embeddings=t.context_length,
-                          vocab_size=vocab, **ids, **common),
+                          vocab_size=t.vocab_size, **_special_ids(t), **common),
+      meta.RECORD: recorded,
   }
 
 
@@ -205,7 +235,11 @@ def from_hf(state_dict: Mapping[str, Any], hf_config: Mapping[str, Any]) -> tupl
                           "CLIPModel with this config; expected only CLIPModel's own tensors.")
   params = unflatten(flat)
   check_params(params, config)
-  return params, config
+  recorded = hf_config.get(meta.RECORD)
+  if recorded is None:
+    return params, config
+  where = f"config.json's `{meta.RECORD}`"
+  return meta.reconcile(params, config, meta.recorded_config(recorded, where), where, FORMAT)
 
 
 def to_hf(params: Mapping[str, Any], config: CLIPConfig) -> tuple[dict[str, np.ndarray], dict]:
@@ -216,8 +250,8 @@ def to_hf(params: Mapping[str, Any], config: CLIPConfig) -> tuple[dict[str, np.n
                           "cannot be exported to hf; export it to open_clip instead "
                           "(--dst=open_clip:MODEL.safetensors).")
   check_params(params, config)
-  params, config = pad_uniform(params, config, FORMAT)
   hf_config = hf_config_dict(config)
+  params, config = pad_uniform(params, config, FORMAT)
   flat = flatten(params)
   sd = {key: from_canonical(layout, flat[path]) for key, path, layout in TOP}
   for (_, tower, prefix), cfg in zip(TOWERS, (config.vision, config.text)):

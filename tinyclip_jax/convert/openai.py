@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from tinyclip_jax.convert import tinyclip
+from tinyclip_jax.convert import meta, tinyclip
 from tinyclip_jax.convert.common import (CONV, IN_BIAS, IN_PROJ, LINEAR, OUT_PROJ, SAME, SCALAR,
                                          CheckpointError, check_params, flatten, from_canonical,
                                          layer_indices, require, take_entries, tower_layout,
@@ -19,7 +19,6 @@ from tinyclip_jax.convert.common import (CONV, IN_BIAS, IN_PROJ, LINEAR, OUT_PRO
 from tinyclip_jax.convert.pad import pad_uniform
 from tinyclip_jax.models.config import CLIPConfig, TextConfig, VisionConfig
 
-HEAD_DIM = 64  # every CLIP checkpoint; state dicts do not record it
 FORMAT = "an open_clip/OpenAI state dict"
 
 # Non-tensor entries of OpenAI's TorchScript state dict, and causal-mask buffers.
@@ -121,26 +120,41 @@ def _dims(sd, key: str, ndim: int, what: str) -> tuple[int, ...]:
 
 # ----------------------------------------------------------------------------- config
 
-def _block_widths(sd, prefix: str, head_dim: int) -> tuple[list[int], list[int]]:
-  """Per-block heads and MLP widths from the tensors (0 where a sub-layer is absent)."""
-  heads, mlp = [], []
+def block_widths(sd, prefix: str) -> tuple[list[int], list[int]]:
+  """Per-block attention widths (heads * head size) and MLP widths from the tensors
+  (0 where a sub-layer is absent)."""
+  attn, mlp = [], []
   for i in layer_indices(sd, prefix):
     w = sd.get(f"{prefix}{i}.attn.in_proj_weight")
     rows = 0 if w is None else np.shape(w)[0]
-    if rows % (3 * head_dim):
+    if rows % 3:
       raise CheckpointError(f"`{prefix}{i}.attn.in_proj_weight` has {rows} rows, which is not "
-                            f"3 * heads * {head_dim}; only head_dim {head_dim} is supported.")
-    heads.append(rows // (3 * head_dim))
+                            "3 * heads * head size (fused q, k, v).")
+    attn.append(rows // 3)
     fc = sd.get(f"{prefix}{i}.mlp.c_fc.weight")
     mlp.append(0 if fc is None else np.shape(fc)[0])
-  if not heads:
+  if not attn:
     raise CheckpointError(f"no transformer blocks `{prefix}N.*` were found; a CLIP tower "
                           "needs at least one.")
-  return heads, mlp
+  return attn, mlp
 
 
-def infer_config(sd: Mapping[str, Any], activation: str, head_dim: int = HEAD_DIM) -> CLIPConfig:
-  """The model config implied by the shapes of a normalized state dict."""
+def text_config(sd, head_dim: int | None, eot_token_id: int | None) -> TextConfig:
+  """The text tower of a normalized state dict (ViT and ResNet models alike)."""
+  vocab, width = _dims(sd, "token_embedding.weight", 2, "token embedding")
+  context = _dims(sd, "positional_embedding", 2, "text positions")[0]
+  attn, mlp = block_widths(sd, TOWERS[1][1])
+  hd = meta.head_dim("text", attn, head_dim)
+  return TextConfig(width=width, heads=[a // hd for a in attn], mlp=mlp, head_dim=hd,
+                    vocab_size=vocab, context_length=context,
+                    eot_token_id=meta.eot_token_id(vocab, eot_token_id))
+
+
+def infer_config(sd: Mapping[str, Any], activation: str, vision_head_dim: int | None = None,
+                 text_head_dim: int | None = None,
+                 eot_token_id: int | None = None) -> CLIPConfig:
+  """The model config implied by the shapes of a normalized state dict and the facts
+  they do not hold (None: the rule of `meta`, 64-channel heads or a refusal)."""
   width, chans, patch, patch_w = _dims(sd, "visual.conv1.weight", 4, "patch embedding")
   if chans != 3 or patch != patch_w:
     raise CheckpointError(f"`visual.conv1.weight` has shape {(width, chans, patch, patch_w)} but "
@@ -151,16 +165,13 @@ def infer_config(sd: Mapping[str, Any], activation: str, head_dim: int = HEAD_DI
     raise CheckpointError(f"`visual.positional_embedding` has {tokens} rows but a square grid "
                           "plus a class token (g*g+1 rows) was expected.")
   embed_dim = _dims(sd, "visual.proj", 2, "image projection")[1]
-  vocab, text_width = _dims(sd, "token_embedding.weight", 2, "token embedding")
-  context = _dims(sd, "positional_embedding", 2, "text positions")[0]
-  v_heads, v_mlp = _block_widths(sd, TOWERS[0][1], head_dim)
-  t_heads, t_mlp = _block_widths(sd, TOWERS[1][1], head_dim)
+  v_attn, v_mlp = block_widths(sd, TOWERS[0][1])
+  v_hd = meta.head_dim("vision", v_attn, vision_head_dim, vit_width=width)
   return CLIPConfig(
       embed_dim=embed_dim, activation=activation,
-      vision=VisionConfig(width=width, heads=v_heads, mlp=v_mlp, head_dim=head_dim,
-                          image_size=grid * patch, patch_size=patch),
-      text=TextConfig(width=text_width, heads=t_heads, mlp=t_mlp, head_dim=head_dim,
-                      vocab_size=vocab, context_length=context))
+      vision=VisionConfig(width=width, heads=[a // v_hd for a in v_attn], mlp=v_mlp,
+                          head_dim=v_hd, image_size=grid * patch, patch_size=patch),
+      text=text_config(sd, text_head_dim, eot_token_id))
 
 
 def _entries(config: CLIPConfig):
@@ -178,20 +189,22 @@ def _entries(config: CLIPConfig):
 # ----------------------------------------------------------------------------- maps
 
 def from_openai(state_dict: Mapping[str, Any], activation: str,
-                head_dim: int = HEAD_DIM) -> tuple[dict, CLIPConfig]:
-  """(params, config) from an OpenAI/open_clip/TinyCLIP ViT state dict of numpy arrays.
+                vision_head_dim: int | None = None, text_head_dim: int | None = None,
+                eot_token_id: int | None = None) -> tuple[dict, CLIPConfig]:
+  """(params, config) from an OpenAI/open_clip/TinyCLIP state dict of numpy arrays.
 
-  `activation` is not recorded in state dicts: 'quick_gelu' for OpenAI's and
-  TinyCLIP's checkpoints, 'gelu' for most open_clip-trained ones.
+  State dicts do not record the activation ('quick_gelu' for OpenAI's checkpoints,
+  'gelu' for most open_clip-trained ones), the head sizes or the end-of-text id; a
+  head size or id left None is assumed or refused as `convert.meta` describes.
   """
   if tinyclip.is_tinyclip(state_dict):  # pruned blocks may be missing: close the gaps
     state_dict = tinyclip.openai_keys(state_dict)
   sd = normalize_keys(state_dict)
   from tinyclip_jax.convert import resnet  # pylint: disable=import-outside-toplevel
   if resnet.is_resnet(sd):  # OpenAI's RN50/RN101…, TinyCLIP's ResNet students
-    return resnet.from_openai(sd, activation)
+    return resnet.from_openai(sd, activation, vision_head_dim, text_head_dim, eot_token_id)
   _check_is_clip_vit(sd)
-  config = infer_config(sd, activation, head_dim)
+  config = infer_config(sd, activation, vision_head_dim, text_head_dim, eot_token_id)
   flat, extra = take_entries(sd, _entries(config))
   if extra:
     raise CheckpointError(f"key `{extra[0]}` (and {len(extra) - 1} more) has no place in a CLIP "

@@ -118,3 +118,50 @@ def pad_uniform(params: Mapping[str, Any], config: CLIPConfig,
     out[key] = tower
   logging.info("%s", note)
   return out, padded
+
+
+# ----------------------------------------------------------------------------- undoing it
+
+def _cut_layer(layer: Mapping[str, Any], heads: int, mlp: int) -> tuple[dict, list[np.ndarray]]:
+  """One padded block cut back to `heads` heads and `mlp` MLP units (0: the sub-layer
+  is dropped), and the cut-off tensors whose contribution must be zero."""
+  out, gone = {}, []
+  attn, fc, proj = layer["attn"], layer["mlp"]["c_fc"], layer["mlp"]["c_proj"]
+  if heads:
+    out["ln_1"] = layer["ln_1"]
+    out["attn"] = {"in_proj_kernel": attn["in_proj_kernel"][:, :, :heads],
+                   "in_proj_bias": attn["in_proj_bias"][:, :heads],
+                   "out_proj_kernel": attn["out_proj_kernel"][:heads],
+                   "out_proj_bias": attn["out_proj_bias"]}
+    gone += [attn["in_proj_kernel"][:, :, heads:], attn["in_proj_bias"][:, heads:]]
+  else:  # what a padded empty sub-layer adds: its output bias
+    gone.append(attn["out_proj_bias"])
+  gone.append(attn["out_proj_kernel"][heads:])
+  if mlp:
+    out["ln_2"] = layer["ln_2"]
+    out["mlp"] = {"c_fc": {"kernel": fc["kernel"][:, :mlp], "bias": fc["bias"][:mlp]},
+                  "c_proj": {"kernel": proj["kernel"][:mlp], "bias": proj["bias"]}}
+    gone += [fc["kernel"][:, mlp:], fc["bias"][mlp:]]
+  else:
+    gone.append(proj["bias"])
+  gone.append(proj["kernel"][mlp:])
+  return out, gone
+
+
+def unpad(params: Mapping[str, Any], config: CLIPConfig,
+          pruned: CLIPConfig) -> dict[str, Any] | None:
+  """The pruned model `pruned` back out of its zero-padded export (`config` ==
+  padded_config(pruned)), or None when the padding is not zero any more (the export
+  was changed, e.g. trained further, and is no longer the pruned model exactly)."""
+  out = dict(params)
+  for name, key in TOWERS:
+    old, new = getattr(config, name), getattr(pruned, name)
+    if old == new:
+      continue
+    tower = dict(params[key])
+    for i, (heads, mlp) in enumerate(zip(new.heads, new.mlp)):
+      tower[f"layers_{i}"], gone = _cut_layer(params[key][f"layers_{i}"], heads, mlp)
+      if any(np.any(np.asarray(x) != 0) for x in gone):
+        return None
+    out[key] = tower
+  return out

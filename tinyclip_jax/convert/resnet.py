@@ -16,11 +16,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from tinyclip_jax.convert import openai
+from tinyclip_jax.convert import meta, openai
 from tinyclip_jax.convert.common import (CONV, LINEAR, SAME, CheckpointError, check_params, flatten,
                                          from_canonical, layer_indices, take_entries,
                                          tower_layout, unflatten)
-from tinyclip_jax.models.config import RESNET_STRIDE, CLIPConfig, TextConfig, resnet_tower
+from tinyclip_jax.models.config import RESNET_STRIDE, CLIPConfig, resnet_tower
 from tinyclip_jax.models.resnet import stage_blocks
 
 STAGES = 4  # OpenAI's ModifiedResNet always has layer1..layer4
@@ -63,8 +63,11 @@ def _stages(sd) -> list[int]:
   return [len(layer_indices(sd, f"visual.layer{s}.")) for s in range(1, STAGES + 1)]
 
 
-def infer_config(sd: Mapping[str, Any], activation: str) -> CLIPConfig:
-  """The model config implied by the shapes of a normalized ResNet state dict."""
+def infer_config(sd: Mapping[str, Any], activation: str, vision_head_dim: int | None = None,
+                 text_head_dim: int | None = None,
+                 eot_token_id: int | None = None) -> CLIPConfig:
+  """The model config implied by the shapes of a normalized ResNet state dict and the
+  facts they do not hold (the attention pool's head size among them)."""
   stages = _stages(sd)
   width = openai._dims(sd, "visual.conv3.weight", 4, "last stem convolution")[0]
   tokens, pool_width = openai._dims(sd, "visual.attnpool.positional_embedding", 2,
@@ -78,20 +81,12 @@ def infer_config(sd: Mapping[str, Any], activation: str) -> CLIPConfig:
                           f"stem width {width} implies {width * 32}; the checkpoint's shapes "
                           "are inconsistent.")
   embed_dim = openai._dims(sd, "visual.attnpool.c_proj.weight", 2, "attention-pool output")[0]
-  vocab, text_width = openai._dims(sd, "token_embedding.weight", 2, "token embedding")
-  context = openai._dims(sd, "positional_embedding", 2, "text positions")[0]
-  t_heads, t_mlp = openai._block_widths(sd, openai.TOWERS[1][1], openai.HEAD_DIM)
   return CLIPConfig(
       embed_dim=embed_dim,
       activation=activation,
-      vision=resnet_tower(width, stages, image_size=grid * RESNET_STRIDE),
-      text=TextConfig(
-          width=text_width,
-          heads=t_heads,
-          mlp=t_mlp,
-          head_dim=openai.HEAD_DIM,
-          vocab_size=vocab,
-          context_length=context))
+      vision=resnet_tower(width, stages, image_size=grid * RESNET_STRIDE,
+                          head_dim=meta.head_dim("vision", [pool_width], vision_head_dim)),
+      text=openai.text_config(sd, text_head_dim, eot_token_id))
 
 
 def _module(key: str, path: str, is_bn: bool):
@@ -128,13 +123,16 @@ def _entries(config: CLIPConfig):
 # ----------------------------------------------------------------------------- maps
 
 
-def from_openai(state_dict: Mapping[str, Any], activation: str) -> tuple[dict, CLIPConfig]:
-  """(weights, config) from an OpenAI/open_clip/TinyCLIP ResNet CLIP state dict."""
+def from_openai(state_dict: Mapping[str, Any], activation: str,
+                vision_head_dim: int | None = None, text_head_dim: int | None = None,
+                eot_token_id: int | None = None) -> tuple[dict, CLIPConfig]:
+  """(weights, config) from an OpenAI/open_clip/TinyCLIP ResNet CLIP state dict; the
+  facts state dicts do not hold as in `openai.from_openai`."""
   sd = {k: v for k, v in openai.normalize_keys(state_dict).items() if not k.endswith("." + COUNTER)}
   if "token_embedding.weight" not in sd:
     raise CheckpointError("the checkpoint has a ResNet image tower but no text tower "
                           "(`token_embedding.weight` is missing); give a whole CLIP model.")
-  config = infer_config(sd, activation)
+  config = infer_config(sd, activation, vision_head_dim, text_head_dim, eot_token_id)
   flat, extra = take_entries(sd, _entries(config))
   if extra:
     raise CheckpointError(f"key `{extra[0]}` (and {len(extra) - 1} more) has no place in a "

@@ -132,14 +132,14 @@ def _prune_masked(params, config, logas):
   return pruned, pruned_cfg
 
 
-def from_tinyclip(state_dict: Mapping[str, Any], activation: str) -> tuple[dict, Any]:
+def from_tinyclip(state_dict: Mapping[str, Any], activation: str, **facts) -> tuple[dict, Any]:
   """(params, config) of the pruned heterogeneous model in a TinyCLIP state dict
-  (any layout `from_openai` reads is accepted too). A masked training checkpoint
-  (full weights + L0 mask log α) is pruned with the masks' deterministic gates,
-  as TinyCLIP evaluates it."""
+  (any layout `from_openai` reads is accepted too; `facts`: its head sizes and
+  end-of-text id keywords). A masked training checkpoint (full weights + L0 mask
+  log α) is pruned with the masks' deterministic gates, as TinyCLIP evaluates it."""
   from tinyclip_jax.convert.openai import from_openai
   rest, logas = split_masks(state_dict)
-  params, config = from_openai(rest, activation)
+  params, config = from_openai(rest, activation, **facts)
   if logas:
     params, config = _prune_masked(params, config, logas)
   return params, config
@@ -153,8 +153,12 @@ def _wrap(key: str) -> str:
 
 def to_tinyclip(params: Mapping[str, Any], config) -> dict[str, np.ndarray]:
   """TinyCLIP's pruned state dict (float32) for any model, per-layer widths included:
-  what TinyCLIP's pruned `CLIP(...).state_dict()` holds, exactly (no padding)."""
+  what TinyCLIP's pruned `CLIP(...).state_dict()` holds, exactly (no padding). A
+  ResNet image tower has no per-layer widths: its open_clip keys, wrapped."""
   from tinyclip_jax.convert.openai import _entries
+  if config.vision.kind == "resnet":
+    from tinyclip_jax.convert import resnet  # pylint: disable=import-outside-toplevel
+    return {_wrap(key): value for key, value in resnet.to_open_clip(params, config).items()}
   check_params(params, config)
   flat = flatten(params)
   return {

@@ -83,8 +83,10 @@ class VisionTransformer(nn.Module):
 
 
 class TextTransformer(nn.Module):
-  """Token ids (B, C) int32 → unnormalized embeddings (B, E), pooled at the EOT
-  token (the position of the largest id, as OpenAI CLIP does)."""
+  """Token ids (B, C) int32 → unnormalized embeddings (B, E), pooled at the first
+  position holding `config.eot_token_id` (transformers' rule; position 0 when a row
+  has none). OpenAI pools at the largest id, which agrees only while no id above the
+  end-of-text id appears (it moves as soon as a vocabulary gains tokens)."""
   config: TextConfig
   embed_dim: int
   activation: str
@@ -106,7 +108,8 @@ class TextTransformer(nn.Module):
     x = jnp.take(emb, tokens, axis=0).astype(self.dtype) + pos[:n].astype(self.dtype)
     x, keep = _hidden_gate(x, gates)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    eot = jnp.argmax(tokens, axis=-1)  # LayerNorm is per token: pool first
+    # argmax of a boolean row: its first True (0 if none). LayerNorm is per token: pool first.
+    eot = jnp.argmax(tokens == c.eot_token_id, axis=-1)
     x = transformer(x, c.heads, c.mlp, c.head_dim, self.activation, causal=True,
                     remat=self.remat, pool_index=eot, gates=gates, **kw)
     x = LayerNorm(name="ln_final", **kw)(x, keep)

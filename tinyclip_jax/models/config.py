@@ -12,6 +12,14 @@ import json
 from typing import Any, Sequence
 
 ACTIVATIONS = ("gelu", "quick_gelu")
+CLIP_EOT = 49407  # <|endoftext|> of CLIP's tokenizer (tinyclip_jax.tokenizer), 49408 ids
+
+
+def default_eot(vocab_size: int) -> int:
+  """The end-of-text id a vocabulary of `vocab_size` ids pools at when nothing says:
+  CLIP's 49407 when the vocabulary holds it (49408 ids, or more with added tokens);
+  the last id of a smaller (toy) vocabulary, where OpenAI's largest-id rule agrees."""
+  return CLIP_EOT if vocab_size > CLIP_EOT else vocab_size - 1
 
 
 class ConfigError(ValueError):
@@ -120,8 +128,22 @@ class VisionConfig(TowerConfig):
 
 @dataclasses.dataclass(frozen=True)
 class TextConfig(TowerConfig):
+  """eot_token_id: the text is pooled at the FIRST position holding this id (the rule
+  of transformers' CLIPTextTransformer; position 0 when a row has none). None (the
+  default) means `default_eot(vocab_size)`: 49407 for CLIP's vocabulary, extended or
+  not, so token ids above it do not move the pooling position as OpenAI's largest-id
+  rule would."""
   vocab_size: int = 49408
   context_length: int = 77
+  eot_token_id: int | None = None
+
+  def __post_init__(self):
+    super().__post_init__()
+    eot = default_eot(self.vocab_size) if self.eot_token_id is None else int(self.eot_token_id)
+    if not 0 <= eot < self.vocab_size:
+      raise ConfigError(f"eot_token_id {eot} is outside the vocabulary of {self.vocab_size} ids; "
+                        "give the id the tokenizer ends every text with.")
+    object.__setattr__(self, "eot_token_id", eot)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,6 +205,7 @@ def resnet_tower(width: int, stages: Sequence[int], image_size: int = 224,
                       patch_size=RESNET_STRIDE, kind="resnet", stages=tuple(stages))
 
 
-def text_tower(width, layers, context_length=77, vocab_size=49408, **kw) -> TextConfig:
+def text_tower(width, layers, context_length=77, vocab_size=49408, eot_token_id=None,
+               **kw) -> TextConfig:
   return tower(width, layers, cls=TextConfig, context_length=context_length,
-               vocab_size=vocab_size, **kw)
+               vocab_size=vocab_size, eot_token_id=eot_token_id, **kw)

@@ -101,7 +101,8 @@ def _model_config(spec, what: str) -> CLIPConfig:
 def _check_compatible(teacher: CLIPConfig, student: CLIPConfig) -> None:
   for what, t, s in (("image_size", teacher.vision.image_size, student.vision.image_size),
                      ("context_length", teacher.text.context_length, student.text.context_length),
-                     ("vocab_size", teacher.text.vocab_size, student.text.vocab_size)):
+                     ("vocab_size", teacher.text.vocab_size, student.text.vocab_size),
+                     ("eot_token_id", teacher.text.eot_token_id, student.text.eot_token_id)):
     if t != s:
       raise SetupError(f"teacher {what} {t} differs from student {what} {s}; teacher and "
                        "student must see the same images and tokens.")
@@ -160,6 +161,10 @@ def build(config: ml_collections.ConfigDict, restoring: bool,
     student_host, student_cfg = _load_checkpoint(config.student.checkpoint, "student.checkpoint")
   else:
     student_host, student_cfg = None, _model_config(config.student, "student")
+    if teacher_cfg is not None and teacher_cfg.text.vocab_size == student_cfg.text.vocab_size:
+      # A student built from sizes reads the teacher's tokens: it pools where the teacher does.
+      student_cfg = student_cfg.replace(text=dataclasses.replace(
+          student_cfg.text, eot_token_id=teacher_cfg.text.eot_token_id))
   if model_configs is not None:
     (teacher_cfg, student_cfg), teacher_host = model_configs, None
   if micro and uses_batch_norm(student_cfg):
