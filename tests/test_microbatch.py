@@ -57,7 +57,10 @@ def _grads(c, setup, state, batch, micro):
   return jax.device_get(fn(state.params, setup.teacher_params, batch))
 
 
-def _assert_same(one_shot, cached, rel=1e-6):
+# float32 rounding of the same sums taken in another order, amplified through the
+# towers' backward pass: measured up to 1.6e-6 of the gradient's norm (1.0e-6 on
+# another CPU); a wrong gradient is off by orders of magnitude more.
+def _assert_same(one_shot, cached, rel=2.5e-6):
   (l0, t0), g0 = one_shot
   (l1, t1), g1 = cached
   np.testing.assert_allclose(l1, l0, rtol=1e-6)
