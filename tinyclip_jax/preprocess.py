@@ -3,7 +3,9 @@
 Matches OpenAI's `Resize(size, BICUBIC) → CenterCrop(size) → ToTensor → Normalize`
 as torchvision computes it, except that images are converted to RGB first (as
 Hugging Face's CLIPImageProcessor does): resizing palette images in their own
-mode would fall back to nearest-neighbour. Outputs are HWC / NHWC float32.
+mode would fall back to nearest-neighbour. Files are decoded, and PIL images
+converted, by the one rule training uses too (tinyclip_jax.data.decode). Outputs
+are HWC / NHWC float32.
 """
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ import os
 
 import numpy as np
 from PIL import Image
+
+from tinyclip_jax.data import decode
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -53,9 +57,7 @@ def normalize(images: np.ndarray) -> np.ndarray:
   return (images.astype(np.float32) / np.float32(255.0) - _MEAN) / _STD
 
 
-def load_image(image: str | os.PathLike | Image.Image, size: int) -> np.ndarray:
-  """An image file or PIL image → normalized float32 (size, size, 3)."""
-  if isinstance(image, Image.Image):
-    return normalize(np.asarray(resize_and_crop(image, size)))
-  with Image.open(image) as opened:
-    return normalize(np.asarray(resize_and_crop(opened, size)))
+def load_image(image: str | os.PathLike | bytes | Image.Image, size: int) -> np.ndarray:
+  """An image file, its bytes or a PIL image → normalized float32 (size, size, 3)."""
+  rgb = decode.to_rgb(image) if isinstance(image, Image.Image) else decode.open_rgb(image)
+  return normalize(np.asarray(resize_and_crop(rgb, size)))

@@ -25,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from tinyclip_jax import tokenizer
-from tinyclip_jax.data import augment, shards, tfds_input
+from tinyclip_jax.data import augment, decode, shards, tfds_input
 
 # TensorFlow stays off the accelerators: JAX owns them.
 tf.config.set_visible_devices([], "GPU")
@@ -142,7 +142,7 @@ class ShardedPairs:
     return dict(r, caption=fixed, reason=reason, bad_utf8=bad_utf8)
 
   def _decode(self, r):
-    image = tf.io.decode_image(r["image"], channels=3, expand_animations=False)
+    image = decode.decode_tf(r["image"])  # PIL's pixels, as evaluation decodes them
     h, w = tf.shape(image)[0], tf.shape(image)[1]
     reason = tf.where(
         tf.minimum(h, w) < self.cfg.min_image_size, shards.CODE["tiny_image"],

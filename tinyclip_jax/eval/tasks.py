@@ -11,7 +11,6 @@ rows), so the encoders run on all devices of all hosts.
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 from concurrent import futures
@@ -19,7 +18,6 @@ from typing import Callable, Iterable
 
 import jax
 import numpy as np
-from PIL import Image
 
 from tinyclip_jax import evaluate, parallel, preprocess, tokenizer
 from tinyclip_jax.eval import metadata, retrieval
@@ -45,13 +43,9 @@ def parse(spec: str) -> tuple[str, str, str]:
 
 
 def decode(encoded: list[bytes], size: int) -> np.ndarray:
-  """Encoded images → CLIP-preprocessed float32 (n, size, size, 3)."""
-
-  def one(b):
-    with Image.open(io.BytesIO(b)) as im:
-      return preprocess.load_image(im, size)
-
-  return np.stack(list(_POOL.map(one, encoded)))
+  """Encoded images → CLIP-preprocessed float32 (n, size, size, 3), decoded by
+  tinyclip_jax.data.decode's rule (the one training uses)."""
+  return np.stack(list(_POOL.map(lambda b: preprocess.load_image(bytes(b), size), encoded)))
 
 
 def on_mesh(fn: Callable, mesh) -> Callable:
