@@ -8,6 +8,7 @@ moves τ=50 logits by ~0.1 and the loss by ~0.2% (measured 2.0e-3 at step 1).
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -99,6 +100,31 @@ def test_a_cache_for_another_run_is_refused_naming_both(cache, overrides, messag
   with pytest.raises(prepare.SetupError, match=message) as e:
     prepare.build(c, restoring=True)
   assert "teacher.cache" in str(e.value)
+
+
+def test_a_cache_from_another_image_decoder_is_refused_naming_both(cache, tmp_path):
+  """Caches from before the decoding rule was versioned (tf.io.decode_image) hold no
+  decode_version; one from another rule holds another number."""
+  from tinyclip_jax.data import decode  # pylint: disable=import-outside-toplevel
+  assert cache[1]["decode_version"] == decode.DECODE_VERSION
+  old = tmp_path / "old"
+  shutil.copytree(cache[0], old)
+  manifest = json.loads((old / "cache.json").read_text())
+  del manifest["decode_version"]
+  (old / "cache.json").write_text(json.dumps(manifest))
+  with pytest.raises(prepare.SetupError) as e:
+    prepare.build(config(**{"teacher.cache": str(old)}), restoring=True)
+  assert str(e.value) == (
+      f"teacher.cache {old} was built from images decoded by rule version 1 "
+      "(tf.io.decode_image; not recorded then) but this run decodes them by rule version "
+      f"{decode.DECODE_VERSION} (tinyclip_jax/data/decode.py); rebuild the cache.")
+  expected = dict(manifest, decode_version=decode.DECODE_VERSION)
+  with pytest.raises(teacher_cache.CacheError,
+                     match=f"rule version 7 but this run decodes them by rule version "
+                     f"{decode.DECODE_VERSION} "):
+    teacher_cache.check(dict(manifest, decode_version=7), expected, STEPS, str(old))
+  teacher_cache.check(dict(manifest, decode_version=decode.DECODE_VERSION), expected, STEPS,
+                      str(old))
 
 
 def test_missing_cache_and_cli_errors(tmp_path, cache):

@@ -3,12 +3,14 @@
 Matches OpenAI's `Resize(size, BICUBIC) → CenterCrop(size) → ToTensor → Normalize`
 as torchvision computes it, except that images are converted to RGB first (as
 Hugging Face's CLIPImageProcessor does): resizing palette images in their own
-mode would fall back to nearest-neighbour. Outputs are HWC / NHWC float32.
+mode would fall back to nearest-neighbour. Files are decoded, and PIL images
+converted, by the one rule training uses too (tinyclip_jax.data.decode). Outputs
+are HWC / NHWC float32.
 """
 from __future__ import annotations
 
 import os
-from typing import IO, TYPE_CHECKING
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -59,11 +61,9 @@ def normalize(images: np.ndarray) -> np.ndarray:
   return (images.astype(np.float32) / np.float32(255.0) - _MEAN) / _STD
 
 
-def load_image(image: str | os.PathLike | IO[bytes] | Image.Image, size: int) -> np.ndarray:
-  """An image file (path or open binary file) or PIL image → normalized float32 (size,
-  size, 3)."""
+def load_image(image: str | os.PathLike | bytes | Image.Image, size: int) -> np.ndarray:
+  """An image file, its bytes or a PIL image → normalized float32 (size, size, 3)."""
   from PIL import Image  # pylint: disable=import-outside-toplevel,redefined-outer-name
-  if isinstance(image, Image.Image):
-    return normalize(np.asarray(resize_and_crop(image, size)))
-  with Image.open(image) as opened:
-    return normalize(np.asarray(resize_and_crop(opened, size)))
+  from tinyclip_jax.data import decode  # pylint: disable=import-outside-toplevel
+  rgb = decode.to_rgb(image) if isinstance(image, Image.Image) else decode.open_rgb(image)
+  return normalize(np.asarray(resize_and_crop(rgb, size)))

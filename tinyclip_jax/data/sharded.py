@@ -27,7 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from tinyclip_jax import tokenizer
-from tinyclip_jax.data import augment, shards
+from tinyclip_jax.data import augment, decode, shards
 
 # TensorFlow stays off the accelerators: JAX owns them.
 tf.config.set_visible_devices([], "GPU")
@@ -168,7 +168,7 @@ class ShardedPairs:
     return tf.cond(tf.equal(r["reason"], _BEAT), blank, lambda: dict(r, **self._decode(r)))
 
   def _decode(self, r):
-    image = tf.io.decode_image(r["image"], channels=3, expand_animations=False)
+    image = decode.decode_tf(r["image"])  # PIL's pixels, as evaluation decodes them
     h, w = tf.shape(image)[0], tf.shape(image)[1]
     reason = tf.where(
         tf.minimum(h, w) < self.cfg.min_image_size, shards.CODE["tiny_image"],

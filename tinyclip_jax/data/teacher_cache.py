@@ -7,8 +7,9 @@ The input pipeline is a pure function of its config and seed (augmentation
 included), so batch s of a run is batch s of the run that built the cache: the
 cache is indexed by step. A manifest records what the embeddings depend on — the
 teacher (config and a digest of its weights), the data config with its seed, the
-global batch, image size, context length and process count — and a run whose own
-values differ is refused, naming both.
+image decoding rule's version (tinyclip_jax.data.decode), the global batch, image
+size, context length and process count — and a run whose own values differ is
+refused, naming both.
 
 Layout: PATH/cache.json (written last: its presence means complete) and
 PATH/p{process:03d}-{chunk:06d}.safetensors, each holding `chunk` steps of that
@@ -25,6 +26,8 @@ import jax
 import ml_dtypes
 import numpy as np
 from etils import epath
+
+from tinyclip_jax.data import decode as image_decode
 
 MANIFEST = "cache.json"
 FORMAT = 1
@@ -52,6 +55,7 @@ def describe(config, teacher_config, digest: str) -> dict:
   data = {k: v for k, v in config.data.to_dict().items() if k not in NEUTRAL_DATA_FIELDS}
   return {"teacher": {"config": teacher_config.to_dict(), "digest": digest},
           "data": json.loads(json.dumps(data, default=str)),
+          "decode_version": image_decode.DECODE_VERSION,
           "batch_size": int(config.batch_size),
           "process_count": jax.process_count()}
 
@@ -129,6 +133,12 @@ def check(manifest: dict, expected: dict, steps: int, path: str) -> None:
   if manifest.get("format") != FORMAT:
     raise CacheError(f"teacher.cache {path} has format {manifest.get('format')} but this "
                      f"version reads {FORMAT}; rebuild it.")
+  built, now = manifest.get("decode_version"), expected["decode_version"]
+  if built != now:
+    built = built if built is not None else "1 (tf.io.decode_image; not recorded then)"
+    raise CacheError(f"teacher.cache {path} was built from images decoded by rule version "
+                     f"{built} but this run decodes them by rule version {now} "
+                     "(tinyclip_jax/data/decode.py); rebuild the cache.")
   for key in ("teacher", "data", "batch_size", "process_count"):
     diff = _first_difference(expected[key], manifest.get(key), key)
     if diff:

@@ -11,7 +11,6 @@ rows), so the encoders run on all devices of all hosts.
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 from concurrent import futures
@@ -44,9 +43,9 @@ def parse(spec: str) -> tuple[str, str, str]:
 
 
 def decode(encoded: list[bytes], size: int) -> np.ndarray:
-  """Encoded images → CLIP-preprocessed float32 (n, size, size, 3)."""
-
-  return np.stack(list(_POOL.map(lambda b: preprocess.load_image(io.BytesIO(b), size), encoded)))
+  """Encoded images → CLIP-preprocessed float32 (n, size, size, 3), decoded by
+  tinyclip_jax.data.decode's rule (the one training uses)."""
+  return np.stack(list(_POOL.map(lambda b: preprocess.load_image(bytes(b), size), encoded)))
 
 
 def on_mesh(fn: Callable, mesh) -> Callable:
