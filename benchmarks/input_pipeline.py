@@ -36,12 +36,15 @@ def measure(args, pattern: str, threads: int) -> dict:
       threads=threads,
       num_parallel_calls=threads or -1)
   src = sharded.ShardedPairs(cfg, args.image, 77, args.batch)
-  for _ in range(args.warmup):
-    next(src)
-  t0, c0 = time.perf_counter(), _cpu_seconds()
-  for _ in range(args.batches):
-    b = next(src)
-  wall, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
+  try:
+    for _ in range(args.warmup):
+      next(src)
+    t0, c0 = time.perf_counter(), _cpu_seconds()
+    for _ in range(args.batches):
+      b = next(src)
+    wall, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
+  finally:
+    src.close()  # else the process can hang at exit (see ShardedPairs.close)
   n = args.batches * args.batch
   assert b["images"].shape == (args.batch, args.image, args.image, 3)
   return {

@@ -324,3 +324,12 @@ def test_stages_resolve_a_relative_workdir(tmp_path, monkeypatch):
   stages.run(config, "rel/run")
   assert [w for w, _ in seen] == [f"{tmp_path}/rel/run/0_a", f"{tmp_path}/rel/run/1_b"]
   assert seen[1][1] == f"{tmp_path}/rel/run/0_a/final"
+
+
+def test_evaluation_on_shards_skips_an_image_that_does_not_decode(tmp_path):
+  from tinyclip_jax.eval import tasks  # pylint: disable=import-outside-toplevel
+  write_tar(tmp_path / "e.tar", {"a": {"jpg": jpeg(1), "txt": b"one"},
+                                 "b": {"jpg": jpeg(2, cut=True), "txt": b"two"},
+                                 "c": {"jpg": jpeg(3), "txt": b"three\nthree again"}})
+  pairs = list(tasks.wds_pairs(str(tmp_path / "e.tar")))
+  assert [c for _, c in pairs] == [["one"], ["three", "three again"]]

@@ -21,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 
-from tinyclip_jax import cli
+from tinyclip_jax import cli, paths
 from tinyclip_jax.cli import UsageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -34,10 +34,12 @@ USAGE = ("python -m tinyclip_jax.embed --checkpoint=DIR [--images=PATH] [--texts
 def _parser() -> argparse.ArgumentParser:
   p = cli.Parser(prog="python -m tinyclip_jax.embed", usage_line=USAGE,
                  description=__doc__.split("\n\n")[0])
-  p.add_argument("--checkpoint", required=True, help="a tinyclip_jax.model_io folder")
-  p.add_argument("--images", help="folder of image files, or a uint8 NHWC .npy array")
-  p.add_argument("--texts", help="text file, one caption per line")
-  p.add_argument("--output", required=True, help="the .npz to write")
+  p.add_argument("--checkpoint", required=True, type=paths.resolve,
+                 help="a tinyclip_jax.model_io folder")
+  p.add_argument("--images", type=paths.resolve,
+                 help="folder of image files, or a uint8 NHWC .npy array")
+  p.add_argument("--texts", type=paths.resolve, help="text file, one caption per line")
+  p.add_argument("--output", required=True, type=paths.resolve, help="the .npz to write")
   p.add_argument("--batch_size", type=int, default=64)
   return p
 

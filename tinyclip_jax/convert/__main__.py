@@ -34,7 +34,7 @@ import sys
 
 from absl import logging
 
-from tinyclip_jax import cli
+from tinyclip_jax import cli, paths
 from tinyclip_jax.cli import UsageError
 from tinyclip_jax.models.config import ACTIVATIONS, CLIP_EOT, CLIPConfig
 from tinyclip_jax.preprocess import CLIP_MEAN, CLIP_STD
@@ -86,7 +86,7 @@ def parse_location(text: str, flag: str, kinds: tuple[str, ...]) -> tuple[str, s
                      f"with KIND one of {', '.join(kinds)}.")
   if kind not in kinds:
     raise UsageError(f"--{flag} kind {kind!r} is unknown; use one of {', '.join(kinds)}.")
-  return kind, path
+  return kind, paths.resolve(path)
 
 
 # --------------------------------------------------------------------------- reading

@@ -22,7 +22,6 @@ import numpy as np
 from tinyclip_jax import evaluate, parallel, preprocess, tokenizer
 from tinyclip_jax.eval import metadata, retrieval
 
-_POOL = futures.ThreadPoolExecutor(max_workers=max(1, min(16, os.cpu_count() or 1)))
 
 
 def parse(spec: str) -> tuple[str, str, str]:
@@ -45,7 +44,9 @@ def parse(spec: str) -> tuple[str, str, str]:
 def decode(encoded: list[bytes], size: int) -> np.ndarray:
   """Encoded images → CLIP-preprocessed float32 (n, size, size, 3), decoded by
   tinyclip_jax.data.decode's rule (the one training uses)."""
-  return np.stack(list(_POOL.map(lambda b: preprocess.load_image(bytes(b), size), encoded)))
+  workers = max(1, min(16, os.cpu_count() or 1, len(encoded)))
+  with futures.ThreadPoolExecutor(max_workers=workers) as pool:  # ended with the batch
+    return np.stack(list(pool.map(lambda b: preprocess.load_image(bytes(b), size), encoded)))
 
 
 def on_mesh(fn: Callable, mesh) -> Callable:
@@ -170,20 +171,30 @@ def retrieval_tfds(name: str,
 
 
 def wds_pairs(pattern: str, max_examples: int = 0):
-  """(image bytes, captions) of webdataset shards in file order; bad samples skipped."""
+  """(image bytes, captions) of webdataset shards in file order; bad samples skipped,
+  undecodable images included (the header check alone passes a cut-off JPEG, and one
+  bad file must not stop a periodic evaluation)."""
   from tinyclip_jax.data import captions as lines  # pylint: disable=import-outside-toplevel
-  from tinyclip_jax.data import shards  # pylint: disable=import-outside-toplevel
+  from tinyclip_jax.data import decode, shards  # pylint: disable=import-outside-toplevel
   n = 0
   for path in shards.resolve(pattern, "eval task wds:"):
     for _, image, caption, reason in shards.read_tar(path, 1, 2**62):
       captions = [c.strip() for c in lines.split_lines(caption.decode("utf-8", "replace"))]
       captions = [c for c in captions if c]
-      if reason or not captions:
+      if reason or not captions or not _decodable(decode, image):
         continue
       yield image, captions
       n += 1
       if n == max_examples:
         return
+
+
+def _decodable(decode, image: bytes) -> bool:
+  try:
+    decode.open_rgb(image)
+    return True
+  except Exception:  # noqa: BLE001 - PIL raises many types on broken files
+    return False
 
 
 def run(spec: str,
