@@ -88,6 +88,7 @@ def build_jax(student_cfg, teacher_cfg, batch: int, precision: str, microbatch: 
   c.batch_size, c.total_steps, c.precision = batch, 1000, precision
   c.optimizer.warmup_steps = 10
   c.microbatch_size = microbatch
+  c.text_buckets = ()  # steps are compiled for a given text length here (compile_step)
   setup, state = prepare.build(c, restoring=False, model_configs=(teacher_cfg, student_cfg))
   return c, setup, state
 
@@ -103,9 +104,11 @@ class CompiledStep:
   memory_mb: float | None
 
 
-def compile_step(c, setup, batch: int, remat: bool = False, cached: bool = False) -> CompiledStep:
+def compile_step(c, setup, batch: int, remat: bool = False, cached: bool = False,
+                 text_length: int = 0) -> CompiledStep:
   """The step as training compiles it (state donated); `cached`: the teacher's embeddings
-  come with the batch (teacher.cache) instead of from a teacher forward."""
+  come with the batch (teacher.cache) instead of from a teacher forward; `text_length`:
+  the tokens' bucket (0 = the context length)."""
   import jax  # pylint: disable=import-outside-toplevel
   from tinyclip_jax.models import CLIP  # pylint: disable=import-outside-toplevel
   from tinyclip_jax.train import prepare  # pylint: disable=import-outside-toplevel
@@ -113,7 +116,7 @@ def compile_step(c, setup, batch: int, remat: bool = False, cached: bool = False
   c = c.copy_and_resolve_references()
   c.batch_size = batch
   dim = setup.teacher_config.embed_dim if cached else 0
-  batch_abs = prepare.batch_abstract(c, setup.student_config, setup.mesh, dim)
+  batch_abs = prepare.batch_abstract(c, setup.student_config, setup.mesh, dim, text_length)
   teacher_params = None if cached else setup.teacher_params
   step = make_train_step(CLIP(setup.student_config, remat=remat, dtype=setup.dtype),
                          None if cached else CLIP(setup.teacher_config, dtype=setup.dtype),

@@ -2,9 +2,11 @@
 gloo), 4 simulated devices each, against one process with 8 devices.
 
 Checks: the 2-process run logs the same losses as the 1-process run (same global
-batch, same math; float32 rounding only), only process 0 writes metrics, its final
-checkpoint resumes in a 1-process run with the same params, and a coordinator that
-is not there is one sentence after the timeout, not a hang.
+batch, same math; float32 rounding only), with text buckets on (the processes agree
+on each batch's bucket though their own rows pick different ones) against full-length
+text; only process 0 writes metrics, its final checkpoint resumes in a 1-process run
+with the same params, and a coordinator that is not there is one sentence after the
+timeout, not a hang.
 """
 from __future__ import annotations
 
@@ -27,6 +29,9 @@ pytestmark = pytest.mark.xdist_group("multihost")
 STEPS = 10
 OVERRIDES = [f"--config.total_steps={STEPS}", "--config.checkpoint_every=5",
              "--config.log_every=1", "--config.eval.kind=", "--config.mesh.data=-1"]
+# The smoke captions need 24–31 of the 32 positions per half-batch: with these, the two
+# processes' own rows pick different buckets at some steps, each way round.
+BUCKETS = (28, 32)
 
 
 def free_port() -> int:
@@ -49,7 +54,8 @@ def launch(workdir, process_id: int, num: int, port: int, *extra, devices=4):
 def two_hosts(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("two_hosts")
   port = free_port()
-  procs = [launch(workdir, i, 2, port) for i in range(2)]
+  flag = f"--config.text_buckets=({','.join(map(str, BUCKETS))})"
+  procs = [launch(workdir, i, 2, port, flag) for i in range(2)]
   errs = [p.communicate(timeout=600)[1] for p in procs]
   for p, err in zip(procs, errs):
     assert p.returncode == 0, err[-3000:]
@@ -72,6 +78,27 @@ def test_two_processes_log_the_losses_of_one(two_hosts, one_host):
   for a, b in zip(two, one):
     for key in ("loss", "affinity_i2t", "affinity_t2i", "grad_norm"):
       np.testing.assert_allclose(a[key], b[key], rtol=2e-5, err_msg=f"step {a['step']} {key}")
+
+
+def test_two_processes_agree_on_the_text_bucket(two_hosts, one_host):
+  """Steps where process 0's rows need a longer bucket than process 1's, and steps where
+  it is the other way round; every step runs the bucket of the longest caption of the
+  global batch (found here by hand). (The losses: the test above.)"""
+  from tinyclip_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  c = smoke_config()
+  source = pipeline.SyntheticPairs(c.data, 32, 32, c.batch_size)  # the global batch
+  bucket = lambda n: min(b for b in BUCKETS if b >= n)  # noqa: E731
+  local, agreed = [], []
+  for _ in range(STEPS):
+    tokens = next(source)["tokens"]
+    ends = [list(row).index(49407) + 1 for row in tokens]  # through the first end-of-text
+    half = len(ends) // 2  # process 0's rows, then process 1's
+    local.append((bucket(max(ends[:half])), bucket(max(ends[half:]))))
+    agreed.append(bucket(max(ends)))
+  assert any(a > b for a, b in local) and any(a < b for a, b in local), local
+  assert set(agreed) == set(BUCKETS)
+  assert [r["text_bucket"] for r in read_jsonl(two_hosts / "metrics.jsonl")] == agreed
+  assert {r["text_bucket"] for r in read_jsonl(one_host / "metrics.jsonl")} == {32}  # off
 
 
 def test_a_two_process_checkpoint_resumes_in_one_process(two_hosts, tmp_path):

@@ -1,7 +1,8 @@
 """Teacher-embedding cache (python -m tinyclip_jax.cache_teacher, teacher.cache=PATH).
 
 Reference: the same run computing the teacher forward itself. A float32 cache
-replays it exactly (same batches, crops and embeddings: losses equal to 1e-6); the
+replays it exactly (same batches, crops and embeddings: losses equal to 1e-6), also
+when the builder cut the tokens to text buckets and the run did not; the
 default bfloat16 cache rounds each unit-vector component by ≤ 2⁻⁹ relative, which
 moves τ=50 logits by ~0.1 and the loss by ~0.2% (measured 2.0e-3 at step 1).
 """
@@ -42,7 +43,10 @@ def cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def runs(cache, tmp_path_factory):
   exact = tmp_path_factory.mktemp("cache32") / "c"
-  cache_teacher.build(config(), str(exact), dtype="float32")
+  # Built with text buckets: the builder cuts the tokens as training does (step 3's
+  # longest caption needs 28 of the 32 positions, the others more), and the run, at
+  # full length, must agree.
+  cache_teacher.build(config(text_buckets=(28, 32)), str(exact), dtype="float32")
   out = []
   for name, path in (("plain", ""), ("bf16", cache[0]), ("f32", exact)):
     work = tmp_path_factory.mktemp(name)

@@ -43,7 +43,8 @@ def build(config, out: str, steps: int = 0, chunk: int = 100, dtype: str = "bflo
   from etils import epath  # pylint: disable=import-outside-toplevel
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
   from tinyclip_jax import parallel  # pylint: disable=import-outside-toplevel
-  from tinyclip_jax.data import pipeline, teacher_cache  # pylint: disable=import-outside-toplevel
+  from tinyclip_jax.data import (  # pylint: disable=import-outside-toplevel
+      pipeline, teacher_cache, text_buckets)
   from tinyclip_jax.models import CLIP  # pylint: disable=import-outside-toplevel
   from tinyclip_jax.train import loop, prepare  # pylint: disable=import-outside-toplevel
 
@@ -66,20 +67,26 @@ def build(config, out: str, steps: int = 0, chunk: int = 100, dtype: str = "bflo
   cfg = setup.student_config
   data = pipeline.make_train_input(config.data, cfg.vision.image_size, cfg.text.context_length,
                                    config.batch_size)
-  batch_abs = prepare.batch_abstract(config, cfg, setup.mesh)
+  # Tokens cut to the text buckets as training cuts them (exact), one forward each.
+  batch_abs = {n: prepare.batch_abstract(config, cfg, setup.mesh, text_length=n)
+               for n in setup.text_lengths}
   teacher = CLIP(setup.teacher_config, dtype=setup.dtype)
   rows = parallel.batch_sharding(setup.mesh, 2)
-  forward = jax.jit(
+  forward = {n: jax.jit(
       lambda p, b: teacher.apply({"params": p}, b["images"], b["tokens"]),
-      in_shardings=(setup.teacher_shardings, {k: v.sharding for k, v in batch_abs.items()}),
+      in_shardings=(setup.teacher_shardings, {k: v.sharding for k, v in a.items()}),
       out_shardings={"image_embeds": rows, "text_embeds": rows,
-                     "logit_scale": parallel.replicated(setup.mesh)})
+                     "logit_scale": parallel.replicated(setup.mesh)}).lower(
+                         setup.teacher_params, a).compile() for n, a in batch_abs.items()}
+  cut = text_buckets.Cut(setup.text_lengths)
   path.mkdir(parents=True, exist_ok=True)
   writer = teacher_cache.Writer(out, chunk, dtype)
   t0 = time.time()
   try:
     for s in range(1, steps + 1):
-      out_ = forward(setup.teacher_params, loop._global_batch(next(data), batch_abs))  # pylint: disable=protected-access
+      host = cut(next(data))
+      n = host["tokens"].shape[1]
+      out_ = forward[n](setup.teacher_params, loop._global_batch(host, batch_abs[n]))  # pylint: disable=protected-access
       local = multihost_utils.global_array_to_host_local_array(
           (out_["image_embeds"], out_["text_embeds"]), setup.mesh, rows.spec)
       writer.add(*(jax.device_get(x) for x in local))

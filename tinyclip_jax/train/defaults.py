@@ -60,6 +60,11 @@ def base_config() -> ml_collections.ConfigDict:
   # batch. Smaller values trade one extra student forward for memory, exactly
   # (gradient caching: the loss still sees the whole global batch).
   c.microbatch_size = 0
+  # Text lengths the steps are compiled for: each batch's tokens are cut to the
+  # smallest that holds its longest caption (exact: the text towers attend causally
+  # and pool at the end-of-text token). Strictly increasing, the last equal to the
+  # model's text context length; () = off (every batch at the context length).
+  c.text_buckets = (16, 24, 32, 48, 77)
   c.seed = 0
   c.log_every = 50
   c.eval_every = 2000

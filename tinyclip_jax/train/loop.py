@@ -18,7 +18,7 @@ from absl import logging
 from clu import periodic_actions
 
 from tinyclip_jax import checkpoint, evaluate, metrics as metrics_lib, parallel
-from tinyclip_jax.data import pipeline, teacher_cache
+from tinyclip_jax.data import pipeline, teacher_cache, text_buckets
 from tinyclip_jax.eval import tasks as eval_tasks
 from tinyclip_jax.models import CLIP, CLIPConfig, count_params, merge_stats
 from tinyclip_jax.train import masking, prepare, profiling
@@ -73,27 +73,31 @@ class _Run:
   monitor: Any = None
 
 
-def _batch_abstract(config, setup):
+def _batch_abstracts(config, setup) -> dict[int, dict]:
+  """The global batch of each text bucket, by its token length."""
   dim = setup.teacher_config.embed_dim if setup.teacher_cache else 0
-  return prepare.batch_abstract(config, setup.student_config, setup.mesh, dim)
+  return {n: prepare.batch_abstract(config, setup.student_config, setup.mesh, dim, n)
+          for n in setup.text_lengths}
 
 
-def _compile(config, setup):
+def _compile(config, setup) -> dict[int, Any]:
+  """The train step compiled ahead for every text bucket: {token length: executable}."""
   student_cfg, mesh = setup.student_config, setup.mesh
   student = CLIP(student_cfg, remat=config.remat, dtype=setup.dtype)
   teacher = (CLIP(setup.teacher_config, dtype=setup.dtype)
              if setup.teacher_config and not setup.teacher_cache else None)
   step_fn = make_train_step(student, teacher, config.loss, mesh, setup.tx, setup.lr_fn,
                             config.batch_size, config.microbatch_size, setup.masking)
-  batch_abs = _batch_abstract(config, setup)
-  jit_step = jax.jit(step_fn, in_shardings=(setup.state_shardings, setup.teacher_shardings,
-                                            {k: v.sharding for k, v in batch_abs.items()}),
-                     out_shardings=(setup.state_shardings, parallel.replicated(mesh)),
-                     donate_argnums=(0,))
-  t0 = time.time()
-  compiled = jit_step.lower(setup.abstract_state, setup.teacher_params, batch_abs).compile()
-  logging.info("compiled the train step in %.1f s", time.time() - t0)
-  _log_compiled(compiled)
+  compiled = {}
+  for n, batch_abs in _batch_abstracts(config, setup).items():
+    jit_step = jax.jit(step_fn, in_shardings=(setup.state_shardings, setup.teacher_shardings,
+                                              {k: v.sharding for k, v in batch_abs.items()}),
+                       out_shardings=(setup.state_shardings, parallel.replicated(mesh)),
+                       donate_argnums=(0,))
+    t0 = time.time()
+    compiled[n] = jit_step.lower(setup.abstract_state, setup.teacher_params, batch_abs).compile()
+    logging.info("compiled the train step for %d text tokens in %.1f s", n, time.time() - t0)
+    _log_compiled(compiled[n])
   return compiled
 
 
@@ -131,7 +135,8 @@ def _train(run: _Run, setup, state, start: int, end: int) -> tuple[Any, int, boo
   for step in range(start + 1, end + 1):
     batch, data_state = next(run.batches)
     window.before(step)
-    state, m = compiled(state, setup.teacher_params, batch)
+    text_length = batch["tokens"].shape[1]  # the bucket every process agreed on
+    state, m = compiled[text_length](state, setup.teacher_params, batch)
     window.after(step, m)
     # Check the previous step's count while this one runs (no per-step sync).
     if prev_metrics is not None and int(prev_metrics["nonfinite_in_a_row"]) >= config.max_nonfinite:
@@ -157,7 +162,8 @@ def _train(run: _Run, setup, state, start: int, end: int) -> tuple[Any, int, boo
       now = time.time()
       pairs_s = (step - step_log) * config.batch_size / max(now - t_log, 1e-9)
       run.last = {k: float(v) for k, v in m.items()}
-      run.last.update(pairs_per_s=pairs_s, model_flops_per_s=pairs_s * flops_per_pair)
+      run.last.update(pairs_per_s=pairs_s, model_flops_per_s=pairs_s * flops_per_pair,
+                      text_bucket=text_length)
       if sharded_input:
         run.last.update(pipeline.skipped_metrics(gathered))
       t_log, step_log = now, step
@@ -219,10 +225,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     path, manifest = setup.teacher_cache
     data = teacher_cache.CachedTeacher(data, teacher_cache.Reader(path, manifest), start,
                                        config.batch_size // jax.process_count())
-  # The prefetch thread also makes the global device arrays (the batch's shapes and
-  # sharding are the same on both sides of a prune step).
-  batch_abs = _batch_abstract(config, setup)
-  batches = pipeline.prefetch(data, config.data.prefetch, lambda b: _global_batch(b, batch_abs))
+  # The prefetch thread also cuts the tokens to the bucket all processes agree on
+  # (text_buckets.Agreement: safe there) and makes the global device arrays (the
+  # batch's shapes and sharding are the same on both sides of a prune step).
+  batch_abs = _batch_abstracts(config, setup)
+  cut = text_buckets.Cut(setup.text_lengths)
+
+  def to_device(local):
+    local = cut(local)
+    return _global_batch(local, batch_abs[local["tokens"].shape[1]])
+  batches = pipeline.prefetch(data, config.data.prefetch, to_device)
   monitor = pipeline.InputMonitor(config.data)
   writer = None
   # Every thread and reader this run started ends before it returns, error or not: a
@@ -253,6 +265,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       state, step, preempted = _train(run_, setup, state, step, config.total_steps)
     mgr.wait_until_finished()
   finally:
+    cut.close()  # first: ends a wait for another process's length, so the thread joins
     batches.close()
     mgr.close()
     if writer is not None:

@@ -16,7 +16,7 @@ import optax
 from absl import logging
 
 from tinyclip_jax import parallel
-from tinyclip_jax.data import pipeline
+from tinyclip_jax.data import pipeline, text_buckets
 from tinyclip_jax.eval import tasks as eval_tasks
 from tinyclip_jax.inherit import manual
 from tinyclip_jax.models import CLIPConfig, ConfigError, init_params, param_shapes, split_stats
@@ -47,6 +47,7 @@ class Setup:
   abstract_state: Any
   masking: masking.MaskTraining | None = None   # the masked phase of auto inheritance
   teacher_cache: tuple[str, dict] | None = None  # (path, manifest) with teacher.cache
+  text_lengths: tuple[int, ...] = ()  # the text buckets: one compiled step each
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -58,6 +59,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for f in ("total_steps", "batch_size", "log_every", "checkpoint_every"):
     if int(config[f]) <= 0:
       raise SetupError(f"{f} must be positive, got {config[f]}.")
+  try:  # the lengths alone here; against the model's context length in `build`
+    text_buckets.check(config.text_buckets)
+  except ValueError as e:
+    raise SetupError(str(e)) from e
   has_teacher = defaults.has_model(config.teacher)
   if not has_teacher and config.loss.alpha != 0:
     raise SetupError("there is no teacher (teacher.model, .checkpoint and .custom are empty) but "
@@ -146,7 +151,6 @@ def build(config: ml_collections.ConfigDict, restoring: bool,
     raise SetupError(f"microbatch_size {micro} does not divide the per-device batch "
                      f"{per_device} (batch_size {config.batch_size} over {per_step} "
                      "data-parallel devices); use a divisor of it, or 0 for no microbatches.")
-  rng_teacher, rng_student = jax.random.split(jax.random.key(config.seed))
 
   teacher_cfg = teacher_host = None
   if teacher_from is not None:
@@ -174,6 +178,12 @@ def build(config: ml_collections.ConfigDict, restoring: bool,
 
   if teacher_cfg is not None:
     _check_compatible(teacher_cfg, student_cfg)
+  try:
+    text_lengths = text_buckets.lengths(config.text_buckets, student_cfg.text.context_length)
+  except ValueError as e:
+    raise SetupError(str(e)) from e
+  # After the config checks: splitting the key compiles.
+  rng_teacher, rng_student = jax.random.split(jax.random.key(config.seed))
   source_host = source_cfg = None  # what a manual-inheritance student is cut from
   if config.student.init == "inherit" and pruned is None:
     if config.student.inherit_from:
@@ -236,7 +246,8 @@ def build(config: ml_collections.ConfigDict, restoring: bool,
       cache = _check_cache(config, teacher_cfg, teacher_host, t_params)
   # With a cache the step never sees the teacher's weights (only inheritance below does).
   setup = Setup(mesh, dtype, student_cfg, teacher_cfg, None if cache else t_params, s_shard,
-                None if cache else t_shard, tx, lr_fn, state_shard, abstract, mask_training, cache)
+                None if cache else t_shard, tx, lr_fn, state_shard, abstract, mask_training, cache,
+                text_lengths)
   if restoring:
     return setup, None
 
@@ -261,9 +272,12 @@ def build(config: ml_collections.ConfigDict, restoring: bool,
   return setup, state
 
 
-def batch_abstract(config, student_cfg: CLIPConfig, mesh, teacher_embed_dim: int = 0) -> dict:
-  """The global batch; with teacher_embed_dim, also the cached teacher embeddings."""
-  b, s, n = config.batch_size, student_cfg.vision.image_size, student_cfg.text.context_length
+def batch_abstract(config, student_cfg: CLIPConfig, mesh, teacher_embed_dim: int = 0,
+                   text_length: int = 0) -> dict:
+  """The global batch; with teacher_embed_dim, also the cached teacher embeddings;
+  text_length: the tokens' bucket (0 = the context length)."""
+  b, s = config.batch_size, student_cfg.vision.image_size
+  n = text_length or student_cfg.text.context_length
   out = {"images": jax.ShapeDtypeStruct((b, s, s, 3), jnp.float32,
                                         sharding=parallel.batch_sharding(mesh, 4)),
          "tokens": jax.ShapeDtypeStruct((b, n), jnp.int32,
