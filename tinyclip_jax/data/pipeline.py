@@ -225,24 +225,20 @@ class Prefetcher:
 
   def _work(self):
     try:
-      while not self._stop.is_set():
-        item = self._make()
-        while not self._stop.is_set():
-          try:
-            self._queue.put(item, timeout=0.1)
-            break
-          except queue.Full:
-            continue
+      while not self._stop.is_set() and self._put(self._make()):
+        pass
     except BaseException as e:  # noqa: BLE001 - surfaced in the consumer
-      self._put_final(e)
+      self._put(e)
 
-  def _put_final(self, e):
+  def _put(self, item) -> bool:
+    """Queues `item` unless close() is called while waiting for room."""
     while not self._stop.is_set():
       try:
-        self._queue.put(e, timeout=0.1)
-        return
+        self._queue.put(item, timeout=0.1)
+        return True
       except queue.Full:
         continue
+    return False
 
   def __iter__(self):
     return self
