@@ -109,28 +109,17 @@ def compile_step(c, setup, batch: int, remat: bool = False, cached: bool = False
   """The step as training compiles it (state donated); `cached`: the teacher's embeddings
   come with the batch (teacher.cache) instead of from a teacher forward; `text_length`:
   the tokens' bucket (0 = the context length)."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from tinyclip_jax.models import CLIP  # pylint: disable=import-outside-toplevel
-  from tinyclip_jax.train import prepare  # pylint: disable=import-outside-toplevel
-  from tinyclip_jax.train.step import make_train_step  # pylint: disable=import-outside-toplevel
+  from tinyclip_jax.train import compile as compile_lib  # pylint: disable=import-outside-toplevel
   c = c.copy_and_resolve_references()
   c.batch_size = batch
   dim = setup.teacher_config.embed_dim if cached else 0
-  batch_abs = prepare.batch_abstract(c, setup.student_config, setup.mesh, dim, text_length)
+  batch_abs = compile_lib.batch_abstract(c, setup.student_config, setup.mesh, dim, text_length)
   teacher_params = None if cached else setup.teacher_params
-  step = make_train_step(CLIP(setup.student_config, remat=remat, dtype=setup.dtype),
-                         None if cached else CLIP(setup.teacher_config, dtype=setup.dtype),
-                         c.loss, setup.mesh, setup.tx, setup.lr_fn, batch, c.microbatch_size)
   t0 = time.time()
-  compiled = jax.jit(step, donate_argnums=(0,)).lower(
-      setup.abstract_state, teacher_params, batch_abs).compile()
+  compiled = compile_lib.compile_train_steps(c, setup, {0: batch_abs}, remat=remat,
+                                             cached=cached, batch_size=batch)[0]
   compile_s = time.time() - t0
-  try:  # the compiled executable's own account, where the backend gives one
-    mem = compiled.memory_analysis()
-    memory_mb = (mem.argument_size_in_bytes + mem.output_size_in_bytes +
-                 mem.temp_size_in_bytes - mem.alias_size_in_bytes) / 2**20
-  except Exception:  # noqa: BLE001
-    memory_mb = None
+  memory_mb = compile_lib.memory_mb(compiled)
   return CompiledStep(compiled, batch_abs, teacher_params, compile_s, memory_mb)
 
 

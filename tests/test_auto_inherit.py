@@ -21,7 +21,7 @@ import pytest
 from tinyclip_jax import model_io
 from tinyclip_jax.metrics import read_jsonl
 from tinyclip_jax.models import CLIPConfig, count_params, param_shapes
-from tinyclip_jax.train import loop, prepare, stages
+from tinyclip_jax.train import plan as plan_lib, prepare, runner
 from test_train import ROOT, mesh_on, smoke_config
 
 pytestmark = pytest.mark.xdist_group("auto")
@@ -61,7 +61,7 @@ def staged(tmp_path_factory):
   with pytest.MonkeyPatch.context() as mp:
     import jax  # pylint: disable=import-outside-toplevel
     mesh_on(mp, jax.devices()[:1])
-    result = stages.run(staged_config(), workdir)
+    result = runner.run(staged_config(), workdir)
   return workdir, result
 
 
@@ -111,7 +111,7 @@ def test_stages_chain_and_a_restart_skips_finished_stages(staged):
   assert CLIPConfig.from_dict(second["student_config"]) == small
   params, _ = model_io.load_model(f"{workdir}/1_manual/final")
   assert count_params(params) == count_params(param_shapes(small))
-  again = stages.run(staged_config(), workdir)  # both stages are done: nothing runs
+  again = runner.run(staged_config(), workdir)  # both stages are done: nothing runs
   assert [s["name"] for s in again["stages"]] == ["auto", "manual"]
   assert "params" not in again
 
@@ -121,13 +121,13 @@ def test_resume_after_the_prune_step_rebuilds_the_pruned_student(staged, tmp_pat
   resumed = tmp_path / "resumed"
   shutil.copytree(src, resumed)
   shutil.rmtree(resumed / "final")
-  (resumed / stages.DONE).unlink()
+  (resumed / runner.DONE).unlink()
   c = auto_config()
   c.total_steps = 8
   with pytest.MonkeyPatch.context() as mp:
     import jax  # pylint: disable=import-outside-toplevel
     mesh_on(mp, jax.devices()[:1])
-    r = loop.run(c, str(resumed))
+    r = runner.run(c, str(resumed))
   assert r["student_config"].to_dict() == staged[1]["stages"][0]["student_config"]
   steps = [row["step"] for row in read_jsonl(f"{resumed}/metrics.jsonl")]
   assert steps == [1, 2, 3, 4, 5, 6, 7, 8]
@@ -169,7 +169,7 @@ def test_bad_stages_fail_before_anything_runs(stage_list, message, tmp_path):
   c = auto_config()
   c.stages = tuple(ml_collections.ConfigDict(s) for s in stage_list)
   with pytest.raises(prepare.SetupError, match=re_escape(message)):
-    stages.run(c, str(tmp_path / "w"))
+    runner.run(c, str(tmp_path / "w"))
   assert not (tmp_path / "w").exists()
 
 
@@ -189,6 +189,6 @@ def test_stage_overrides_do_not_leak_between_stages():
   c = auto_config()
   c.stages = (ml_collections.ConfigDict({"name": "a", "masks": {"target_sparsity": 0.6}}),
               ml_collections.ConfigDict({"name": "b"}))
-  (_, a, _), (_, b, _) = stages.plan(copy.deepcopy(c), "/tmp/none")
+  (_, a, _), (_, b, _) = plan_lib.stages(copy.deepcopy(c), "/tmp/none")
   assert a.masks.target_sparsity == 0.6 and b.masks.target_sparsity == 0.4
   assert np.isclose(c.masks.target_sparsity, 0.4)

@@ -12,7 +12,7 @@ import pytest
 from tinyclip_jax import checkpoint
 from tinyclip_jax.data import make_shards, sharded
 from tinyclip_jax.metrics import read_jsonl
-from tinyclip_jax.train import loop, prepare
+from tinyclip_jax.train import compile as compile_lib, loop, prepare, runner
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.py"
 
@@ -66,7 +66,7 @@ def test_train_resume_and_eval_on_shards(tmp_path, monkeypatch, compile_cache):
   make_shards.write_shards(str(tmp_path / "wds"), 2, 24, 32, bad=bad)
   pattern = f"{tmp_path}/wds/{{00000..00001}}.tar"
   work = tmp_path / "run"
-  loop.run(config(pattern, 4), str(work))
+  runner.run(config(pattern, 4), str(work))
 
   rows = {r["step"]: r for r in read_jsonl(work / "metrics.jsonl")}
   task = f"eval/wds:{pattern}"
@@ -88,7 +88,7 @@ def test_train_resume_and_eval_on_shards(tmp_path, monkeypatch, compile_cache):
   set_state = sharded.ShardedPairs.set_state
   monkeypatch.setattr(sharded.ShardedPairs, "set_state", lambda self, s:
                       (restored.append(s), set_state(self, s)))
-  loop.run(config(pattern, 6), str(work))
+  runner.run(config(pattern, 6), str(work))
   assert restored == [saved_input(work, 4)["hosts"][0]]
   reference.next_batch()
   reference.next_batch()
@@ -99,7 +99,7 @@ def test_missing_shard_fails_before_compiling(tmp_path):
   make_shards.write_shards(str(tmp_path / "wds"), 2, 4, 32)
   pattern = f"{tmp_path}/wds/{{00000..00002}}.tar"
   with pytest.raises(prepare.SetupError, match="00002.tar does not exist"):
-    loop.run(config(pattern, 2), str(tmp_path / "run"))
+    runner.run(config(pattern, 2), str(tmp_path / "run"))
   assert not (tmp_path / "run" / "checkpoints").exists()
   good = config(f"{tmp_path}/wds/*.tar", 2)
   prepare.validate(good)

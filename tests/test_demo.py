@@ -25,7 +25,7 @@ def test_demo_writes_summary_plot_and_checkpoints(tmp_path):
   assert on_disk["steps"] == 4
   for name in ("teacher", "distilled", "scratch"):
     assert set(on_disk[name]) >= {"top1", "top5", "params"}
-    params, config = model_io.load_model(str(tmp_path / name))
+    params, config = model_io.load_model(on_disk[name]["checkpoint"])
     assert on_disk[name]["params"] == sum(x.size for x in __import__("jax").tree.leaves(params))
   assert on_disk["distilled"]["params"] == on_disk["scratch"]["params"] < on_disk["teacher"]["params"]
   assert [h["step"] for h in on_disk["history"]["distilled"]] == [2, 4]

@@ -25,7 +25,7 @@ from PIL import Image
 from tinyclip_jax import model_io, paths
 from tinyclip_jax.data import pipeline, sharded, shards
 from tinyclip_jax.metrics import read_jsonl
-from tinyclip_jax.train import defaults, stages
+from tinyclip_jax.train import defaults, runner
 from test_multihost import free_port
 from test_train import ROOT, smoke_config
 
@@ -315,16 +315,13 @@ def test_stages_resolve_a_relative_workdir(tmp_path, monkeypatch):
   their `final/` exports are absolute, so a later stage finds the earlier one's export."""
   monkeypatch.chdir(tmp_path)
   seen = []
-  monkeypatch.setattr(stages.loop, "run", lambda c, w: seen.append((w, c.student.checkpoint)) or
-                      {"step": 1, "student_config": ml_collections.ConfigDict(), "evals": []})
+  monkeypatch.setattr(runner, "run_plan", seen.extend)
   config = smoke_config({"total_steps": 1})
   with config.unlocked():
     config.stages = ({"name": "a"}, {"name": "b"})
-  monkeypatch.setattr(stages.prepare, "validate", lambda c: None)
-  monkeypatch.setattr(stages.jax, "process_index", lambda: 1)  # no stage_done.json write
-  stages.run(config, "rel/run")
-  assert [w for w, _ in seen] == [f"{tmp_path}/rel/run/0_a", f"{tmp_path}/rel/run/1_b"]
-  assert seen[1][1] == f"{tmp_path}/rel/run/0_a/final"
+  runner.run(config, "rel/run")
+  assert [p.workdir for p in seen] == [f"{tmp_path}/rel/run/0_a", f"{tmp_path}/rel/run/1_b"]
+  assert seen[1].config.student.checkpoint == f"{tmp_path}/rel/run/0_a/final"
 
 
 def test_evaluation_on_shards_skips_an_image_that_does_not_decode(tmp_path):

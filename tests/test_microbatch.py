@@ -17,7 +17,7 @@ import pytest
 
 from tinyclip_jax import parallel
 from tinyclip_jax.models import CLIP
-from tinyclip_jax.train import loop, prepare
+from tinyclip_jax.train import compile as compile_lib, loop, prepare, runner
 from tinyclip_jax.train.step import make_grad_fn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -43,7 +43,7 @@ def _config(batch, mesh, **loss):
 
 def _batch(c, setup):
   rng = np.random.default_rng(0)
-  abstract = prepare.batch_abstract(c, setup.student_config, setup.mesh)
+  abstract = compile_lib.batch_abstract(c, setup.student_config, setup.mesh)
   tokens = rng.integers(1, 49000, abstract["tokens"].shape).astype(np.int32)
   tokens[np.arange(len(tokens)), rng.integers(3, tokens.shape[1], len(tokens))] = 49407
   host = {"images": rng.standard_normal(abstract["images"].shape, np.float32), "tokens": tokens}
@@ -99,7 +99,7 @@ def test_smoke_run_logs_the_same_losses(tmp_path):
     c = smoke.get_config()
     c.total_steps, c.log_every, c.eval.kind = 3, 1, ""
     c.microbatch_size = micro
-    loop.run(c, str(tmp_path / f"m{micro}"))
+    runner.run(c, str(tmp_path / f"m{micro}"))
     lines = [json.loads(x) for x in open(tmp_path / f"m{micro}" / "metrics.jsonl")]
     runs[micro] = [x["loss"] for x in lines if "loss" in x]
   assert len(runs[0]) == 3

@@ -21,7 +21,7 @@ import pytest
 
 from tinyclip_jax import model_io
 from tinyclip_jax.metrics import read_jsonl
-from tinyclip_jax.train import loop
+from tinyclip_jax.train import loop, runner
 from test_train import ROOT, SMOKE, smoke_config
 
 pytestmark = pytest.mark.xdist_group("multihost")
@@ -67,7 +67,7 @@ def one_host(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("one_host")
   c = smoke_config({"total_steps": STEPS, "checkpoint_every": 5, "log_every": 1,
                     "eval.kind": "", "mesh.data": -1})
-  loop.run(c, str(workdir))  # in-process: 8 devices (tests/conftest.py)
+  runner.run(c, str(workdir))  # in-process: 8 devices (tests/conftest.py)
   return workdir
 
 
@@ -107,7 +107,7 @@ def test_a_two_process_checkpoint_resumes_in_one_process(two_hosts, tmp_path):
   shutil.rmtree(work / "final")
   c = smoke_config({"total_steps": STEPS, "checkpoint_every": 5, "log_every": 1,
                     "eval.kind": "", "mesh.data": -1})
-  result = loop.run(c, str(work))  # restores step 10 on this process's 8 devices
+  result = runner.run(c, str(work))  # restores step 10 on this process's 8 devices
   assert result["step"] == STEPS
   want, _ = model_io.load_model(two_hosts / "final")
   got, _ = model_io.load_model(work / "final")

@@ -24,7 +24,7 @@ from tinyclip_jax.convert.openai import from_openai, to_open_clip
 from tinyclip_jax.metrics import read_jsonl
 from tinyclip_jax.models import CLIPConfig, resnet_tower, split_stats, text_tower
 from tinyclip_jax.preprocess import CLIP_MEAN, CLIP_STD
-from tinyclip_jax.train import defaults, loop, prepare
+from tinyclip_jax.train import defaults, loop, prepare, runner
 
 pytestmark = pytest.mark.xdist_group("resnet_train")
 
@@ -71,7 +71,7 @@ def run(workdir, devices, teacher):
     real = parallel.make_mesh
     mp.setattr(parallel, "make_mesh", lambda sizes, _=None: real(sizes, devices))
     mesh = {"mesh.data": 4, "mesh.fsdp": 2} if len(devices) == 8 else {}
-    return loop.run(config(**mesh, **{"teacher.checkpoint": str(teacher)}), str(workdir))
+    return runner.run(config(**mesh, **{"teacher.checkpoint": str(teacher)}), str(workdir))
 
 
 @pytest.fixture(scope="module")

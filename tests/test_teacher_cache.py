@@ -19,7 +19,7 @@ import pytest
 from tinyclip_jax import cache_teacher
 from tinyclip_jax.data import teacher_cache
 from tinyclip_jax.metrics import read_jsonl
-from tinyclip_jax.train import loop, prepare
+from tinyclip_jax.train import compile as compile_lib, loop, prepare, runner
 from test_train import ROOT, SMOKE, smoke_config
 
 pytestmark = pytest.mark.xdist_group("teacher_cache")
@@ -50,7 +50,7 @@ def runs(cache, tmp_path_factory):
   out = []
   for name, path in (("plain", ""), ("bf16", cache[0]), ("f32", exact)):
     work = tmp_path_factory.mktemp(name)
-    loop.run(config(**{"teacher.cache": str(path)}), str(work))
+    runner.run(config(**{"teacher.cache": str(path)}), str(work))
     out.append(read_jsonl(work / "metrics.jsonl"))
   return out
 

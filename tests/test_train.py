@@ -27,7 +27,7 @@ import pytest
 from tinyclip_jax import checkpoint, main as main_lib, metrics as metrics_lib, model_io, parallel
 from tinyclip_jax.data import pipeline
 from tinyclip_jax.metrics import read_jsonl
-from tinyclip_jax.train import defaults, loop, prepare
+from tinyclip_jax.train import compile as compile_lib, defaults, loop, prepare, runner
 
 # The module fixtures are shared runs: keep this file on one xdist worker
 # (effective with `pytest -n 2 --dist loadgroup`; plain `-n` would run them once per worker).
@@ -65,15 +65,16 @@ def sharded(tmp_path_factory):
   assert jax.device_count() == 8
   workdir = tmp_path_factory.mktemp("sharded")
   hlo, setups = [], []
-  log_compiled, build = loop._log_compiled, prepare.build
+  log_compiled, setup_fn = compile_lib.log_compiled, prepare.setup
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(loop, "_log_compiled", lambda c: (hlo.append(c.as_text()), log_compiled(c)))
-    mp.setattr(prepare, "build", lambda *a, **k: setups.append(build(*a, **k)) or setups[-1])
+    mp.setattr(compile_lib, "log_compiled",
+               lambda c, what: (hlo.append(c.as_text()), log_compiled(c, what)))
+    mp.setattr(prepare, "setup", lambda *a, **k: setups.append(setup_fn(*a, **k)) or setups[-1])
     # Steps 2–3 are profiled: that costs the run no compile and tests the profile window.
-    result = loop.run(smoke_config({"mesh.data": 4, "mesh.fsdp": 2, "profile.start_step": 2,
+    result = runner.run(smoke_config({"mesh.data": 4, "mesh.fsdp": 2, "profile.start_step": 2,
                                     "profile.num_steps": 2}), str(workdir))
   assert len(hlo) == len(setups) == 1
-  setup, _ = setups[0]
+  setup = setups[0]
   teacher_dir = tmp_path_factory.mktemp("teacher") / "model"
   model_io.save_model(str(teacher_dir), prepare.as_numpy(setup.teacher_params),
                       setup.teacher_config)
@@ -95,7 +96,7 @@ def single(tmp_path_factory, sharded):
   workdir = tmp_path_factory.mktemp("single")
   with pytest.MonkeyPatch.context() as mp:
     mesh_on(mp, jax.devices()[:1])
-    loop.run(fast_config(sharded), str(workdir))
+    runner.run(fast_config(sharded), str(workdir))
   return read_jsonl(workdir / "metrics.jsonl")
 
 
@@ -162,7 +163,7 @@ def test_sharded_matches_single_device(sharded, single):
 
 def test_tensor_parallel_runs_and_matches(tmp_path, sharded, single):
   config = fast_config(sharded, {"mesh.data": 4, "mesh.tensor": 2})
-  result = loop.run(config, str(tmp_path))
+  result = runner.run(config, str(tmp_path))
   specs = [str(x.sharding.spec) for x in jax.tree.leaves(result["params"])]
   assert any("tensor" in s for s in specs)  # some weights really are split over 'tensor'
   got = losses_by_step(read_jsonl(tmp_path / "metrics.jsonl"))

@@ -45,8 +45,7 @@ def build(config, out: str, steps: int = 0, chunk: int = 100, dtype: str = "bflo
   from tinyclip_jax import parallel  # pylint: disable=import-outside-toplevel
   from tinyclip_jax.data import (  # pylint: disable=import-outside-toplevel
       pipeline, teacher_cache, text_buckets)
-  from tinyclip_jax.models import CLIP  # pylint: disable=import-outside-toplevel
-  from tinyclip_jax.train import loop, prepare  # pylint: disable=import-outside-toplevel
+  from tinyclip_jax.train import compile as compile_lib, prepare  # pylint: disable=import-outside-toplevel
 
   steps = int(steps or config.total_steps)
   if dtype not in teacher_cache.DTYPES:
@@ -68,16 +67,10 @@ def build(config, out: str, steps: int = 0, chunk: int = 100, dtype: str = "bflo
   data = pipeline.make_train_input(config.data, cfg.vision.image_size, cfg.text.context_length,
                                    config.batch_size)
   # Tokens cut to the text buckets as training cuts them (exact), one forward each.
-  batch_abs = {n: prepare.batch_abstract(config, cfg, setup.mesh, text_length=n)
+  batch_abs = {n: compile_lib.batch_abstract(config, cfg, setup.mesh, text_length=n)
                for n in setup.text_lengths}
-  teacher = CLIP(setup.teacher_config, dtype=setup.dtype)
+  forward = compile_lib.teacher_forward(setup, batch_abs)
   rows = parallel.batch_sharding(setup.mesh, 2)
-  forward = {n: jax.jit(
-      lambda p, b: teacher.apply({"params": p}, b["images"], b["tokens"]),
-      in_shardings=(setup.teacher_shardings, {k: v.sharding for k, v in a.items()}),
-      out_shardings={"image_embeds": rows, "text_embeds": rows,
-                     "logit_scale": parallel.replicated(setup.mesh)}).lower(
-                         setup.teacher_params, a).compile() for n, a in batch_abs.items()}
   cut = text_buckets.Cut(setup.text_lengths)
   path.mkdir(parents=True, exist_ok=True)
   writer = teacher_cache.Writer(out, chunk, dtype)
@@ -86,7 +79,7 @@ def build(config, out: str, steps: int = 0, chunk: int = 100, dtype: str = "bflo
     for s in range(1, steps + 1):
       host = cut(next(data))
       n = host["tokens"].shape[1]
-      out_ = forward[n](setup.teacher_params, loop._global_batch(host, batch_abs[n]))  # pylint: disable=protected-access
+      out_ = forward[n](setup.teacher_params, compile_lib.global_batch(host, batch_abs[n]))
       local = multihost_utils.global_array_to_host_local_array(
           (out_["image_embeds"], out_["text_embeds"]), setup.mesh, rows.spec)
       writer.add(*(jax.device_get(x) for x in local))

@@ -1,16 +1,18 @@
 """The embedded demo: the whole method on a 2-core CPU with data the package makes.
 
-1. train a small teacher CLIP from scratch on generated image–caption pairs;
-2. distil a smaller student from it (manual weight inheritance + affinity mimicking);
-3. train the same student from scratch with the plain CLIP loss (the control):
-   same steps, data, optimizer and evaluation;
-4. evaluate all three zero-shot; write DIR/summary.json, DIR/top1.png and the final
-   Flax checkpoints DIR/teacher, DIR/distilled, DIR/scratch.
+It is a plan of stages (train/plan.py), run by the same runner as every training run:
 
-With demo.auto (configs/demo_auto.py) it runs automatic weight inheritance instead:
-the teacher-sized student learns structure masks while distilling, is pruned at
-masks.prune_step and distilled on; the result joins DIR/summary.json as "auto",
-reusing DIR/teacher when the demo already made one.
+1. `teacher`: a small CLIP trained from scratch on generated image–caption pairs;
+2. `distilled`: a smaller student distilled from it (manual weight inheritance +
+   affinity mimicking), the teacher held in memory from stage 1;
+3. `scratch`: the same student trained from scratch with the plain CLIP loss (the
+   control): same steps, data, optimizer and evaluation;
+then DIR/summary.json and DIR/top1.png from the stages' evaluations. Each stage's
+student is exported to DIR/<k>_<name>/final.
+
+With demo.auto (configs/demo_auto.py) the plan is the teacher (skipped when DIR holds
+the demo's finished teacher stage) and `auto`: the teacher-sized student learns
+structure masks while distilling, is pruned at masks.prune_step and distilled on.
 
 Run: python -m tinyclip_jax.main --config=configs/demo.py --workdir=/tmp/demo
      python -m tinyclip_jax.main --config=configs/demo_auto.py --workdir=/tmp/demo
@@ -18,9 +20,9 @@ Run: python -m tinyclip_jax.main --config=configs/demo.py --workdir=/tmp/demo
 from __future__ import annotations
 
 import copy
+import glob
 import json
 import os
-import shutil
 import time
 
 import ml_collections
@@ -28,45 +30,72 @@ from absl import logging
 
 from tinyclip_jax import paths
 from tinyclip_jax.inherit import prune
-from tinyclip_jax.models import count_params
-from tinyclip_jax.train import loop, prepare
+from tinyclip_jax.models import CLIPConfig, count_params, param_shapes
+from tinyclip_jax.train import plan as plan_lib, prepare, runner
 
 
 # Training without a teacher is plain CLIP: its contrastive loss with the learned
 # temperature starting at 1/0.07, as CLIP trains (the distilled student keeps τ=50).
-_CLIP_LOSS = {"loss.alpha": 0.0, "loss.learn_scale": True, "loss.student_scale": 1 / 0.07}
+_CLIP_LOSS = {"alpha": 0.0, "learn_scale": True, "student_scale": 1 / 0.07}
+_NO_TEACHER = {"model": "", "checkpoint": "", "custom": {"vision_width": 0}}
 
 
-def _stage(config, workdir: str, name: str, **overrides) -> dict:
-  """One training run in DIR/runs/NAME; its export moves to DIR/NAME."""
+def stages(config: ml_collections.ConfigDict) -> tuple:
+  """The demo's stages: overrides of the students' config (train/plan.py)."""
+  d = config.demo
+  teacher = {"name": "teacher", "from_stage": -1, "teacher": _NO_TEACHER,
+             "student": {"custom": config.teacher.custom.to_dict(), "init": "scratch"},
+             "loss": _CLIP_LOSS, "masks": {"enabled": False},
+             "total_steps": d.teacher_steps, "optimizer": {"lr": d.teacher_lr}}
+  if d.get("auto"):
+    return (teacher, {"name": "auto", "from_stage": -1, "teacher_from_stage": 0})
+  return (teacher,
+          {"name": "distilled", "from_stage": -1, "teacher_from_stage": 0,
+           "student": {"init": "inherit"}},
+          {"name": "scratch", "from_stage": -1, "teacher": _NO_TEACHER,
+           "student": {"init": "scratch"}, "loss": _CLIP_LOSS})
+
+
+def plan(config: ml_collections.ConfigDict, workdir: str) -> list[plan_lib.Phase]:
   c = copy.deepcopy(config)
   with c.unlocked():
+    c.stages = stages(config)
     del c["demo"]
-    c.stages = ()
-    for key, value in overrides.items():
-      target = c
-      *path, leaf = key.split(".")
-      for p in path:
-        target = target[p]
-      target[leaf] = value
-  run_dir = os.path.join(workdir, "runs", name)
-  t0 = time.time()
-  result = loop.run(c, run_dir)
-  dst = os.path.join(workdir, name)
-  if os.path.exists(dst):
-    shutil.rmtree(dst)
-  os.replace(os.path.join(run_dir, "final"), dst)
-  result["seconds"] = time.time() - t0
-  result["checkpoint"] = dst
-  logging.info("%s: %d steps in %.0f s", name, result["step"], result["seconds"])
-  return result
+  return plan_lib.plan(c, workdir)
 
 
-def _final(result: dict) -> dict:
-  """The run's own evaluation at its last step (the loop always evaluates there)."""
-  ev = result["evals"][-1]
-  assert ev["step"] == result["step"], (ev["step"], result["step"])
-  return {"top1": ev["top1"], "top5": ev["top5"], "params": count_params(result["params"])}
+def history(stage_dir: str) -> list[dict]:
+  """Every evaluation a stage wrote (WORKDIR/evals/step_N.json), by step."""
+  out = []
+  for f in sorted(glob.glob(os.path.join(stage_dir, "evals", "step_*.json"))):
+    with open(f) as fh:
+      ev = json.load(fh)
+    out.append({"step": int(os.path.basename(f)[5:-5]), **ev})
+  return out
+
+
+def _results(phases: list[plan_lib.Phase]) -> dict[str, dict]:
+  """Per stage: its export, evaluations and final accuracy, read from its folder."""
+  out = {}
+  for p in phases:
+    if not p.export:
+      continue
+    name = p.stage.split("_", 1)[1]
+    with open(os.path.join(p.workdir, runner.DONE)) as f:
+      done = json.load(f)
+    hist = history(p.workdir)
+    cfg = CLIPConfig.from_dict(done["student_config"])
+    out[name] = {"checkpoint": os.path.join(p.workdir, "final"), "history": hist,
+                 "config": cfg, "step": done["step"], "seconds": done.get("seconds")}
+  return out
+
+
+def _final(r: dict) -> dict:
+  """A stage's evaluation at its last step (every run evaluates there)."""
+  ev = r["history"][-1]
+  assert ev["step"] == r["step"], (ev["step"], r["step"])
+  return {"top1": ev["top1"], "top5": ev["top5"],
+          "params": count_params(param_shapes(r["config"])), "checkpoint": r["checkpoint"]}
 
 
 def reached_at(history: list[dict], target: float):
@@ -91,14 +120,6 @@ def _plot(path: str, distilled: list[dict], scratch: list[dict], teacher_top1: f
   plt.close(fig)
 
 
-def _teacher(config, workdir: str) -> dict:
-  d = config.demo
-  return _stage(config, workdir, "teacher", **{
-      "teacher.model": "", "teacher.checkpoint": "", "teacher.custom.vision_width": 0,
-      "student.custom": config.teacher.custom, "student.init": "scratch", **_CLIP_LOSS,
-      "masks.enabled": False, "total_steps": d.teacher_steps, "optimizer.lr": d.teacher_lr})
-
-
 def _print_table(summary: dict) -> None:
   print(f"\n{'model':<10} {'params':>10} {'top-1':>7} {'top-5':>7}")
   for name in ("teacher", "distilled", "scratch", "auto"):
@@ -107,74 +128,51 @@ def _print_table(summary: dict) -> None:
       print(f"{name:<10} {s['params']:>10,} {100 * s['top1']:>6.1f}% {100 * s['top5']:>6.1f}%")
 
 
-def run_auto(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """The auto path: masks → prune → distil on, from the demo's teacher."""
-  path = os.path.join(workdir, "summary.json")
-  summary = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      summary = json.load(f)
-  if "teacher" in summary and os.path.exists(os.path.join(workdir, "teacher")):
-    logging.info("reusing the demo's teacher in %s/teacher", workdir)
-  else:
-    summary["teacher"] = _final(_teacher(config, workdir))
-    summary["teacher_steps"] = config.demo.teacher_steps
-  auto = _stage(config, workdir, "auto", **{
-      "teacher.checkpoint": os.path.join(workdir, "teacher"), "student.init": "inherit"})
-  summary["auto"] = _final(auto)
-  summary["auto"].update(steps=config.total_steps, prune_step=config.masks.prune_step,
-                         target_sparsity=config.masks.target_sparsity,
-                         structure=prune.structure(auto["student_config"]))
-  summary.setdefault("seconds", {})["auto"] = round(auto["seconds"], 1)
-  summary.setdefault("history", {})["auto"] = auto["evals"]
-  with open(path, "w") as f:
-    json.dump(summary, f, indent=2)
-  _print_table(summary)
-  print(f"auto: masks learned for {config.masks.prune_step} steps, pruned, distilled to step "
-        f"{config.total_steps}; structure plots in {workdir}/runs/auto/structure")
-  return summary
-
-
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs the demo's plan, then writes DIR/summary.json (and DIR/top1.png)."""
   config, workdir = paths.resolve_config(config), paths.resolve(workdir)
-  d = config.demo
   if config.eval.kind != "synthetic":
     raise prepare.SetupError(f"eval.kind {config.eval.kind!r}: the demo compares its models on "
                              "the generated zero-shot split; leave eval.kind='synthetic'.")
-  prepare.validate(config)  # before the teacher trains for minutes
+  phases = plan(config, workdir)  # checks every stage before the teacher trains for minutes
   os.makedirs(workdir, exist_ok=True)
-  if d.get("auto"):
-    return run_auto(config, workdir)
-  teacher = _teacher(config, workdir)
-  distilled = _stage(config, workdir, "distilled", **{
-      "teacher.checkpoint": teacher["checkpoint"], "student.init": "inherit"})
-  scratch = _stage(config, workdir, "scratch", **{
-      "teacher.model": "", "teacher.checkpoint": "", "teacher.custom.vision_width": 0,
-      "student.init": "scratch", **_CLIP_LOSS})
-
-  summary = {name: _final(r)
-             for name, r in (("teacher", teacher), ("distilled", distilled), ("scratch", scratch))}
-  old = os.path.join(workdir, "summary.json")
-  if os.path.exists(old):  # keep an auto result from configs/demo_auto.py
-    with open(old) as f:
-      previous = json.load(f)
-    if "auto" in previous:
-      summary["auto"] = previous["auto"]
-  summary["steps"] = config.total_steps
-  summary["teacher_steps"] = d.teacher_steps
-  summary["distilled_reached_scratch_at"] = reached_at(distilled["evals"],
-                                                       summary["scratch"]["top1"])
-  summary["history"] = {"distilled": distilled["evals"], "scratch": scratch["evals"]}
-  summary["seconds"] = {k: round(r["seconds"], 1) for k, r in
-                        (("teacher", teacher), ("distilled", distilled), ("scratch", scratch))}
-  with open(os.path.join(workdir, "summary.json"), "w") as f:
+  t0 = time.time()
+  r = runner.run_plan(phases)
+  if r.get("preempted"):
+    return r
+  results = _results(phases)
+  path = os.path.join(workdir, "summary.json")
+  summary = {}
+  if os.path.exists(path):  # the other demo config's results stay (auto / students)
+    with open(path) as f:
+      summary = json.load(f)
+  summary.update({name: _final(res) for name, res in results.items()})
+  summary["teacher_steps"] = config.demo.teacher_steps
+  summary.setdefault("history", {}).update(
+      {name: res["history"] for name, res in results.items() if name != "teacher"})
+  summary.setdefault("seconds", {}).update(
+      {name: res["seconds"] for name, res in results.items() if res["seconds"] is not None})
+  summary["seconds"]["this_run"] = round(time.time() - t0, 1)
+  if config.demo.get("auto"):
+    auto = results["auto"]
+    summary["auto"].update(steps=config.total_steps, prune_step=config.masks.prune_step,
+                           target_sparsity=config.masks.target_sparsity,
+                           structure=prune.structure(auto["config"]))
+  else:
+    summary["steps"] = config.total_steps
+    summary["distilled_reached_scratch_at"] = reached_at(results["distilled"]["history"],
+                                                         summary["scratch"]["top1"])
+    _plot(os.path.join(workdir, "top1.png"), results["distilled"]["history"],
+          results["scratch"]["history"], summary["teacher"]["top1"])
+  with open(path, "w") as f:
     json.dump(summary, f, indent=2)
-  _plot(os.path.join(workdir, "top1.png"), distilled["evals"], scratch["evals"],
-        summary["teacher"]["top1"])
-
   _print_table(summary)
-  print(f"students trained {config.total_steps} steps each; distilled reached scratch's final "
-        f"top-1 at step {summary['distilled_reached_scratch_at']}")
-  print(f"wrote {workdir}/summary.json, {workdir}/top1.png and checkpoints "
-        f"{workdir}/teacher, {workdir}/distilled, {workdir}/scratch")
+  if config.demo.get("auto"):
+    print(f"auto: masks learned for {config.masks.prune_step} steps, pruned, distilled to step "
+          f"{config.total_steps}; structure plots in {results['auto']['checkpoint']}/../structure")
+  else:
+    print(f"students trained {config.total_steps} steps each; distilled reached scratch's final "
+          f"top-1 at step {summary['distilled_reached_scratch_at']}")
+    print(f"wrote {workdir}/summary.json, {workdir}/top1.png; the models are in "
+          f"{workdir}/<k>_<stage>/final")
   return summary

@@ -1,6 +1,6 @@
 """Entry point: python -m tinyclip_jax.main --config=configs/vit39m.py --workdir=DIR
 
-Flags only; everything else is importable (tinyclip_jax.train.loop.run) so a notebook
+Flags only; everything else is importable (tinyclip_jax.train.runner.run) so a notebook
 can drive the same code. Any config field can be overridden: --config.batch_size=4096.
 """
 from __future__ import annotations
@@ -48,7 +48,7 @@ def main(argv) -> int:
     return 2
   import jax  # pylint: disable=import-outside-toplevel
   from tinyclip_jax.data import pipeline  # pylint: disable=import-outside-toplevel
-  from tinyclip_jax.train import loop, prepare, stages  # pylint: disable=import-outside-toplevel
+  from tinyclip_jax.train import loop, prepare, runner  # pylint: disable=import-outside-toplevel
   jax.config.update("jax_threefry_partitionable", True)
   _hide_accelerators_from_tf()
   logging.get_absl_logger().addFilter(_QuietLibraries())
@@ -60,7 +60,7 @@ def main(argv) -> int:
       from tinyclip_jax import demo  # pylint: disable=import-outside-toplevel
       demo.run(config, FLAGS.workdir)
     else:
-      stages.run(config, FLAGS.workdir)
+      runner.run(config, FLAGS.workdir)
   except (prepare.SetupError, loop.NonFiniteError, pipeline.InputStalled) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -3,7 +3,7 @@
 A relative path means "relative to where I ran the command"; orbax (and tensorstore
 under it) refuses relative paths, and a path stored in a checkpoint or a stage plan
 must mean the same thing after a restart from another folder. So every entry point
-(the CLIs, `train.stages.run`, `demo.run`) resolves the paths it is given here, and
+(the CLIs, `train.runner.run`, `demo.run`) resolves the paths it is given here, and
 nothing further in reads a relative path. URLs (`gs://…`, any `scheme://`) pass
 through unchanged.
 """

@@ -1,280 +1,197 @@
-"""The training loop: prepare → resume → compile → step / log / eval / checkpoint → export.
+"""Trains exactly one phase: input → compile → step / log / eval / checkpoint.
 
-Reads top to bottom; the step itself is in step.py, everything before the first
-step in prepare.py.
+It knows nothing of other phases: the runner (runner.py) hands it the phase, its
+setup (model, optimizer, shardings; the teacher on device) and where it starts
+(a restored checkpoint, or fresh weights at the phase's first step), and gets back
+the phase's last state. The step itself is in step.py.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import time
 from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 from absl import logging
 from clu import periodic_actions
 
-from tinyclip_jax import checkpoint, evaluate, metrics as metrics_lib, parallel
+from tinyclip_jax import checkpoint, evaluate, faults, parallel
 from tinyclip_jax.data import pipeline, teacher_cache, text_buckets
 from tinyclip_jax.eval import tasks as eval_tasks
-from tinyclip_jax.models import CLIP, CLIPConfig, count_params, merge_stats
-from tinyclip_jax.train import masking, prepare, profiling
-from tinyclip_jax.train.step import make_train_step
+from tinyclip_jax.models import count_params, merge_stats
+from tinyclip_jax.train import compile as compile_lib, masking, prepare, profiling
+from tinyclip_jax.train.plan import Phase
 
 
 class NonFiniteError(RuntimeError):
   """Too many non-finite losses in a row."""
 
 
-def _global_batch(local: dict[str, np.ndarray], abstract: dict) -> dict[str, jax.Array]:
-  return {k: jax.make_array_from_process_local_data(abstract[k].sharding, v)
-          for k, v in local.items()}
-
-
-def _log_compiled(compiled) -> None:
-  try:
-    mem = compiled.memory_analysis()
-    if mem is not None:
-      logging.info("compiled step: %.1f MiB arguments, %.1f MiB temporaries, %.1f MiB outputs",
-                   mem.argument_size_in_bytes / 2**20, mem.temp_size_in_bytes / 2**20,
-                   mem.output_size_in_bytes / 2**20)
-  except Exception:  # noqa: BLE001 - not every backend reports memory
-    logging.info("compiled step: memory analysis unavailable on this backend")
-
-
-def _export(workdir: str, params, config) -> str:
-  """Params gathered on every process; process 0 writes the folder, the others wait."""
-  from tinyclip_jax import model_io  # pylint: disable=import-outside-toplevel
-  path = os.path.join(workdir, "final")
-  host = prepare.as_numpy(params)
-  if jax.process_index() == 0:
-    model_io.save_model(path, host, config, overwrite=True)
-  parallel.barrier("export")
-  return path
+@dataclasses.dataclass
+class Start:
+  """Where a phase starts: its train state at `step`, and the input position then
+  (None: the input's beginning)."""
+  step: int
+  state: Any
+  data_state: dict | None = None
+  save: bool = False  # checkpoint the start first (a phase entered by a transition)
 
 
 @dataclasses.dataclass
-class _Run:
-  """What every phase of a run shares."""
-  config: ml_collections.ConfigDict
-  workdir: str
+class Result:
+  state: Any
+  step: int
+  data_state: dict | None   # the input position after the last step (host-local)
+  metrics: dict             # the last logged metrics
+  evals: list               # every evaluation of the phase
+  preempted: bool = False
+
+  @property
+  def weights(self):
+    return merge_stats(self.state.params, self.state.batch_stats)
+
+
+@dataclasses.dataclass
+class Outputs:
+  """A stage's checkpoints, metric writer and preemption notice (shared by its phases)."""
   mgr: Any
   writer: Any
-  batches: Any
-  eval_task: Any
-  suite: list
+  notice: Any
   config_json: dict
-  evals: list
-  last: dict
-  data_state: dict = dataclasses.field(default_factory=dict)
-  monitor: Any = None
 
 
-def _batch_abstracts(config, setup) -> dict[int, dict]:
-  """The global batch of each text bucket, by its token length."""
-  dim = setup.teacher_config.embed_dim if setup.teacher_cache else 0
-  return {n: prepare.batch_abstract(config, setup.student_config, setup.mesh, dim, n)
-          for n in setup.text_lengths}
+def _open_input(config: ml_collections.ConfigDict, setup, start: Start):
+  """The phase's batches, on device, cut to the text bucket every process agrees on."""
+  cfg = setup.student_config
+  data = pipeline.make_train_input(config.data, cfg.vision.image_size,
+                                   cfg.text.context_length, config.batch_size)
+  if start.data_state is not None:
+    data.set_state(pipeline.host_state(start.data_state))
+  if setup.teacher_cache:
+    path, manifest = setup.teacher_cache
+    data = teacher_cache.CachedTeacher(data, teacher_cache.Reader(path, manifest), start.step,
+                                       config.batch_size // jax.process_count())
+  abstracts = compile_lib.batch_abstracts(config, setup)
+  cut = text_buckets.Cut(setup.text_lengths)
+
+  def to_device(local):  # on the prefetch thread
+    local = cut(local)
+    return compile_lib.global_batch(local, abstracts[local["tokens"].shape[1]])
+  return pipeline.prefetch(data, config.data.prefetch, to_device), cut, abstracts
 
 
-def _compile(config, setup) -> dict[int, Any]:
-  """The train step compiled ahead for every text bucket: {token length: executable}."""
-  student_cfg, mesh = setup.student_config, setup.mesh
-  student = CLIP(student_cfg, remat=config.remat, dtype=setup.dtype)
-  teacher = (CLIP(setup.teacher_config, dtype=setup.dtype)
-             if setup.teacher_config and not setup.teacher_cache else None)
-  step_fn = make_train_step(student, teacher, config.loss, mesh, setup.tx, setup.lr_fn,
-                            config.batch_size, config.microbatch_size, setup.masking)
-  compiled = {}
-  for n, batch_abs in _batch_abstracts(config, setup).items():
-    jit_step = jax.jit(step_fn, in_shardings=(setup.state_shardings, setup.teacher_shardings,
-                                              {k: v.sharding for k, v in batch_abs.items()}),
-                       out_shardings=(setup.state_shardings, parallel.replicated(mesh)),
-                       donate_argnums=(0,))
-    t0 = time.time()
-    compiled[n] = jit_step.lower(setup.abstract_state, setup.teacher_params, batch_abs).compile()
-    logging.info("compiled the train step for %d text tokens in %.1f s", n, time.time() - t0)
-    _log_compiled(compiled[n])
-  return compiled
-
-
-def _evaluate(run: _Run, setup, state, step: int) -> dict:
+def _evaluate(config, workdir: str, setup, state, step: int, tasks) -> dict:
   """Zero-shot / retrieval evals of the student; in the masked phase, of the model the
   current deterministic gates prune to (which equals the masked model), plus its
   structure. Results also go to WORKDIR/evals/step_N.json."""
   cfg, params, ev = setup.student_config, merge_stats(state.params, state.batch_stats), {}
   if setup.masking is not None:
     params, pruned_cfg, gates = masking.prune_state(params, cfg, state.masks, setup.masking)
-    masking.write_structure(run.workdir, step, cfg, "masked", gates, count_params(params))
+    masking.write_structure(workdir, step, cfg, "masked", gates, count_params(params))
     cfg = pruned_cfg
-  c = run.config.eval
-  if run.eval_task is not None:
-    ev = evaluate.zeroshot(cfg, params, run.eval_task, c.batch_size)
-  for t in run.suite:
+  c = config.eval
+  task, suite = tasks
+  if task is not None:
+    ev = evaluate.zeroshot(cfg, params, task, c.batch_size)
+  for t in suite:
     ev.update({f"{t}/{k}": v for k, v in eval_tasks.run(
         t, cfg, params, data_dir=c.data_dir, batch=c.batch_size, max_examples=c.max_examples,
         mesh=setup.mesh).items()})
-  eval_tasks.write_result(run.workdir, step, ev)
+  eval_tasks.write_result(workdir, step, ev)
   return ev
 
 
-def _train(run: _Run, setup, state, start: int, end: int) -> tuple[Any, int, bool]:
-  """Steps start+1 … end of one phase → (state, last step, preempted)."""
-  config = run.config
-  compiled = _compile(config, setup)
-  flops_per_pair = prepare.model_flops_per_pair(setup.student_config, setup.teacher_config)
-  progress = periodic_actions.ReportProgress(num_train_steps=config.total_steps,
-                                             every_steps=config.log_every, every_secs=None)
-  model_json = setup.student_config.to_dict()
-  prev_metrics, t_log, step_log, step = None, time.time(), start, start
-  window = profiling.StepWindow(config, run.workdir)
-  sharded_input = config.data.kind != "synthetic"
-  for step in range(start + 1, end + 1):
-    batch, data_state = next(run.batches)
-    window.before(step)
-    text_length = batch["tokens"].shape[1]  # the bucket every process agreed on
-    state, m = compiled[text_length](state, setup.teacher_params, batch)
-    window.after(step, m)
-    # Check the previous step's count while this one runs (no per-step sync).
-    if prev_metrics is not None and int(prev_metrics["nonfinite_in_a_row"]) >= config.max_nonfinite:
-      raise NonFiniteError(f"{config.max_nonfinite} non-finite losses in a row before step "
-                           f"{step}; lower optimizer.lr or check the data and teacher.")
-    prev_metrics = m
-    progress(step)
-    final = step == config.total_steps
-    do_eval = (run.eval_task is not None or run.suite) and (step % config.eval_every == 0 or
-                                                            final)
-    masked_end = setup.masking is not None and step == end
-    do_save = not masked_end and (step % config.checkpoint_every == 0 or final or
-                                  run.mgr.reached_preemption(step))
-    do_log = step % config.log_every == 0 or final or do_eval
-    # Every process reaches these steps together: the input state is gathered and
-    # checked (a stalled input stops all processes here, before anything is saved).
-    gathered = (pipeline.gather_state(data_state)
-                if do_save or (do_log and sharded_input) else None)
-    if gathered is not None and sharded_input:
-      run.monitor.check(gathered)
-    if do_log:
-      m = jax.device_get(m)
-      now = time.time()
-      pairs_s = (step - step_log) * config.batch_size / max(now - t_log, 1e-9)
-      run.last = {k: float(v) for k, v in m.items()}
-      run.last.update(pairs_per_s=pairs_s, model_flops_per_s=pairs_s * flops_per_pair,
-                      text_bucket=text_length)
-      if sharded_input:
-        run.last.update(pipeline.skipped_metrics(gathered))
-      t_log, step_log = now, step
-      if do_eval:
-        ev = _evaluate(run, setup, state, step)
-        run.evals.append({"step": step, **ev})
-        run.last.update({f"eval/{k}": v for k, v in ev.items()})
-      run.writer.write_scalars(step, run.last)
-    # The masked phase's last state is saved after pruning (by the caller).
-    if do_save:
-      checkpoint.save(run.mgr, step, state, gathered, run.config_json, model_json)
-      if run.mgr.reached_preemption(step):
-        run.mgr.wait_until_finished()
-        logging.info("preempted: saved step %d", step)
-        window.close(state)
-        return state, step, True
-    run.data_state = data_state
-  window.close(state)  # a window that runs past this phase ends with it
-  return state, step, False
-
-
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains per `config` in `workdir`; resumes from the newest checkpoint there.
-
-  With masks on, steps 1 … masks.prune_step learn the structure masks; the student
-  is then pruned and distilled on to total_steps (the checkpoint records which).
-  Returns {"params", "student_config", "metrics" (last logged), "evals" (history)}.
-  """
-  prepare.validate(config)
-  mgr = checkpoint.manager(workdir, config.keep_checkpoints)
-  latest = mgr.latest_step()
-  resuming = latest is not None
-  pruned = None
-  if resuming and config.masks.enabled and latest >= config.masks.prune_step:
-    model = checkpoint.latest_model(mgr)
-    if model is None:
-      raise prepare.SetupError(f"the checkpoint of step {latest} in {workdir} has no model "
-                               "config, so the pruned student cannot be rebuilt; start a new "
-                               "workdir.")
-    pruned = prepare.Pruned(CLIPConfig.from_dict(model))
-  setup, state = prepare.build(config, restoring=resuming, pruned=pruned)
-  student_cfg = setup.student_config
-  data = pipeline.make_train_input(config.data, student_cfg.vision.image_size,
-                                   student_cfg.text.context_length, config.batch_size)
-  jsonl = os.path.join(workdir, "metrics.jsonl")
-  start = 0
-  if resuming:
-    start, state, data_state = checkpoint.restore_latest(mgr, setup.abstract_state)
-    data.set_state(pipeline.host_state(data_state))
-    if jax.process_index() == 0:
-      metrics_lib.truncate_jsonl(jsonl, start)
-    logging.info("resumed from step %d in %s", start, workdir)
-
-  eval_task = None
-  if config.eval.kind:
-    eval_task = evaluate.load_task(config.eval.kind, student_cfg.vision.image_size,
-                                   config.eval.num_examples)
-  if setup.teacher_cache:
-    path, manifest = setup.teacher_cache
-    data = teacher_cache.CachedTeacher(data, teacher_cache.Reader(path, manifest), start,
-                                       config.batch_size // jax.process_count())
-  # The prefetch thread also cuts the tokens to the bucket all processes agree on
-  # (text_buckets.Agreement: safe there) and makes the global device arrays (the
-  # batch's shapes and sharding are the same on both sides of a prune step).
-  batch_abs = _batch_abstracts(config, setup)
-  cut = text_buckets.Cut(setup.text_lengths)
-
-  def to_device(local):
-    local = cut(local)
-    return _global_batch(local, batch_abs[local["tokens"].shape[1]])
-  batches = pipeline.prefetch(data, config.data.prefetch, to_device)
+def train_phase(phase: Phase, setup, start: Start, out: Outputs) -> Result:
+  """Steps start.step+1 … phase.last_step of `phase`."""
+  config, workdir = phase.config, phase.workdir
+  eval_task = (evaluate.load_task(config.eval.kind, setup.student_config.vision.image_size,
+                                  config.eval.num_examples) if config.eval.kind else None)
+  tasks = (eval_task, eval_tasks.task_list(config.eval.tasks))
+  batches, cut, abstracts = _open_input(config, setup, start)
   monitor = pipeline.InputMonitor(config.data)
-  writer = None
-  # Every thread and reader this run started ends before it returns, error or not: a
+  sharded_input = config.data.kind != "synthetic"
+  state, step, data_state = start.state, start.step, start.data_state
+  last, evals, window = {}, [], None
+  # Every thread and reader this phase started ends before it returns, error or not: a
   # prefetch thread inside XLA or a tf.data iterator left to interpreter shutdown
   # aborts or hangs the process after the work is done.
   try:
-    if config.data.kind != "synthetic":  # no usable input: stop before writing anything
+    if sharded_input:  # no usable input: stop before compiling or writing anything
       monitor.check(pipeline.gather_state(batches.peek()[1]))
-    if "://" not in workdir:
-      os.makedirs(workdir, exist_ok=True)
-    writer = metrics_lib.create_writer(workdir)
-    if start == 0:
-      writer.write_hparams({k: str(v) for k, v in config.to_dict().items()})
-    run_ = _Run(config, workdir, mgr, writer, batches, eval_task,
-                eval_tasks.task_list(config.eval.tasks), json.loads(config.to_json_best_effort()),
-                [], {}, monitor=monitor)
-    end = config.masks.prune_step if setup.masking is not None else config.total_steps
-    state, step, preempted = _train(run_, setup, state, start, end)
-    if setup.masking is not None and not preempted:
-      params, cfg, gates = masking.prune_state(state.params, student_cfg, state.masks,
-                                               setup.masking)
-      masking.write_structure(workdir, step, student_cfg, "pruned", gates, count_params(params))
-      # The teacher stays on device: loading it again would hold two copies at once.
-      setup, state = prepare.build(config, restoring=False,
-                                   pruned=prepare.Pruned(cfg, params, step), teacher_from=setup)
-      checkpoint.save(mgr, step, state, pipeline.gather_state(run_.data_state),
-                      run_.config_json, cfg.to_dict())
-      state, step, preempted = _train(run_, setup, state, step, config.total_steps)
-    mgr.wait_until_finished()
+    if start.save:  # a transition's result: a resume must find it
+      checkpoint.save(out.mgr, step, state, pipeline.gather_state(data_state or {}),
+                      out.config_json, setup.student_config.to_dict())
+    compiled = compile_lib.compile_train_steps(config, setup, abstracts)
+    flops_per_pair = prepare.model_flops_per_pair(setup.student_config, setup.teacher_config)
+    progress = periodic_actions.ReportProgress(num_train_steps=config.total_steps,
+                                               every_steps=config.log_every, every_secs=None)
+    model_json = setup.student_config.to_dict()
+    prev, t_log, step_log = None, time.time(), step
+    window = profiling.StepWindow(config, workdir)
+    for step in range(start.step + 1, phase.last_step + 1):
+      batch, data_state = next(batches)
+      window.before(step)
+      text_length = batch["tokens"].shape[1]  # the bucket every process agreed on
+      state, m = compiled[text_length](state, setup.teacher_params, batch)
+      window.after(step, m)
+      # Check the previous step's count while this one runs (no per-step sync).
+      if prev is not None and int(prev["nonfinite_in_a_row"]) >= config.max_nonfinite:
+        raise NonFiniteError(f"{config.max_nonfinite} non-finite losses in a row before step "
+                             f"{step}; lower optimizer.lr or check the data and teacher.")
+      prev = m
+      progress(step)
+      faults.at_step(step)
+      final = step == config.total_steps
+      do_eval = (tasks[0] is not None or tasks[1]) and (step % config.eval_every == 0 or final)
+      # The masked phase's last state is not saved: the next phase saves its pruned start.
+      # A preemption notice at the masked phase's end is acted on by the next phase.
+      masked_end = phase.masks and step == phase.last_step
+      preempt = out.notice.reached(step) and not masked_end
+      do_save = not masked_end and (preempt or step % config.checkpoint_every == 0 or final)
+      do_log = step % config.log_every == 0 or final or do_eval
+      # Every process reaches these steps together: the input state is gathered and
+      # checked (a stalled input stops all processes here, before anything is saved).
+      gathered = (pipeline.gather_state(data_state)
+                  if do_save or (do_log and sharded_input) else None)
+      if gathered is not None and sharded_input:
+        monitor.check(gathered)
+      if do_log:
+        m = jax.device_get(m)
+        now = time.time()
+        pairs_s = (step - step_log) * config.batch_size / max(now - t_log, 1e-9)
+        last = {k: float(v) for k, v in m.items()}
+        last.update(pairs_per_s=pairs_s, model_flops_per_s=pairs_s * flops_per_pair,
+                    text_bucket=text_length)
+        if sharded_input:
+          last.update(pipeline.skipped_metrics(gathered))
+        t_log, step_log = now, step
+        if do_eval:
+          ev = _evaluate(config, workdir, setup, state, step, tasks)
+          evals.append({"step": step, **ev})
+          last.update({f"eval/{k}": v for k, v in ev.items()})
+        out.writer.write_scalars(step, last)
+      if do_save:
+        checkpoint.save(out.mgr, step, state, gathered, out.config_json, model_json)
+      if preempt:
+        out.mgr.wait_until_finished()
+        logging.info("preempted: saved step %d", step)
+        return Result(state, step, data_state, last, evals, preempted=True)
+    out.mgr.wait_until_finished()
+    return Result(state, step, data_state, last, evals)
   finally:
+    if window is not None:
+      window.close(state)  # a trace window that runs past this phase ends with it
     cut.close()  # first: ends a wait for another process's length, so the thread joins
     batches.close()
-    mgr.close()
-    if writer is not None:
-      writer.close()
-  weights = merge_stats(state.params, state.batch_stats)  # with BatchNorm running statistics
-  if preempted:
-    return {"params": weights, "student_config": setup.student_config,
-            "metrics": run_.last, "evals": run_.evals, "step": step, "preempted": True}
-  export = _export(workdir, weights, setup.student_config)
-  logging.info("exported the student to %s", export)
-  return {"params": weights, "student_config": setup.student_config, "metrics": run_.last,
-          "evals": run_.evals, "step": step}
+
+
+def export(workdir: str, weights, config) -> str:
+  """WORKDIR/final: gathered on every process; process 0 writes, the others wait."""
+  from tinyclip_jax import model_io  # pylint: disable=import-outside-toplevel
+  path = f"{workdir.rstrip('/')}/final"
+  host = parallel.host_gather(weights)
+  if jax.process_index() == 0:
+    model_io.save_model(path, host, config, overwrite=True)
+  parallel.barrier("export")
+  return path

@@ -1,0 +1,112 @@
+"""Checks of what the user named, before anything compiles: the config's fields, the
+mesh and batch split, model specs, checkpoint folders, teacher/student compatibility.
+Every failure is a `SetupError` with one sentence naming the thing and the fix."""
+from __future__ import annotations
+
+import os
+
+import jax.numpy as jnp
+import ml_collections
+
+from tinyclip_jax import parallel
+from tinyclip_jax.data import pipeline, text_buckets
+from tinyclip_jax.eval import tasks as eval_tasks
+from tinyclip_jax.models import CLIPConfig, ConfigError, param_shapes
+from tinyclip_jax.models.clip import logical_axes
+from tinyclip_jax.train import defaults, masking, profiling
+
+PRECISIONS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+INITS = ("inherit", "scratch", "checkpoint")
+
+
+class SetupError(ValueError):
+  """A config, checkpoint or mesh problem the user must fix."""
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Field-level checks that need no devices or files."""
+  if config.precision not in PRECISIONS:
+    raise SetupError(f"precision {config.precision!r} is unknown; use 'float32' or 'bfloat16'.")
+  if config.student.init not in INITS:
+    raise SetupError(f"student.init {config.student.init!r} is unknown; use one of {INITS}.")
+  for f in ("total_steps", "batch_size", "log_every", "checkpoint_every"):
+    if int(config[f]) <= 0:
+      raise SetupError(f"{f} must be positive, got {config[f]}.")
+  try:  # the lengths alone here; against the model's context length at setup
+    text_buckets.check(config.text_buckets)
+  except ValueError as e:
+    raise SetupError(str(e)) from e
+  has_teacher = defaults.has_model(config.teacher)
+  if not has_teacher and config.loss.alpha != 0:
+    raise SetupError("there is no teacher (teacher.model, .checkpoint and .custom are empty) but "
+                     "loss.alpha is not 0; set loss.alpha=0 to train with the CLIP loss alone.")
+  if config.teacher.cache and not has_teacher:
+    raise SetupError("teacher.cache is set but there is no teacher; the cache is checked "
+                     "against the teacher it was built from, so set teacher.checkpoint too.")
+  if config.student.init == "inherit" and not has_teacher and not config.student.inherit_from:
+    raise SetupError("student.init='inherit' needs a teacher; set teacher.model or "
+                     "teacher.checkpoint, or use student.init='scratch'.")
+  try:  # the input's fields, and its shards or TFDS dataset exist (listed, not read)
+    pipeline.check(config.data)
+    eval_tasks.task_list(config.eval.tasks)
+  except ValueError as e:
+    raise SetupError(str(e)) from e
+  if config.student.init == "checkpoint" and not config.student.checkpoint:
+    raise SetupError("student.init='checkpoint' but student.checkpoint is empty; give the "
+                     "folder of a flax model checkpoint.")
+  masking.check(config, SetupError)
+  profiling.check(config, SetupError)
+
+
+def mesh(config: ml_collections.ConfigDict):
+  """The device mesh, with the batch and microbatch split checked against it."""
+  try:
+    m = parallel.make_mesh(config.mesh.to_dict())
+  except parallel.MeshError as e:
+    raise SetupError(str(e)) from e
+  per_step = parallel.batch_size_per_axis(m)
+  if config.batch_size % per_step:
+    raise SetupError(f"batch_size {config.batch_size} is not divisible by the data-parallel "
+                     f"size {per_step} (mesh.data × mesh.fsdp); use a multiple of {per_step}.")
+  per_device, micro = config.batch_size // per_step, int(config.microbatch_size)
+  if micro < 0 or micro > per_device or (micro and per_device % micro):
+    raise SetupError(f"microbatch_size {micro} does not divide the per-device batch "
+                     f"{per_device} (batch_size {config.batch_size} over {per_step} "
+                     "data-parallel devices); use a divisor of it, or 0 for no microbatches.")
+  return m
+
+
+def load_checkpoint(path: str, what: str):
+  """(host params, model config) of a flax model folder the config names."""
+  from tinyclip_jax import model_io  # pylint: disable=import-outside-toplevel
+  if "://" not in path and not os.path.exists(path):
+    raise SetupError(f"{what} {path} does not exist; convert a checkpoint with "
+                     "`python -m tinyclip_jax.convert --dst=flax:DIR` and pass DIR.")
+  try:
+    return model_io.load_model(path)
+  except ValueError as e:
+    raise SetupError(f"{what} {path} cannot be loaded: {e}") from e
+
+
+def model_config(spec, what: str) -> CLIPConfig:
+  try:
+    return defaults.build_model_config(spec, what)
+  except ConfigError as e:
+    raise SetupError(str(e)) from e
+
+
+def compatible(teacher: CLIPConfig, student: CLIPConfig) -> None:
+  for what, t, s in (("image_size", teacher.vision.image_size, student.vision.image_size),
+                     ("context_length", teacher.text.context_length, student.text.context_length),
+                     ("vocab_size", teacher.text.vocab_size, student.text.vocab_size),
+                     ("eot_token_id", teacher.text.eot_token_id, student.text.eot_token_id)):
+    if t != s:
+      raise SetupError(f"teacher {what} {t} differs from student {what} {s}; teacher and "
+                       "student must see the same images and tokens.")
+
+
+def shardings(config: CLIPConfig, mesh, what: str = "student"):
+  """The parameters' shardings, derived from their logical axes and shapes."""
+  del what  # names the model in the replication report
+  return parallel.fit_shardings(parallel.logical_to_sharding(logical_axes(config), mesh),
+                                param_shapes(config))

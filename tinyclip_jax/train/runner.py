@@ -1,0 +1,164 @@
+"""Runs a plan: builds the teacher once and holds it across phases, resumes at the first
+unfinished phase, applies the transitions between phases (pruning is a pure function of
+the previous phase's state), exports each stage and marks it done.
+
+  python -m tinyclip_jax.main --config=… --workdir=…  →  runner.run(config, workdir)
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+from absl import logging
+from etils import epath
+
+from tinyclip_jax import checkpoint, metrics as metrics_lib, paths
+from tinyclip_jax.models import CLIPConfig, count_params
+from tinyclip_jax.train import checks, loop, masking, plan as plan_lib, prepare, preemption
+from tinyclip_jax.train import teacher as teacher_lib
+
+DONE = "stage_done.json"  # a finished stage's summary; the stage is skipped on restart
+
+
+class _Teachers:
+  """Teachers by what names them: each loaded once per run. A teacher that a phase of
+  this run trained and exported is taken from memory, not read back."""
+
+  def __init__(self):
+    self.loaded: dict[tuple, Any] = {}
+    self.exported: dict[str, tuple[Any, CLIPConfig]] = {}
+
+  def get(self, config, mesh):
+    key = teacher_lib.key(config)
+    if key not in self.loaded:
+      path = config.teacher.checkpoint.rstrip("/")
+      if path in self.exported and not config.teacher.cache:
+        self.loaded[key] = teacher_lib.from_params(*self.exported[path][::-1], mesh)
+      else:
+        self.loaded[key] = teacher_lib.load(config, mesh)
+    return self.loaded[key]
+
+
+def _resume_point(mgr) -> tuple[int | None, dict | None]:
+  step = mgr.latest_step()
+  return step, (checkpoint.latest_model(mgr) if step is not None else None)
+
+
+def _stage(phases: list[plan_lib.Phase], teachers: _Teachers, meshes: dict,
+           notice) -> dict[str, Any]:
+  """The phases of one stage (one workdir), from the first unfinished one."""
+  first = phases[0]
+  config, workdir = first.config, first.workdir
+  mesh_key = json.dumps(config.mesh.to_dict(), sort_keys=True)
+  if mesh_key not in meshes:
+    meshes[mesh_key] = checks.mesh(config)
+  mesh = meshes[mesh_key]
+  teacher = teachers.get(config, mesh)
+  mgr = checkpoint.manager(workdir, config.keep_checkpoints)
+  latest, latest_model = _resume_point(mgr)
+  writer, result, carry = None, None, None
+  try:
+    for phase in phases:
+      if latest is not None and latest >= phase.last_step and not phase.export:
+        continue  # finished: the next phase's checkpoints hold what it made
+      resuming = latest is not None and latest >= phase.first_step
+      if resuming and phase.start == "prune" and latest_model is None:
+        raise checks.SetupError(f"the checkpoint of step {latest} in {workdir} has no model "
+                                "config, so the pruned student cannot be rebuilt; start a new "
+                                "workdir.")
+      if phase.start == "prune":
+        cfg, host = ((CLIPConfig.from_dict(latest_model), None) if resuming else carry[:2])
+      else:
+        host, cfg = prepare.student_config(config, teacher)
+      setup = prepare.setup(config, mesh, teacher, cfg, masks=phase.masks)
+      if resuming:
+        step, state, data_state = checkpoint.restore_latest(mgr, setup.abstract_state)
+        start = loop.Start(step, state, data_state)
+        logging.info("%s: resumed from step %d in %s", phase.name, step, workdir)
+      elif phase.start == "prune":
+        start = loop.Start(phase.first_step, prepare.init_state(
+            config, setup, jax.device_put(host, setup.param_shardings), phase.first_step),
+                           carry[2], save=True)
+      else:
+        start = loop.Start(0, prepare.init_state(
+            config, setup, prepare.student_params(config, setup, teacher, host)))
+      if writer is None:
+        writer = _open_writer(config, workdir, start.step)
+      out = loop.Outputs(mgr, writer, notice, json.loads(config.to_json_best_effort()))
+      result = loop.train_phase(phase, setup, start, out)
+      latest = None  # later phases of this stage start fresh from what this one made
+      if result.preempted:
+        return {"params": result.weights, "student_config": cfg, "metrics": result.metrics,
+                "evals": result.evals, "step": result.step, "preempted": True}
+      if phase.masks:  # the transition to the next phase: prune by the learned masks
+        params, pruned, gates = masking.prune_state(result.state.params, cfg,
+                                                    result.state.masks, setup.masking)
+        masking.write_structure(workdir, result.step, cfg, "pruned", gates,
+                                count_params(params))
+        carry = (pruned, params, result.data_state)
+      else:
+        carry = None
+  finally:
+    mgr.close()
+    if writer is not None:
+      writer.close()
+  path = loop.export(workdir, result.weights, cfg)
+  logging.info("exported the student to %s", path)
+  teachers.exported[path] = (result.weights, cfg)
+  return {"params": result.weights, "student_config": cfg, "metrics": result.metrics,
+          "evals": result.evals, "step": result.step}
+
+
+def _open_writer(config, workdir: str, start: int):
+  if "://" not in workdir:
+    os.makedirs(workdir, exist_ok=True)
+  if start and jax.process_index() == 0:
+    metrics_lib.truncate_jsonl(os.path.join(workdir, "metrics.jsonl"), start)
+  writer = metrics_lib.create_writer(workdir)
+  if start == 0:
+    writer.write_hparams({k: str(v) for k, v in config.to_dict().items()})
+  return writer
+
+
+def run_plan(phases: list[plan_lib.Phase]) -> dict[str, Any]:
+  """Every phase in order; a stage whose done marker exists is skipped."""
+  logging.info("run plan:\n%s", plan_lib.describe(phases))
+  teachers, meshes, result = _Teachers(), {}, {"stages": []}
+  with preemption.Notice() as notice:
+    for stage, group in itertools.groupby(phases, key=lambda p: (p.stage, p.workdir)):
+      group = list(group)
+      name, workdir = stage
+      done = epath.Path(workdir) / DONE
+      if name and done.exists():
+        logging.info("stage %s is complete in %s; skipping it", name, workdir)
+        result["stages"].append(json.loads(done.read_text()))
+        continue
+      t0 = time.time()
+      r = _stage(group, teachers, meshes, notice)
+      result.update(r)
+      if r.get("preempted"):
+        return result
+      if name:
+        summary = {"name": name.split("_", 1)[1], "workdir": workdir, "step": r["step"],
+                   "student_config": r["student_config"].to_dict(),
+                   "evals": r["evals"][-1:] if r["evals"] else [],
+                   "seconds": round(time.time() - t0, 1)}
+        if jax.process_index() == 0:
+          done.write_text(json.dumps(summary, indent=2))
+        result["stages"].append(summary)
+  return result
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains per `config` in `workdir` (resuming what a previous attempt left): one
+  phase, the two phases of automatic inheritance, or every stage in order. Relative
+  paths (workdir, checkpoints, caches, shards) are resolved here, once.
+  Returns {"params", "student_config", "metrics" (last logged), "evals", "step",
+  "stages" (each stage's summary), and "preempted" when a SIGTERM stopped it}."""
+  config, workdir = paths.resolve_config(config), paths.resolve(workdir)
+  return run_plan(plan_lib.plan(config, workdir))

@@ -1,0 +1,81 @@
+"""The teacher: built once per run and held across its phases (and stages).
+
+Its weights come from a converted checkpoint (`teacher.checkpoint`), or are random
+for a zoo/custom architecture (smoke runs, benchmarks), or are handed over by an
+earlier phase that trained it (the demo). With `teacher.cache` the step reads the
+teacher's embeddings from disk instead; the weights are still needed to check that
+the cache was made by this teacher and for weight inheritance.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+from absl import logging
+
+from tinyclip_jax import parallel
+from tinyclip_jax.models import CLIPConfig, init_params
+from tinyclip_jax.train import checks, defaults
+
+
+@dataclasses.dataclass
+class Teacher:
+  config: CLIPConfig
+  params: Any                     # on device, sharded
+  shardings: Any
+  host: Any = None                # the loaded weights (digest of the cache check)
+  cache: tuple[str, dict] | None = None  # (path, manifest) with teacher.cache
+
+
+def key(config) -> tuple:
+  """What identifies a teacher section: equal keys share one loaded teacher."""
+  t = config.teacher
+  return (t.checkpoint, t.model, str(t.custom.to_dict()) if "custom" in t else "", t.cache,
+          config.seed, config.precision, str(config.mesh.to_dict()))
+
+
+def load(config, mesh) -> Teacher | None:
+  """The teacher `config.teacher` names on `mesh`, or None when there is none."""
+  host = None
+  if config.teacher.checkpoint:
+    host, cfg = checks.load_checkpoint(config.teacher.checkpoint, "teacher.checkpoint")
+  elif defaults.has_model(config.teacher):
+    cfg = checks.model_config(config.teacher, "teacher")
+  else:
+    return None
+  shardings = checks.shardings(cfg, mesh, "teacher")
+  if host is None:
+    logging.warning("the teacher has random weights (teacher.checkpoint is empty); for a "
+                    "real distillation convert one and pass --config.teacher.checkpoint=DIR")
+    params = jax.jit(lambda r: init_params(cfg, r), out_shardings=shardings)(
+        jax.random.split(jax.random.key(config.seed))[0])  # [1]: the student's
+  else:
+    params = jax.device_put(host, shardings)
+  teacher = Teacher(cfg, params, shardings, host)
+  if config.teacher.cache:
+    teacher.cache = check_cache(config, teacher)
+  return teacher
+
+
+def from_params(cfg: CLIPConfig, params, mesh) -> Teacher:
+  """A teacher an earlier phase trained (its export is on disk too)."""
+  shardings = checks.shardings(cfg, mesh, "teacher")
+  return Teacher(cfg, jax.device_put(params, shardings), shardings)
+
+
+def check_cache(config, teacher: Teacher) -> tuple[str, dict]:
+  """(path, manifest) of a teacher cache built for exactly this teacher and input."""
+  from tinyclip_jax.data import teacher_cache  # pylint: disable=import-outside-toplevel
+  path = config.teacher.cache
+  try:
+    manifest = teacher_cache.load_manifest(path)
+    weights = teacher.host if teacher.host is not None else parallel.host_gather(teacher.params)
+    expected = teacher_cache.describe(config, teacher.config,
+                                      teacher_cache.teacher_digest(weights))
+    teacher_cache.check(manifest, expected, config.total_steps, path)
+  except teacher_cache.CacheError as e:
+    raise checks.SetupError(str(e)) from e
+  logging.info("reading the teacher's embeddings from %s (%d steps cached)", path,
+               manifest["steps"])
+  return path, manifest
