@@ -18,7 +18,7 @@ import pytest
 from tinyclip_jax import parallel
 from tinyclip_jax.models import CLIP
 from tinyclip_jax.train import compile as compile_lib, loop, prepare, runner
-from tinyclip_jax.train.step import make_grad_fn
+from tinyclip_jax.train.step import LossSettings, make_grad_fn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from configs import smoke  # noqa: E402
@@ -52,7 +52,7 @@ def _batch(c, setup):
 
 def _grads(c, setup, state, batch, micro):
   teacher = CLIP(setup.teacher_config) if c.loss.alpha > 0 else None
-  fn = jax.jit(make_grad_fn(CLIP(setup.student_config), teacher, c.loss, setup.mesh,
+  fn = jax.jit(make_grad_fn(CLIP(setup.student_config), teacher, LossSettings.from_config(c.loss), setup.mesh,
                             c.batch_size, micro))
   return jax.device_get(fn(state.params, setup.teacher_params, batch))
 
@@ -130,7 +130,7 @@ def test_composes_with_bfloat16_and_remat_in_one_loop(monkeypatch):
   texts = {}
   results = {}
   for micro in (0, 1, 2):
-    fn = jax.jit(make_grad_fn(student, teacher, c.loss, setup.mesh, c.batch_size, micro))
+    fn = jax.jit(make_grad_fn(student, teacher, LossSettings.from_config(c.loss), setup.mesh, c.batch_size, micro))
     lowered = fn.lower(state.params, setup.teacher_params, batch)
     texts[micro] = lowered.as_text()
     results[micro] = jax.device_get(lowered.compile()(state.params, setup.teacher_params, batch))
@@ -165,7 +165,7 @@ def test_masked_gradients_with_microbatches_equal_one_shot(monkeypatch):
   teacher = CLIP(setup.teacher_config)
   out = []
   for micro in (0, 2):
-    fn = make_grad_fn(CLIP(setup.student_config), teacher, c.loss, setup.mesh, c.batch_size, micro)
+    fn = make_grad_fn(CLIP(setup.student_config), teacher, LossSettings.from_config(c.loss), setup.mesh, c.batch_size, micro)
     out.append(jax.device_get(jax.jit(lambda tr, tp, b, fn=fn: fn(tr, tp, b, gates_of))(
         (state.params, logas), setup.teacher_params, batch)))
   _assert_same(*out, rel=2e-6)  # gated rows: measured 1.04e-6

@@ -29,7 +29,7 @@ from tinyclip_jax import parallel
 from tinyclip_jax.data import text_buckets
 from tinyclip_jax.models import CLIP, param_shapes
 from tinyclip_jax.train import compile as compile_lib, defaults, prepare
-from tinyclip_jax.train.step import make_grad_fn
+from tinyclip_jax.train.step import LossSettings, make_grad_fn
 from test_multihost import free_port
 from test_train import ROOT, CompileCounter, assert_one_sentence, run_main, smoke_config
 
@@ -111,7 +111,7 @@ def test_cut_gradients_equal_the_full_length_step_in_every_bucket(setup, micro):
   """8 devices (data 8), 16 rows; per bucket a batch whose longest caption
   fills it exactly (the tightest cut), the others shorter."""
   c, mesh, (student, teacher), (params, teacher_params) = setup
-  fn = jax.jit(make_grad_fn(CLIP(student), CLIP(teacher), c.loss, mesh, c.batch_size, micro))
+  fn = jax.jit(make_grad_fn(CLIP(student), CLIP(teacher), LossSettings.from_config(c.loss), mesh, c.batch_size, micro))
   abstract = {n: compile_lib.batch_abstract(c, student, mesh, text_length=n) for n in BUCKETS}
   rng = np.random.default_rng(1)
   cut = text_buckets.Cut(BUCKETS, eot=EOT)

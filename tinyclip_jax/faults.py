@@ -6,6 +6,8 @@ racing a timer:
 
   kill_at_step:N      SIGKILL at step N, after the step ran and before its checkpoint
   term_at_step:N      SIGTERM at step N (a preemption notice) — the handler saves
+  kill_at_step:N@P    the same, only in the phase whose name contains P (a run of
+                      stages counts steps per stage: `kill_at_step:1@1_manual`)
   kill_in_write:NAME  SIGKILL in the middle of the write named NAME (the part written
                       so far stays behind, as after a real crash)
 
@@ -36,13 +38,13 @@ def _faults() -> list[tuple[str, str]]:
   return out
 
 
-def at_step(step: int) -> None:
-  """Called by the train loop after each step."""
+def at_step(step: int, phase: str = "") -> None:
+  """Called by the train loop after each step of the phase named `phase`."""
   for kind, arg in _faults():
-    if kind == "kill_at_step" and int(arg) == step:
-      os.kill(os.getpid(), signal.SIGKILL)
-    if kind == "term_at_step" and int(arg) == step:
-      os.kill(os.getpid(), signal.SIGTERM)
+    at, _, where = arg.partition("@")
+    if kind not in ("kill_at_step", "term_at_step") or int(at) != step or where not in phase:
+      continue
+    os.kill(os.getpid(), signal.SIGKILL if kind == "kill_at_step" else signal.SIGTERM)
 
 
 def in_write(name: str) -> None:

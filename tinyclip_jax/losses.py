@@ -35,6 +35,11 @@ class LossConfig:
   text_text: float = 0.0      # text-to-text affinity mimicking
   embedding: float = 0.0      # MSE-style feature distillation
 
+  @classmethod
+  def from_config(cls, section) -> "LossConfig":
+    """The weights of a config's `loss` section (its other fields are the step's)."""
+    return cls(**{f.name: float(section[f.name]) for f in dataclasses.fields(cls)})
+
   def __post_init__(self):
     if not 0.0 <= self.alpha <= 1.0:
       raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")

@@ -77,7 +77,7 @@ def train_step(config, setup, *, remat: bool | None = None, cached: bool | None 
                  dtype=setup.dtype)
   teacher = (CLIP(setup.teacher_config, dtype=setup.dtype)
              if setup.teacher_config and not cached else None)
-  fn = make_train_step(student, teacher, config.loss, setup.mesh, setup.tx, setup.lr_fn,
+  fn = make_train_step(student, teacher, setup.loss, setup.mesh, setup.tx, setup.lr_fn,
                        batch_size or config.batch_size, config.microbatch_size, setup.masking)
   return jax.jit(fn, out_shardings=(setup.state_shardings, parallel.replicated(setup.mesh)),
                  donate_argnums=(0,))

@@ -141,7 +141,7 @@ def train_phase(phase: Phase, setup, start: Start, out: Outputs) -> Result:
                              f"{step}; lower optimizer.lr or check the data and teacher.")
       prev = m
       progress(step)
-      faults.at_step(step)
+      faults.at_step(step, phase.name)
       final = step == config.total_steps
       do_eval = (tasks[0] is not None or tasks[1]) and (step % config.eval_every == 0 or final)
       # The masked phase's last state is not saved: the next phase saves its pruned start.

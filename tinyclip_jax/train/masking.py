@@ -61,9 +61,10 @@ def check(config: ml_collections.ConfigDict, error) -> None:
         f"masks.prune_step {m.prune_step} must be in [1, total_steps={config.total_steps}].")
 
 
-def make(config: ml_collections.ConfigDict, student: CLIPConfig, reference: CLIPConfig, tx):
-  """(MaskTraining, initial mask state) for a student masked against `reference`."""
-  m = config.masks
+def make(m: ml_collections.ConfigDict, seed: int, student: CLIPConfig, reference: CLIPConfig,
+         tx):
+  """(MaskTraining, initial mask state) for a student masked per `m` (config.masks)
+  against `reference`."""
   towers = tuple(m.towers)
   valid = masks_lib.model_valid(student, towers, m.kinds)
   start, target, warmup, joint = (float(m.start_sparsity), float(m.target_sparsity),
@@ -74,7 +75,7 @@ def make(config: ml_collections.ConfigDict, student: CLIPConfig, reference: CLIP
                                     warmup, joint)
 
   state = {"logas": masks_lib.init_logas(valid), "lambdas": masks_lib.init_lambdas(towers)}
-  rng = jax.random.fold_in(jax.random.key(config.seed), 0x6d61736b)  # "mask"
+  rng = jax.random.fold_in(jax.random.key(seed), 0x6d61736b)  # "mask"
   return MaskTraining(rng, valid, tx, terms), state
 
 

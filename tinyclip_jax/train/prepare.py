@@ -18,7 +18,7 @@ from tinyclip_jax.inherit import manual
 from tinyclip_jax.models import CLIPConfig, init_params, param_shapes, split_stats
 from tinyclip_jax.train import checks, masking, state as state_lib, teacher as teacher_lib
 from tinyclip_jax.train.checks import SetupError, validate  # noqa: F401 - the public names
-from tinyclip_jax.train.step import uses_batch_norm
+from tinyclip_jax.train.step import LossSettings, uses_batch_norm
 
 
 @dataclasses.dataclass
@@ -39,6 +39,7 @@ class Setup:
   text_lengths: tuple[int, ...] = ()  # the text buckets: one compiled step each
   mask_state: Any = None          # initial mask logits / multipliers (masked phase)
   mask_tx: Any = None
+  loss: LossSettings | None = None  # config.loss, typed
 
 
 def student_config(config, teacher: teacher_lib.Teacher | None):
@@ -84,7 +85,7 @@ def setup(config, mesh, teacher: teacher_lib.Teacher | None, student_cfg: CLIPCo
     mask_tx = state_lib.make_mask_optimizer(config.masks, config.optimizer)
     try:
       mask_training, mask_state = masking.make(
-          config, student_cfg, teacher.config if teacher else student_cfg, mask_tx)
+          config.masks, config.seed, student_cfg, teacher.config if teacher else student_cfg, mask_tx)
     except ValueError as e:
       raise SetupError(str(e)) from e
   # Both phases of automatic inheritance warm up over the masked phase.
@@ -116,7 +117,8 @@ def setup(config, mesh, teacher: teacher_lib.Teacher | None, student_cfg: CLIPCo
   t_shard = teacher.shardings if teacher is not None and not cache else None
   return Setup(mesh, checks.PRECISIONS[config.precision], student_cfg,
                teacher.config if teacher else None, t_params, w_shard, t_shard, tx, lr_fn,
-               state_shard, abstract, mask_training, cache, lengths, mask_state, mask_tx)
+               state_shard, abstract, mask_training, cache, lengths, mask_state, mask_tx,
+               LossSettings.from_config(config.loss))
 
 
 def student_params(config, s: Setup, teacher: teacher_lib.Teacher | None, host=None):

@@ -17,6 +17,7 @@ BatchNorm students: statistics of microbatches are not the global batch's.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable
 
@@ -34,7 +35,24 @@ from tinyclip_jax.train.state import TrainState, nonfinite_counts
 EMBEDS = ("image_embeds", "text_embeds")
 
 
-def student_scale(params, loss_cfg) -> jax.Array:
+@dataclasses.dataclass(frozen=True)
+class LossSettings:
+  """The config's `loss` section, typed once (prepare.setup): the terms' weights and
+  the temperatures τ_t (fixed) and τ_s (fixed, or learned and clamped at max_scale)."""
+  weights: losses.LossConfig
+  teacher_scale: float
+  student_scale: float
+  learn_scale: bool
+  max_scale: float
+
+  @classmethod
+  def from_config(cls, section) -> "LossSettings":
+    return cls(losses.LossConfig.from_config(section), float(section.teacher_scale),
+               float(section.student_scale), bool(section.learn_scale),
+               float(section.max_scale))
+
+
+def student_scale(params, loss_cfg: LossSettings) -> jax.Array:
   """τ_s: fixed, or exp(logit_scale) clamped at max_scale when learned."""
   if loss_cfg.learn_scale:
     return jnp.minimum(jnp.exp(params["logit_scale"].astype(jnp.float32)), loss_cfg.max_scale)
@@ -84,7 +102,7 @@ class _Microbatches:
     return self._constrain(x.reshape(self.k * self.n * self.m, *x.shape[3:]), 0)
 
 
-def make_grad_fn(student: CLIP, teacher: CLIP | None, loss_cfg, mesh, batch_size: int,
+def make_grad_fn(student: CLIP, teacher: CLIP | None, loss_cfg: LossSettings, mesh, batch_size: int,
                  microbatch_size: int = 0):
   """Returns grad_fn(trainable, teacher_params, batch, gates_of=None, batch_stats=None)
   -> ((loss, terms), grads).
@@ -93,10 +111,7 @@ def make_grad_fn(student: CLIP, teacher: CLIP | None, loss_cfg, mesh, batch_size
   the structure masks) and gates_of(log α) the gates the student runs with; the
   gradient is then taken w.r.t. both. With batch_stats (a BatchNorm student)
   terms["batch_stats"] holds the new running statistics."""
-  weights = losses.LossConfig(alpha=loss_cfg.alpha, distill_weight=loss_cfg.distill_weight,
-                              image_image=loss_cfg.image_image, text_text=loss_cfg.text_text,
-                              embedding=loss_cfg.embedding)
-  loss_fn = losses.sharded_distill_loss(mesh, BATCH_AXES, weights)
+  loss_fn = losses.sharded_distill_loss(mesh, BATCH_AXES, loss_cfg.weights)
 
   def unpack(trainable, gates_of):
     """(student params, gates or None) of what the gradient is taken of."""
@@ -173,7 +188,7 @@ def make_grad_fn(student: CLIP, teacher: CLIP | None, loss_cfg, mesh, batch_size
   return cached
 
 
-def make_train_step(student: CLIP, teacher: CLIP | None, loss_cfg, mesh, tx,
+def make_train_step(student: CLIP, teacher: CLIP | None, loss_cfg: LossSettings, mesh, tx,
                     lr_fn: Callable[[Any], Any], batch_size: int = 0, microbatch_size: int = 0,
                     sparsity=None):
   """Returns step(state, teacher_params, batch) -> (state, metrics).

@@ -1,0 +1,171 @@
+"""The run plan: phases made before anything runs, and every path through it resumed
+after a SIGKILL in each of its phases (the deterministic fault hook, tinyclip_jax/faults.py),
+and a SIGTERM turned into a checkpoint and exit 0."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import ml_collections
+import pytest
+
+from tinyclip_jax.train import plan as plan_lib, prepare
+from tinyclip_jax import demo
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_auto_inherit import SMALL, auto_config  # noqa: E402
+from test_train import ROOT, smoke_config  # noqa: E402
+
+sys.path.insert(0, ROOT)
+from configs import demo as demo_config  # noqa: E402
+
+# Keys whose values depend on time, not on the computation.
+TIMING = ("pairs_per_s", "model_flops_per_s", "steps_per_sec", "uptime")
+
+
+def test_plan_of_each_kind_of_run():
+  manual = plan_lib.plan(smoke_config(), "/w")
+  assert [(p.name, p.start, p.masks, p.first_step, p.last_step, p.export, p.workdir)
+          for p in manual] == [("train", "inherit", False, 0, 6, True, "/w")]
+  auto = plan_lib.plan(auto_config(), "/w")
+  assert [(p.name, p.start, p.masks, p.first_step, p.last_step, p.export) for p in auto] == [
+      ("masked", "inherit", True, 0, 3, False), ("pruned", "prune", False, 3, 6, True)]
+  c = auto_config()
+  c.stages = (ml_collections.ConfigDict({"name": "auto"}),
+              ml_collections.ConfigDict({"name": "manual", "total_steps": 2,
+                                         "masks": {"enabled": False},
+                                         "student": {"init": "inherit", "custom": SMALL}}))
+  staged = plan_lib.plan(c, "/w/")
+  assert [(p.name, p.start, p.first_step, p.last_step, p.workdir) for p in staged] == [
+      ("0_auto/masked", "inherit", 0, 3, "/w/0_auto"),
+      ("0_auto/pruned", "prune", 3, 6, "/w/0_auto"),
+      ("1_manual/train", "inherit", 0, 2, "/w/1_manual")]
+  assert staged[2].config.student.inherit_from == "/w/0_auto/final"  # cut from stage 0
+  d = demo.plan(demo_config.get_config(), "/d")
+  assert [(p.name, p.start) for p in d] == [
+      ("0_teacher/train", "scratch"), ("1_distilled/train", "inherit"),
+      ("2_scratch/train", "scratch")]
+  teacher, distilled, scratch = (p.config for p in d)
+  assert teacher.loss.alpha == 0 and not teacher.teacher.checkpoint
+  assert distilled.teacher.checkpoint == "/d/0_teacher/final" and distilled.loss.alpha == 1
+  assert scratch.loss.alpha == 0 and not scratch.teacher.checkpoint
+  assert (distilled.student.custom.to_dict() == scratch.student.custom.to_dict() !=
+          teacher.student.custom.to_dict())
+
+
+def test_teacher_from_a_later_stage_is_refused():
+  c = smoke_config()
+  c.stages = ({"name": "a", "teacher_from_stage": 0},)
+  with pytest.raises(prepare.SetupError, match=r"takes its teacher from stage 0, which does"):
+    plan_lib.plan(c, "/w")
+
+
+def _run(args, fault: str, expect: int):
+  env = dict(os.environ, TINYCLIP_FAULT=fault, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)  # one device: the smallest compile
+  r = subprocess.run([sys.executable, "-m", "tinyclip_jax.main", *args], cwd=ROOT, env=env,
+                     capture_output=True, text=True, timeout=600)
+  assert r.returncode == expect, (fault, r.stderr[-3000:])
+  return r
+
+
+def _rows(workdir: str) -> dict:
+  """{(stage folder, step): logged row without timing keys} of every stage's metrics."""
+  out = {}
+  for root, _, files in os.walk(workdir):
+    if "metrics.jsonl" in files:
+      with open(os.path.join(root, "metrics.jsonl")) as f:
+        for line in f:
+          row = json.loads(line)
+          out[(os.path.relpath(root, workdir), row["step"])] = {
+              k: v for k, v in row.items() if k not in TIMING}
+  return out
+
+
+def _check_replayed(before: dict, after: dict) -> int:
+  """Rows logged before a kill are logged again after the restart with the same values."""
+  same = 0
+  for key, row in before.items():
+    assert key in after, key
+    for k, v in row.items():
+      if isinstance(v, float) and k in after[key]:
+        assert after[key][k] == pytest.approx(v, rel=1e-6, abs=1e-7), (key, k)
+    same += 1
+  return same
+
+
+def _kill_and_resume(args, workdir, faults, final_steps):
+  """Runs `args` once per fault (each kills or preempts the run somewhere) and once to the
+  end; every restart replays what the previous attempt logged, value for value."""
+  before = {}
+  for fault in faults:
+    _run(args, fault, 0 if fault.startswith("term") else -9)
+    now = _rows(workdir)
+    _check_replayed(before, now)
+    before = now
+  _run(args, "", 0)
+  after = _rows(workdir)
+  assert _check_replayed(before, after) == len(before)
+  for stage, steps in final_steps.items():
+    assert sorted(s for (d, s) in after if d == stage) == steps, stage
+  return after
+
+
+@pytest.mark.xdist_group("plan_kill")
+def test_stages_resume_after_a_kill_in_every_phase(tmp_path):
+  """Stage 0: automatic inheritance (masked → pruned at 3 of 6), stage 1: manual cut.
+  Killed in the masked phase (after its step-2 checkpoint), in the pruned phase (after
+  step 4's), preempted (SIGTERM) in stage 1, then run to the end."""
+  config = tmp_path / "staged.py"
+  config.write_text(textwrap.dedent(f"""
+      import sys
+      sys.path.insert(0, {str(ROOT)!r})
+      from configs import smoke
+      SMALL = {SMALL!r}
+      TEACHER = dict(SMALL, vision_width=64, vision_layers=2, text_width=64, text_layers=2)
+
+      def get_config():
+        c = smoke.get_config()
+        c.eval.kind, c.total_steps, c.checkpoint_every, c.log_every = "", 6, 2, 1
+        c.teacher.custom.update(TEACHER)
+        c.student.custom.update(TEACHER)
+        c.masks.enabled = True
+        c.masks.update(dict(start_sparsity=0.0, target_sparsity=0.4, sparsity_warmup=2,
+                            prune_step=3, lr=0.5))
+        c.stages = ({{"name": "auto"}},
+                    {{"name": "manual", "total_steps": 2, "masks": {{"enabled": False}},
+                      "student": {{"init": "inherit", "custom": SMALL}}}})
+        return c
+  """))
+  workdir = tmp_path / "run"
+  args = [f"--config={config}", f"--workdir={workdir}"]
+  _kill_and_resume(args, str(workdir),
+                   ["kill_at_step:3@masked", "kill_at_step:5@pruned", "term_at_step:1@1_manual"],
+                   {"0_auto": [1, 2, 3, 4, 5, 6], "1_manual": [1, 2]})
+  for stage in ("0_auto", "1_manual"):
+    assert (workdir / stage / "stage_done.json").exists()
+    assert (workdir / stage / "final").is_dir()
+  # The SIGTERM saved stage 1's step 1 (its checkpoints are every 2 steps).
+  assert (workdir / "1_manual" / "checkpoints" / "1").is_dir()
+
+
+@pytest.mark.xdist_group("plan_kill_demo")
+def test_demo_resumes_after_a_kill_in_every_stage(tmp_path):
+  workdir = tmp_path / "demo"
+  args = ["--config=configs/demo.py", f"--workdir={workdir}", "--config.demo.teacher_steps=4",
+          "--config.total_steps=4", "--config.batch_size=16", "--config.log_every=1",
+          "--config.eval_every=2", "--config.checkpoint_every=2",
+          "--config.eval.num_examples=32", "--config.eval.batch_size=32",
+          "--config.teacher.custom.vision_width=64", "--config.teacher.custom.text_width=64",
+          "--config.teacher.custom.vision_layers=2", "--config.teacher.custom.text_layers=2",
+          "--config.student.custom.vision_width=32", "--config.student.custom.text_width=32",
+          "--config.student.custom.vision_layers=1", "--config.student.custom.text_layers=1"]
+  _kill_and_resume(args, str(workdir),
+                   ["kill_at_step:3@teacher", "kill_at_step:3@distilled",
+                    "kill_at_step:3@scratch"],
+                   {f"{k}_{n}": [1, 2, 3, 4]
+                    for k, n in enumerate(("teacher", "distilled", "scratch"))})
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert [h["step"] for h in summary["history"]["distilled"]] == [2, 4]
+  assert set(summary["seconds"]) >= {"teacher", "distilled", "scratch"}
