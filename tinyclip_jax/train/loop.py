@@ -256,6 +256,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if setup.masking is not None and not preempted:
       params, cfg, gates = masking.prune_state(state.params, student_cfg, state.masks,
                                                setup.masking)
+      masking.check_pruned(config, cfg, setup.mesh)  # before the pruned phase compiles
       masking.write_structure(workdir, step, student_cfg, "pruned", gates, count_params(params))
       # The teacher stays on device: loading it again would hold two copies at once.
       setup, state = prepare.build(config, restoring=False,

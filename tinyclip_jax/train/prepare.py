@@ -113,10 +113,10 @@ def _check_compatible(teacher: CLIPConfig, student: CLIPConfig) -> None:
                        "student must see the same images and tokens.")
 
 
-def _shardings(config: CLIPConfig, mesh):
-  shapes = param_shapes(config)
-  return parallel.fit_shardings(parallel.logical_to_sharding(logical_axes(config), mesh),
-                                shapes), shapes
+def _shardings(config: CLIPConfig, mesh, mesh_config, what: str):
+  shapes, asked = param_shapes(config), parallel.logical_to_sharding(logical_axes(config), mesh)
+  parallel.guard(asked, shapes, mesh, mesh_config, what)  # what fit_shardings will replicate
+  return parallel.fit_shardings(asked, shapes), shapes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,7 +211,7 @@ def build(config: ml_collections.ConfigDict, restoring: bool,
   dtype = PRECISIONS[config.precision]
   # Student weights = params + BatchNorm running statistics (ResNets); the state keeps
   # them apart so the optimizer sees the params alone.
-  w_shard, w_shapes = _shardings(student_cfg, mesh)
+  w_shard, w_shapes = _shardings(student_cfg, mesh, config.mesh, "student")
   (s_shard, bs_shard), (s_shapes, bs_shapes) = split_stats(w_shard), split_stats(w_shapes)
   tx = state_lib.make_optimizer(config.optimizer, config.total_steps, config.max_nonfinite + 2,
                                 warmup, model_config=student_cfg)
@@ -235,7 +235,7 @@ def build(config: ml_collections.ConfigDict, restoring: bool,
     t_params, t_shard = teacher_from.teacher_params, teacher_from.teacher_shardings
     cache = teacher_from.teacher_cache
   elif teacher_cfg is not None:
-    t_shard, _ = _shardings(teacher_cfg, mesh)
+    t_shard, _ = _shardings(teacher_cfg, mesh, config.mesh, "teacher")
     if teacher_host is None:  # a zoo teacher with random weights (smoke runs, benchmarks)
       logging.warning("the teacher has random weights (teacher.checkpoint is empty); for a "
                       "real distillation convert one and pass --config.teacher.checkpoint=DIR")
