@@ -113,11 +113,13 @@ def fit_shardings(shardings, shapes):
   return jax.tree.map(fit, shardings, shapes)
 
 
+def _mesh_names(axes) -> tuple[str, ...]:
+  return (axes,) if isinstance(axes, str) else tuple(axes or ())
+
+
 def axis_size(logical: str, sizes: dict[str, int], rules=RULES) -> int:
   """Devices a dimension of logical axis `logical` is split over (1 if unsharded)."""
-  axes = dict(rules).get(logical)
-  names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-  return math.prod(int(sizes[n]) for n in names)
+  return math.prod(int(sizes[n]) for n in _mesh_names(dict(rules).get(logical)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,10 +141,6 @@ class ReplicationReport:
   @property
   def fraction(self) -> float:
     return self.replicated_bytes / self.total_bytes if self.total_bytes else 0.0
-
-
-def _mesh_names(axes) -> tuple[str, ...]:
-  return (axes,) if isinstance(axes, str) else tuple(axes or ())
 
 
 def replication_report(shardings, shapes, mesh: Mesh) -> ReplicationReport:

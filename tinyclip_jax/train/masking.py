@@ -34,7 +34,8 @@ class MaskTraining:
 
 
 def check(config: ml_collections.ConfigDict, error) -> None:
-  """Field checks of config.masks; `error` is the exception class to raise."""
+  """Field checks of config.masks and of the replication guard's fields (mesh.replication,
+  mesh.max_replicated_fraction, masks.round_to); `error` is the exception class to raise."""
   m = config.masks
   try:
     parallel.check_policy(config.mesh.get("replication", "warn"),
