@@ -5,6 +5,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -176,6 +177,18 @@ def test_round_to_takes_the_mesh_axis_each_kind_is_sharded_over(caplog):
   assert "masks.round_to=-1" in caplog.text  # warned at setup: widths known at the prune
   with pytest.raises(ValueError, match="masks.round_to -2 is invalid"):
     masking.check(masked_config(-2), ValueError)
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("replication", "stop", "mesh.replication 'stop' is unknown"),
+    ("max_replicated_fraction", 1.5, "must lie in [0, 1]"),
+])
+def test_bad_guard_fields_fail_validation(field, value, words):
+  from tinyclip_jax.train import prepare  # pylint: disable=import-outside-toplevel
+  c = smoke.get_config()
+  c.mesh[field] = value
+  with pytest.raises(prepare.SetupError, match=re.escape(words)):
+    prepare.validate(c)
 
 
 def test_the_prune_step_check_names_round_to():
