@@ -34,6 +34,8 @@ LOGA_MIN, LOGA_MAX = math.log(1e-2), math.log(1e2)
 INIT_LAMBDA = 10.0
 
 KINDS = ("hidden", "heads", "intermediate", "layer")
+# The logical axis (parallel.RULES) a kind's kept units form in the pruned weights.
+KIND_AXES = {"hidden": "embed", "heads": "heads", "intermediate": "mlp"}
 TOWERS = {"visual": "vision", "text": "text"}  # param key → CLIPConfig field
 
 
@@ -72,22 +74,40 @@ def uniform_noise(rng, logas):
   ])
 
 
-def _deterministic_rows(loga, valid):
-  """Per row: σ(log α/β·0.8), with round(size - Σ P(z≠0)) smallest entries set to 0.
+def round_kept(kept, size, multiple: int):
+  """`kept` units to the nearest multiple of `multiple` (ties up), a nonzero count
+  never down to 0 and at most the largest multiple ≤ `size`; unchanged where even
+  one multiple exceeds `size` (such a dim cannot be sharded anyway)."""
+  if multiple <= 1:
+    return kept
+  top = (size // multiple) * multiple
+  near = jnp.floor(kept / multiple + 0.5) * multiple
+  near = jnp.minimum(jnp.where((near == 0) & (kept > 0), multiple, near), top)
+  return jnp.where(top == 0, kept, near)
+
+
+def _deterministic_rows(loga, valid, multiple: int = 1):
+  """Per row: σ(log α/β·0.8), with round(size - Σ P(z≠0)) smallest entries set to 0
+  — fewer or more so the kept count is a multiple of `multiple` (round_kept).
 
   `round` is half-to-even in both Python (the reference) and jnp."""
   soft = jax.nn.sigmoid(loga / TEMPERATURE * MAGICAL_NUMBER)
   size = valid.sum(-1, keepdims=True)
   expected = jnp.where(valid, keep_prob(loga), 0.0).sum(-1, keepdims=True)
-  num_zeros = jnp.round(size - expected)
+  num_zeros = size - round_kept(size - jnp.round(size - expected), size, multiple)
   # Rank the valid entries by score (invalid ones rank last and are zeroed anyway).
   rank = jnp.argsort(jnp.argsort(jnp.where(valid, soft, jnp.inf), axis=-1), axis=-1)
   return jnp.where(valid & (rank >= num_zeros), soft, 0.0)
 
 
-def deterministic_gates(logas: Mapping, valid: Mapping) -> dict:
+def deterministic_gates(logas: Mapping, valid: Mapping,
+                        multiples: Mapping[str, int] | None = None) -> dict:
   """Evaluation gates for every tower: rows per layer for heads/intermediate, one
-  vector for hidden, and each layer's mha/ffn gate on its own (size 1)."""
+  vector for hidden, and each layer's mha/ffn gate on its own (size 1).
+
+  `multiples` {kind: m}: the kept count of each row of that kind is rounded to a
+  multiple of m (round_kept) by opening or closing the gates next in score order, so
+  the highest-scoring units are the ones kept (masks.round_to)."""
   out = {}
   for tower, kinds in logas.items():
     out[tower] = {}
@@ -96,7 +116,7 @@ def deterministic_gates(logas: Mapping, valid: Mapping) -> dict:
       if kind in ("mha", "ffn"):
         z = _deterministic_rows(loga[:, None], v[:, None])[:, 0]
       else:
-        z = _deterministic_rows(loga, v)
+        z = _deterministic_rows(loga, v, int((multiples or {}).get(kind, 1)))
       out[tower][kind] = z
   return out
 

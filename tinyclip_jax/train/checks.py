@@ -105,8 +105,11 @@ def compatible(teacher: CLIPConfig, student: CLIPConfig) -> None:
                        "student must see the same images and tokens.")
 
 
-def shardings(config: CLIPConfig, mesh, what: str = "student"):
-  """The parameters' shardings, derived from their logical axes and shapes."""
-  del what  # names the model in the replication report
-  return parallel.fit_shardings(parallel.logical_to_sharding(logical_axes(config), mesh),
-                                param_shapes(config))
+def shardings(config: CLIPConfig, mesh, mesh_config=None, what: str = "student"):
+  """The parameters' shardings, derived from their logical axes and shapes; with
+  `mesh_config` (config.mesh), the guard against silent replication reports (and per
+  mesh.replication warns or stops on) what the mesh does not divide."""
+  shapes, asked = param_shapes(config), parallel.logical_to_sharding(logical_axes(config), mesh)
+  if mesh_config is not None:
+    parallel.guard(asked, shapes, mesh, mesh_config, what)  # what fit_shardings replicates
+  return parallel.fit_shardings(asked, shapes)

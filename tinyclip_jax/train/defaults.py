@@ -87,6 +87,11 @@ def base_config() -> ml_collections.ConfigDict:
       "joint": False,            # one sparsity over both towers (λs averaged)
       "lr": 0.02,                # Adam on log α
       "lambda_lr": -0.02,        # Adam ascent on λ₁, λ₂
+      # Round the kept hidden width, heads and MLP units (per layer) to a multiple, so
+      # the pruned model shards: 0 = off, -1 = the size of the mesh axis each is
+      # sharded over (hidden: fsdp; heads, MLP: tensor), N > 0 = a multiple of N. The
+      # highest-scoring gates are kept; an int field (-1 as mesh.*'s "from the devices").
+      "round_to": 0,
   })
   # Progressive stages: a tuple of ConfigDicts, each overriding fields of this
   # config (plus `name` and `from_stage`); stage k starts from stage from_stage's
@@ -98,7 +103,16 @@ def base_config() -> ml_collections.ConfigDict:
   # (process 0; open with TensorBoard's profile plugin or Perfetto). 0 = off.
   c.profile = ml_collections.ConfigDict({"start_step": 0, "num_steps": 0})
 
-  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  c.mesh = ml_collections.ConfigDict({
+      "data": -1, "fsdp": 1, "tensor": 1,
+      # Parameters whose dims the mesh does not divide are replicated (parallel.py);
+      # at setup and at the prune step a run reports them, and past this fraction of
+      # the parameter bytes it warns, or stops with replication='error'. 0.05: a model
+      # the mesh divides reports 0, non-dividing biases and norms stay under 1%,
+      # while one non-dividing width replicates whole matrices (a third or more).
+      "max_replicated_fraction": 0.05,
+      "replication": "warn",
+  })
   c.precision = "float32"      # compute dtype: "float32" or "bfloat16"
   c.remat = False
 

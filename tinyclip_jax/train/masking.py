@@ -20,7 +20,8 @@ from absl import logging
 from tinyclip_jax import parallel
 from tinyclip_jax.inherit import masks as masks_lib
 from tinyclip_jax.inherit import prune as prune_lib
-from tinyclip_jax.models import CLIPConfig, count_params
+from tinyclip_jax.models import CLIPConfig, count_params, param_shapes
+from tinyclip_jax.models.clip import logical_axes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,11 +30,22 @@ class MaskTraining:
   valid: dict  # which gates exist (numpy bools)
   tx: Any  # optax transform of {"logas", "lambdas"}
   terms: Callable  # (logas, lambdas, step) -> (lagrangian, metrics)
+  multiples: dict = dataclasses.field(default_factory=dict)  # {kind: m}: masks.round_to
 
 
 def check(config: ml_collections.ConfigDict, error) -> None:
-  """Field checks of config.masks; `error` is the exception class to raise."""
+  """Field checks of config.masks and of the replication guard's fields (mesh.replication,
+  mesh.max_replicated_fraction, masks.round_to); `error` is the exception class to raise."""
   m = config.masks
+  try:
+    parallel.check_policy(config.mesh.get("replication", "warn"),
+                          config.mesh.get("max_replicated_fraction",
+                                          parallel.MAX_REPLICATED_FRACTION))
+  except ValueError as e:
+    raise error(str(e)) from e
+  if int(m.get("round_to", 0)) < -1:
+    raise error(f"masks.round_to {m.round_to} is invalid; use 0 (off), -1 (the size of the mesh "
+                "axis each width is sharded over) or a positive multiple.")
   if not m.enabled:
     return
   towers = tuple(m.towers)
@@ -61,10 +73,9 @@ def check(config: ml_collections.ConfigDict, error) -> None:
         f"masks.prune_step {m.prune_step} must be in [1, total_steps={config.total_steps}].")
 
 
-def make(m: ml_collections.ConfigDict, seed: int, student: CLIPConfig, reference: CLIPConfig,
-         tx):
-  """(MaskTraining, initial mask state) for a student masked per `m` (config.masks)
-  against `reference`."""
+def make(config: ml_collections.ConfigDict, student: CLIPConfig, reference: CLIPConfig, tx):
+  """(MaskTraining, initial mask state) for a student masked against `reference`."""
+  m = config.masks
   towers = tuple(m.towers)
   valid = masks_lib.model_valid(student, towers, m.kinds)
   start, target, warmup, joint = (float(m.start_sparsity), float(m.target_sparsity),
@@ -75,14 +86,46 @@ def make(m: ml_collections.ConfigDict, seed: int, student: CLIPConfig, reference
                                     warmup, joint)
 
   state = {"logas": masks_lib.init_logas(valid), "lambdas": masks_lib.init_lambdas(towers)}
-  rng = jax.random.fold_in(jax.random.key(seed), 0x6d61736b)  # "mask"
-  return MaskTraining(rng, valid, tx, terms), state
+  rng = jax.random.fold_in(jax.random.key(config.seed), 0x6d61736b)  # "mask"
+  return MaskTraining(rng, valid, tx, terms, round_multiples(config)), state
+
+
+def round_multiples(config: ml_collections.ConfigDict) -> dict[str, int]:
+  """{kind: multiple} the prune rounds each masked kind's kept units to (masks.round_to).
+
+  Without rounding on a mesh that shards a masked kind, warns now: the pruned widths
+  are only known at the prune step, and any the mesh does not divide are replicated."""
+  m, round_to = config.masks, int(config.masks.get("round_to", 0))
+  sizes = dict(zip(parallel.MESH_AXES,
+                   parallel.mesh_shape(config.mesh.to_dict(), jax.device_count())))
+  kinds = [k for k in m.kinds if k in masks_lib.KIND_AXES]
+  by_mesh = {k: parallel.axis_size(masks_lib.KIND_AXES[k], sizes) for k in kinds}
+  if round_to == 0:
+    sharded = [k for k in kinds if by_mesh[k] > 1]
+    if sharded:
+      logging.warning("the mesh shards the masked %s; their pruned widths are only known at "
+                      "masks.prune_step, and any the mesh does not divide will be replicated; "
+                      "set masks.round_to=-1 to round them to the mesh.", ", ".join(sharded))
+    return {}
+  return by_mesh if round_to == -1 else {k: round_to for k in kinds}
+
+
+def check_pruned(config: ml_collections.ConfigDict, pruned: CLIPConfig, mesh) -> str:
+  """The replication guard on the pruned student, at the prune step: before the
+  pruned phase compiles (warns, or raises parallel.ReplicationError)."""
+  shardings = parallel.logical_to_sharding(logical_axes(pruned), mesh)
+  fix = ("set masks.round_to=-1 (the mesh's axis sizes) and resume, so the prune keeps widths "
+         "the mesh divides") if not config.masks.get("round_to", 0) else (
+             "choose a masks.round_to the mesh axes divide")
+  return parallel.guard(shardings, param_shapes(pruned), mesh, config.mesh,
+                        "the pruned student", fix)
 
 
 def prune_state(params, student: CLIPConfig, mask_state, training: MaskTraining):
   """Host-side prune with the deterministic gates → (params, config, gates)."""
   logas = parallel.host_gather(mask_state["logas"])
-  gates = jax.tree.map(np.asarray, masks_lib.deterministic_gates(logas, training.valid))
+  gates = jax.tree.map(np.asarray, masks_lib.deterministic_gates(logas, training.valid,
+                                                                 training.multiples))
   host = parallel.host_gather(params)
   pruned, cfg = prune_lib.prune(host, student, gates)
   logging.info("pruned the student: %d → %d params; vision %s, text %s", count_params(host),

@@ -68,8 +68,10 @@ def inherit_source(config, teacher: teacher_lib.Teacher | None, student_cfg: CLI
 
 
 def setup(config, mesh, teacher: teacher_lib.Teacher | None, student_cfg: CLIPConfig,
-          masks: bool = False) -> Setup:
-  """One phase's optimizer, schedule, shardings and abstract train state."""
+          masks: bool = False, guard: bool = True) -> Setup:
+  """One phase's optimizer, schedule, shardings and abstract train state. `guard`: check
+  the student's shardings against silent replication (off where the caller already
+  did, e.g. masking.check_pruned at the prune step)."""
   if config.microbatch_size and uses_batch_norm(student_cfg):
     raise SetupError(f"microbatch_size {config.microbatch_size} (gradient caching) cannot train "
                      "a BatchNorm (ResNet) student, whose statistics must come from the whole "
@@ -85,14 +87,14 @@ def setup(config, mesh, teacher: teacher_lib.Teacher | None, student_cfg: CLIPCo
     mask_tx = state_lib.make_mask_optimizer(config.masks, config.optimizer)
     try:
       mask_training, mask_state = masking.make(
-          config.masks, config.seed, student_cfg, teacher.config if teacher else student_cfg, mask_tx)
+          config, student_cfg, teacher.config if teacher else student_cfg, mask_tx)
     except ValueError as e:
       raise SetupError(str(e)) from e
   # Both phases of automatic inheritance warm up over the masked phase.
   warmup = config.masks.prune_step if config.masks.enabled else None
   # Student weights = params + BatchNorm running statistics (ResNets); the state keeps
   # them apart so the optimizer sees the params alone.
-  w_shard = checks.shardings(student_cfg, mesh, "student")
+  w_shard = checks.shardings(student_cfg, mesh, config.mesh if guard else None, "student")
   (s_shard, bs_shard), (s_shapes, bs_shapes) = (split_stats(w_shard),
                                                 split_stats(param_shapes(student_cfg)))
   tx = state_lib.make_optimizer(config.optimizer, config.total_steps, config.max_nonfinite + 2,
@@ -159,7 +161,7 @@ def build(config: ml_collections.ConfigDict, restoring: bool = False,
     teacher_cfg, student_cfg = model_configs
     teacher, host = None, None
     if teacher_cfg is not None:
-      shardings = checks.shardings(teacher_cfg, mesh, "teacher")
+      shardings = checks.shardings(teacher_cfg, mesh, config.mesh, "teacher")
       teacher = teacher_lib.Teacher(teacher_cfg, jax.jit(
           lambda r: init_params(teacher_cfg, r), out_shardings=shardings)(
               jax.random.split(jax.random.key(config.seed))[0]), shardings)

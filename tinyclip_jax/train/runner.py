@@ -38,7 +38,8 @@ class _Teachers:
     if key not in self.loaded:
       path = config.teacher.checkpoint.rstrip("/")
       if path in self.exported and not config.teacher.cache:
-        self.loaded[key] = teacher_lib.from_params(*self.exported[path][::-1], mesh)
+        self.loaded[key] = teacher_lib.from_params(*self.exported[path][::-1], mesh,
+                                                    config.mesh)
       else:
         self.loaded[key] = teacher_lib.load(config, mesh)
     return self.loaded[key]
@@ -75,7 +76,10 @@ def _stage(phases: list[plan_lib.Phase], teachers: _Teachers, meshes: dict,
         cfg, host = ((CLIPConfig.from_dict(latest_model), None) if resuming else carry[:2])
       else:
         host, cfg = prepare.student_config(config, teacher)
-      setup = prepare.setup(config, mesh, teacher, cfg, masks=phase.masks)
+      if phase.start == "prune":  # the replication guard, with the fix that applies here
+        masking.check_pruned(config, cfg, mesh)
+      setup = prepare.setup(config, mesh, teacher, cfg, masks=phase.masks,
+                            guard=phase.start != "prune")
       if resuming:
         step, state, data_state = checkpoint.restore_latest(mgr, setup.abstract_state)
         start = loop.Start(step, state, data_state)

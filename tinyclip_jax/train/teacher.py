@@ -44,7 +44,7 @@ def load(config, mesh) -> Teacher | None:
     cfg = checks.model_config(config.teacher, "teacher")
   else:
     return None
-  shardings = checks.shardings(cfg, mesh, "teacher")
+  shardings = checks.shardings(cfg, mesh, config.mesh, "teacher")
   if host is None:
     logging.warning("the teacher has random weights (teacher.checkpoint is empty); for a "
                     "real distillation convert one and pass --config.teacher.checkpoint=DIR")
@@ -58,9 +58,9 @@ def load(config, mesh) -> Teacher | None:
   return teacher
 
 
-def from_params(cfg: CLIPConfig, params, mesh) -> Teacher:
+def from_params(cfg: CLIPConfig, params, mesh, mesh_config=None) -> Teacher:
   """A teacher an earlier phase trained (its export is on disk too)."""
-  shardings = checks.shardings(cfg, mesh, "teacher")
+  shardings = checks.shardings(cfg, mesh, mesh_config, "teacher")
   return Teacher(cfg, jax.device_put(params, shardings), shardings)
 
 
