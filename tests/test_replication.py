@@ -225,13 +225,13 @@ def test_a_run_stops_at_the_prune_step_before_training_a_replicated_student(tmp_
   run stops before the pruned phase is built or compiled, with no checkpoint past the
   masked phase's (a resume with masks.round_to=-1 redoes the prune step)."""
   from test_auto_inherit import auto_config  # pylint: disable=import-outside-toplevel
-  from tinyclip_jax.train import loop  # pylint: disable=import-outside-toplevel
+  from tinyclip_jax.train import runner  # pylint: disable=import-outside-toplevel
   from test_train import mesh_on  # pylint: disable=import-outside-toplevel
   c = auto_config()
   c.mesh.update(data=-1, fsdp=2, tensor=2, replication="error", max_replicated_fraction=0.0)
   with pytest.MonkeyPatch.context() as mp, pytest.raises(
       parallel.ReplicationError, match="the pruned student: .*masks.round_to=-1"):
     mesh_on(mp, jax.devices()[:4])  # 4 devices compile faster than 8
-    loop.run(c, str(tmp_path))
+    runner.run(c, str(tmp_path))
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
   assert not (tmp_path / "export").exists()
