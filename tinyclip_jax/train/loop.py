@@ -17,9 +17,9 @@ import numpy as np
 from absl import logging
 from clu import periodic_actions
 
-from tinyclip_jax import checkpoint, evaluate, metrics as metrics_lib, parallel
+from tinyclip_jax import checkpoint, metrics as metrics_lib, parallel
 from tinyclip_jax.data import pipeline, teacher_cache, text_buckets
-from tinyclip_jax.eval import tasks as eval_tasks
+from tinyclip_jax.eval import suite as eval_suite
 from tinyclip_jax.models import CLIP, CLIPConfig, count_params, merge_stats
 from tinyclip_jax.train import masking, prepare, profiling
 from tinyclip_jax.train.step import make_train_step
@@ -64,8 +64,7 @@ class _Run:
   mgr: Any
   writer: Any
   batches: Any
-  eval_task: Any
-  suite: list
+  suite: eval_suite.Suite
   config_json: dict
   evals: list
   last: dict
@@ -105,20 +104,12 @@ def _evaluate(run: _Run, setup, state, step: int) -> dict:
   """Zero-shot / retrieval evals of the student; in the masked phase, of the model the
   current deterministic gates prune to (which equals the masked model), plus its
   structure. Results also go to WORKDIR/evals/step_N.json."""
-  cfg, params, ev = setup.student_config, merge_stats(state.params, state.batch_stats), {}
+  cfg, params = setup.student_config, merge_stats(state.params, state.batch_stats)
   if setup.masking is not None:
     params, pruned_cfg, gates = masking.prune_state(params, cfg, state.masks, setup.masking)
     masking.write_structure(run.workdir, step, cfg, "masked", gates, count_params(params))
     cfg = pruned_cfg
-  c = run.config.eval
-  if run.eval_task is not None:
-    ev = evaluate.zeroshot(cfg, params, run.eval_task, c.batch_size)
-  for t in run.suite:
-    ev.update({f"{t}/{k}": v for k, v in eval_tasks.run(
-        t, cfg, params, data_dir=c.data_dir, batch=c.batch_size, max_examples=c.max_examples,
-        mesh=setup.mesh).items()})
-  eval_tasks.write_result(run.workdir, step, ev)
-  return ev
+  return run.suite.run(cfg, params, setup.mesh, step)
 
 
 def _train(run: _Run, setup, state, start: int, end: int) -> tuple[Any, int, bool]:
@@ -145,8 +136,7 @@ def _train(run: _Run, setup, state, start: int, end: int) -> tuple[Any, int, boo
     prev_metrics = m
     progress(step)
     final = step == config.total_steps
-    do_eval = (run.eval_task is not None or run.suite) and (step % config.eval_every == 0 or
-                                                            final)
+    do_eval = bool(run.suite.tasks) and (step % config.eval_every == 0 or final)
     masked_end = setup.masking is not None and step == end
     do_save = not masked_end and (step % config.checkpoint_every == 0 or final or
                                   run.mgr.reached_preemption(step))
@@ -217,10 +207,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       metrics_lib.truncate_jsonl(jsonl, start)
     logging.info("resumed from step %d in %s", start, workdir)
 
-  eval_task = None
-  if config.eval.kind:
-    eval_task = evaluate.load_task(config.eval.kind, student_cfg.vision.image_size,
-                                   config.eval.num_examples)
+  suite = eval_suite.Suite(config.eval, student_cfg.vision.image_size, workdir)
   if setup.teacher_cache:
     path, manifest = setup.teacher_cache
     data = teacher_cache.CachedTeacher(data, teacher_cache.Reader(path, manifest), start,
@@ -248,8 +235,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     writer = metrics_lib.create_writer(workdir)
     if start == 0:
       writer.write_hparams({k: str(v) for k, v in config.to_dict().items()})
-    run_ = _Run(config, workdir, mgr, writer, batches, eval_task,
-                eval_tasks.task_list(config.eval.tasks), json.loads(config.to_json_best_effort()),
+    run_ = _Run(config, workdir, mgr, writer, batches, suite,
+                json.loads(config.to_json_best_effort()),
                 [], {}, monitor=monitor)
     end = config.masks.prune_step if setup.masking is not None else config.total_steps
     state, step, preempted = _train(run_, setup, state, start, end)
