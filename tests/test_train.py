@@ -324,6 +324,16 @@ def test_unknown_config_field_cli(flag, words, tmp_path):
   assert time.time() - t0 < 60
 
 
+def test_retired_eval_kind_cli(tmp_path):
+  workdir = tmp_path / "run"
+  p = cli(workdir, "--config.eval.kind=synthetic")
+  _, stderr = p.communicate(timeout=120)
+  assert p.returncode == 2, stderr[-3000:]
+  assert_one_sentence(stderr, "--config.eval.kind", "eval.kind is gone", "list the periodic "
+                      "evaluations in eval.tasks", "eval.tasks='synthetic'")
+  assert not workdir.exists()
+
+
 def test_impossible_mesh_cli(tmp_path):
   workdir = tmp_path / "run"
   t0 = time.time()
