@@ -33,7 +33,7 @@ SMALL = dict(TEACHER, vision_width=32, vision_layers=1, text_width=32, text_laye
 
 
 def auto_config(**masks):
-  c = smoke_config({"eval.kind": "", "total_steps": 6, "checkpoint_every": 2, "log_every": 1})
+  c = smoke_config({"eval.tasks": "", "total_steps": 6, "checkpoint_every": 2, "log_every": 1})
   c.teacher.custom.update(TEACHER)
   c.student.custom.update(TEACHER)        # a copy of the teacher, then masked
   c.masks.enabled = True
@@ -134,7 +134,7 @@ def test_resume_after_the_prune_step_rebuilds_the_pruned_student(staged, tmp_pat
 
 
 def _manual(custom):
-  c = smoke_config({"eval.kind": ""})
+  c = smoke_config({"eval.tasks": ""})
   c.student.custom.update(custom)
   return c
 

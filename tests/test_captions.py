@@ -9,7 +9,7 @@ from tinyclip_jax import model_io
 from tinyclip_jax.data import make_shards, pipeline
 from tinyclip_jax.data.captions import split_lines
 from tinyclip_jax.embed import load_texts, main
-from tinyclip_jax.eval import tasks
+from tinyclip_jax.eval import retrieval
 from tinyclip_jax.models import CLIPConfig, param_shapes, text_tower, vision_tower
 from tinyclip_jax.train import defaults
 
@@ -59,7 +59,7 @@ def test_eval_wds_captions_one_per_line(tmp_path):
     parts["txt"] = text_file(caps, ["\n", "\r\n"]).encode("utf-8")
     items.append((key, parts))
   make_shards.write_tar(str(tmp_path / "00000.tar"), items)
-  got = [caps for _, caps in tasks.wds_pairs(f"{tmp_path}/00000.tar")]
+  got = [caps for _, caps in retrieval.wds_pairs(f"{tmp_path}/00000.tar")]
   assert got == sets
 
 

@@ -20,9 +20,10 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from torch_reference import CLIP as TorchCLIP  # noqa: E402
-from tinyclip_jax import evaluate, model_io, tokenizer  # noqa: E402
+from tinyclip_jax import model_io, tokenizer  # noqa: E402
 from tinyclip_jax.convert import flatten, from_openai  # noqa: E402
 from tinyclip_jax.convert.__main__ import main  # noqa: E402
+from tinyclip_jax.eval import encode  # noqa: E402
 from tinyclip_jax.convert.io import read_state_dict, write_safetensors_atomic  # noqa: E402
 from tinyclip_jax.models import CLIPConfig, text_tower, vision_tower  # noqa: E402
 from tinyclip_jax.preprocess import normalize  # noqa: E402
@@ -138,7 +139,7 @@ def test_flax_hf_flax_and_transformers_loads_it(work, tmp_path):
   pixels = np.random.RandomState(0).randint(0, 256, (2, 32, 32, 3)).astype(np.uint8)
   labels = ["a diagram", "a dog", "a cat"]
   texts = [f"This is a photo of {label}." for label in labels]  # the pipeline's template
-  image_fn, text_fn = evaluate.encoders(CFG, work.params)
+  image_fn, text_fn = encode.encoders(CFG, work.params)
   img = np.asarray(image_fn(normalize(pixels)))
   txt = np.asarray(text_fn(tokenizer.tokenize(texts, 77)))
 

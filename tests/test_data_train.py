@@ -34,7 +34,6 @@ def config(pattern, steps):
       "log_every": 2,
       "checkpoint_every": 2,
       "eval_every": 2,
-      "eval.kind": "",
       "eval.tasks": f"wds:{pattern}",
       "eval.max_examples": 16,
       "eval.batch_size": 16

@@ -1,5 +1,5 @@
 """One image → one tensor: the training reader (tf.data, `decode.decode_tf`) and the
-evaluation/embedding path (`preprocess.load_image`, `eval.tasks.decode`) decode every
+evaluation/embedding path (`preprocess.load_image`, `eval.encode.decode`) decode every
 mode PIL writes in JPEG, PNG and WebP (and GIF, BMP) to the same uint8 pixels, and
 those are the rule applied by hand here: the source pixels for lossless files (16-bit
 → high byte, alpha dropped, palette looked up), PIL's own decode + convert("RGB")
@@ -14,7 +14,7 @@ from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
 from tinyclip_jax import embed, preprocess
 from tinyclip_jax.data import decode, make_shards, pipeline, sharded
-from tinyclip_jax.eval import tasks
+from tinyclip_jax.eval import encode as eval_encode
 from tinyclip_jax.train import defaults
 
 S = 32  # square sources: the identity crop in the end-to-end check needs them
@@ -196,7 +196,7 @@ def test_embed_and_eval_read_the_same_pixels(tmp_path):
   _, load = embed.image_source(str(tmp_path), S)
   want = np.stack([preprocess.normalize(CASES[f.rsplit(".", 1)[0]][1]) for f in files])
   np.testing.assert_allclose(load(0, len(files)), want, rtol=0, atol=1e-6)
-  evaluated = tasks.decode([CASES[n][0] for n in names], S)
+  evaluated = eval_encode.decode([CASES[n][0] for n in names], S)
   np.testing.assert_allclose(evaluated, np.stack([preprocess.normalize(CASES[n][1])
                                                   for n in names]), rtol=0, atol=1e-6)
 

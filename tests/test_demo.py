@@ -3,7 +3,10 @@ import json
 import os
 import sys
 
+import pytest
+
 from tinyclip_jax import demo, model_io
+from tinyclip_jax.train import prepare
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from configs import demo as demo_config  # noqa: E402
@@ -41,3 +44,11 @@ def test_reached_at():
   assert demo.reached_at(hist, 0.25) == 20
   assert demo.reached_at(hist, 0.1) == 10
   assert demo.reached_at(hist, 0.5) is None
+
+
+def test_demo_needs_the_synthetic_task(tmp_path):
+  c = demo_config.get_config()
+  c.eval.tasks = "cifar10"
+  with pytest.raises(prepare.SetupError, match="eval.tasks 'cifar10': .* keep 'synthetic' in it"):
+    demo.run(c, str(tmp_path / "demo"))
+  assert not (tmp_path / "demo").exists()

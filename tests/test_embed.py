@@ -8,9 +8,10 @@ import torch
 from PIL import Image
 
 from torch_reference import CLIP as TorchCLIP
-from tinyclip_jax import evaluate, model_io
+from tinyclip_jax import model_io
 from tinyclip_jax.convert import from_openai
 from tinyclip_jax.embed import main
+from tinyclip_jax.eval import encode
 from tinyclip_jax.models import CLIPConfig, text_tower, vision_tower
 from tinyclip_jax.preprocess import (CLIP_MEAN, CLIP_STD, center_crop_box, load_image, normalize,
                                      resized_size)
@@ -107,7 +108,7 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(checkpoint):
-  return evaluate.encoders(CFG, checkpoint[1])
+  return encode.encoders(CFG, checkpoint[1])
 
 
 def test_embed_image_folder_and_captions(checkpoint, reference, tmp_path):

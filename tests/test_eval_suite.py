@@ -1,9 +1,11 @@
 """Evaluation suite: recall@k against open_clip's torch computation, zero-shot and
 retrieval on local TFDS datasets under their real names against a torch spelling of
-CLIP's recipe, the same numbers sharded over 8 devices, the CLI, bad task names."""
+CLIP's recipe, the same numbers sharded over 8 devices, the training suite, the CLI,
+bad task names and the retired eval.kind."""
 import json
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -12,9 +14,11 @@ from PIL import Image
 
 import tfds_fixtures
 from tinyclip_jax import evaluate, model_io, parallel, preprocess, tokenizer
-from tinyclip_jax.data import make_shards, shards
-from tinyclip_jax.eval import metadata, retrieval, tasks
+from tinyclip_jax.data import make_shards, shards, synthetic
+from tinyclip_jax.eval import encode, metadata, retrieval, tasks
+from tinyclip_jax.eval import suite as eval_suite
 from tinyclip_jax.models import CLIPConfig, init_params, text_tower, vision_tower
+from tinyclip_jax.train import defaults, prepare
 
 CFG = CLIPConfig(16, vision_tower(32, 1, 8, image_size=32, head_dim=16),
                  text_tower(32, 1, head_dim=16, context_length=32))
@@ -94,28 +98,77 @@ def clip_preprocessed(data_dir, name, n=None):
           for ex in ds.as_numpy_iterator()][:n]
 
 
-def test_zeroshot_cifar10_matches_torch(data_dir, model):
-  params, _ = model  # batches of 12 over the 8 devices: rounded up to 16 rows
-  mesh = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-  ours = tasks.run("cifar10", CFG, params, data_dir=data_dir, batch=12, mesh=mesh)
-  enc_img, enc_txt = evaluate.encoders(CFG, params)
-  rows = clip_preprocessed(data_dir, "cifar10")
-  image_emb = torch.tensor(np.asarray(enc_img(np.stack([x for x, _ in rows]))))
-  labels = torch.tensor([int(ex["label"]) for _, ex in rows])
+def torch_zeroshot(params, images, labels, classes, prompts) -> dict[str, float]:
+  """CLIP's zero-shot recipe in torch (its zeroshot_classifier: per class the normalized
+  prompt embeddings averaged and renormalized), top-1/top-5 by torch.topk."""
+  enc_img, enc_txt = encode.encoders(CFG, params)
+  image_emb = torch.tensor(np.asarray(enc_img(images)))
   weights = []
-  for c in CIFAR10_CLASSES:  # CLIP's zeroshot_classifier
-    e = torch.tensor(
-        np.asarray(
-            enc_txt(tokenizer.tokenize([t.format(c) for t in metadata.templates("cifar10")], 32))))
+  for c in classes:
+    e = torch.tensor(np.asarray(enc_txt(tokenizer.tokenize(prompts(c), 32))))
     e = e / e.norm(dim=-1, keepdim=True)
     e = e.mean(dim=0)
     weights.append(e / e.norm())
   logits = image_emb @ torch.stack(weights, dim=1)
   top5 = logits.topk(5, dim=1).indices
-  assert ours["num_examples"] == len(rows) == 24
-  assert ours["top1"] == pytest.approx(float((top5[:, 0] == labels).double().mean()), abs=1e-9)
-  assert ours["top5"] == pytest.approx(
-      float((top5 == labels[:, None]).any(1).double().mean()), abs=1e-9)
+  labels = torch.tensor(np.asarray(labels, np.int64))
+  return {"top1": float((top5[:, 0] == labels).double().mean()),
+          "top5": float((top5 == labels[:, None]).any(1).double().mean())}
+
+
+def torch_cifar10(data_dir, params) -> dict[str, float]:
+  rows = clip_preprocessed(data_dir, "cifar10")
+  return torch_zeroshot(params, np.stack([x for x, _ in rows]),
+                        [int(ex["label"]) for _, ex in rows], CIFAR10_CLASSES,
+                        lambda c: [t.format(c) for t in metadata.templates("cifar10")])
+
+
+def test_zeroshot_cifar10_matches_torch(data_dir, model):
+  params, _ = model  # batches of 12 over the 8 devices: rounded up to 16 rows
+  mesh = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+  ours = tasks.run("cifar10", CFG, params, data_dir=data_dir, batch=12, mesh=mesh)
+  ref = torch_cifar10(data_dir, params)
+  assert ours["num_examples"] == len(clip_preprocessed(data_dir, "cifar10")) == 24
+  assert ours["top1"] == pytest.approx(ref["top1"], abs=1e-9)
+  assert ours["top5"] == pytest.approx(ref["top5"], abs=1e-9)
+
+
+def test_training_suite_names_writes_and_matches_torch(data_dir, model, tmp_path):
+  """The train loop's entry: `synthetic` is a task like cifar10 (its metrics keep their
+  unprefixed names), all sharded over the 8 devices, the step's file written whole."""
+  params, _ = model
+  config = ml_collections.ConfigDict({"tasks": "synthetic, cifar10", "num_examples": 20,
+                                      "batch_size": 12, "data_dir": data_dir, "max_examples": 0})
+  suite = eval_suite.Suite(config, 32, str(tmp_path))
+  mesh = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+  ours = suite.run(CFG, params, mesh, step=7)
+  assert set(ours) == {"top1", "top5", "cifar10/top1", "cifar10/top5", "cifar10/num_examples"}
+  # the generated split, normalized by hand with CLIP's mean and std
+  spec = synthetic.SyntheticSpec(image_size=32, seed=0)
+  raw, labels = synthetic.make_zeroshot(spec, 20)
+  mean = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
+  std = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+  images = (raw.astype(np.float32) / np.float32(255) - mean) / std
+  ref = torch_zeroshot(params, images, labels, synthetic.zeroshot_classes(spec),
+                       synthetic.zeroshot_prompts)
+  cifar = torch_cifar10(data_dir, params)
+  for k in ("top1", "top5"):
+    assert ours[k] == pytest.approx(ref[k], abs=1e-9), k
+    assert ours[f"cifar10/{k}"] == pytest.approx(cifar[k], abs=1e-9), k
+  assert ours["cifar10/num_examples"] == 24
+  assert json.loads((tmp_path / "evals" / "step_00000007.json").read_text()) == {"step": 7,
+                                                                                 **ours}
+  assert [p.name for p in (tmp_path / "evals").iterdir()] == ["step_00000007.json"]
+  assert eval_suite.Suite(ml_collections.ConfigDict({"tasks": ""}), 32).tasks == []
+
+
+def test_retired_eval_kind_is_one_sentence():
+  config = defaults.base_config()
+  config.eval.kind = "synthetic"  # a config file written before eval.tasks took it in
+  with pytest.raises(prepare.SetupError) as e:
+    prepare.validate(config)
+  assert str(e.value) == eval_suite.KIND_RETIRED
+  assert "eval.tasks='synthetic'" in str(e.value) and str(e.value).count(". ") == 0
 
 
 @pytest.mark.parametrize("sharded", [False, True])
@@ -123,7 +176,7 @@ def test_coco_retrieval_matches_torch(data_dir, model, sharded):
   params, _ = model
   mesh = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}) if sharded else None
   ours = tasks.run("coco_captions", CFG, params, data_dir=data_dir, batch=8, mesh=mesh)
-  enc_img, enc_txt = evaluate.encoders(CFG, params)
+  enc_img, enc_txt = encode.encoders(CFG, params)
   rows = clip_preprocessed(data_dir, "coco_captions")
   texts, text_image = [], []
   for i, (_, ex) in enumerate(rows):
@@ -148,7 +201,7 @@ def test_wds_retrieval_and_cli(data_dir, model, tmp_path, capsys):
   make_shards.write_tar(str(tmp_path / "00000.tar"), items[:7])
   make_shards.write_tar(str(tmp_path / "00001.tar"), items[7:])
   ours = tasks.run(f"wds:{tmp_path}/{{00000..00001}}.tar", CFG, params, batch=5)
-  enc_img, enc_txt = evaluate.encoders(CFG, params)
+  enc_img, enc_txt = encode.encoders(CFG, params)
   img = np.stack(
       [preprocess.load_image(Image.open(__import__("io").BytesIO(p["jpg"])), 32) for _, p in items])
   texts = [c for caps in captions for c in caps]

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from tinyclip_jax import evaluate, model_io, tokenizer
+from tinyclip_jax.eval import zeroshot
 from tinyclip_jax.models import CLIPConfig, init_params, text_tower, vision_tower
 
 
@@ -29,7 +30,7 @@ def test_classifier_and_accuracy_match_torch():
       out.append(table[key])
     return np.stack(out)
 
-  clf = evaluate.zeroshot_classifier(encode_text, classes, prompts, 32, batch=4)
+  clf = zeroshot.classifier(encode_text, classes, prompts, 32, batch=4)
   # Reference: CLIP's recipe in torch — normalize each prompt, mean per class, renormalize.
   ids = tokenizer.tokenize([p for c in classes for p in prompts(c)], 32)
   emb = torch.tensor(np.stack([table[tuple(r.tolist())] for r in ids])).reshape(6, 2, 8)
@@ -37,7 +38,7 @@ def test_classifier_and_accuracy_match_torch():
   ref = emb.mean(1)
   ref = ref / ref.norm(dim=-1, keepdim=True)
   # encode_text returns raw vectors here, so normalize them as the real encoder does
-  clf_norm = evaluate.zeroshot_classifier(
+  clf_norm = zeroshot.classifier(
       lambda t: (lambda e: e / np.linalg.norm(e, axis=-1, keepdims=True))(encode_text(t)),
       classes, prompts, 32, batch=4)
   np.testing.assert_allclose(clf_norm, ref.numpy(), atol=1e-6)
@@ -45,7 +46,7 @@ def test_classifier_and_accuracy_match_torch():
 
   images = rng.standard_normal((10, 8)).astype(np.float32)
   labels = rng.integers(0, 6, 10).astype(np.int32)
-  acc = evaluate.zeroshot_accuracy(lambda x: x, clf_norm, images, labels, batch=3)
+  acc = zeroshot.accuracy(lambda x: x, clf_norm, images, labels, batch=3)
   logits = torch.tensor(images) @ ref.T
   top5 = logits.topk(5, dim=-1).indices
   t = torch.tensor(labels)

@@ -118,7 +118,7 @@ def run_cli(args: list[str], cwd) -> subprocess.CompletedProcess:
 
 
 WDS_SMOKE = ["--config.data.kind=webdataset", "--config.data.shuffle_buffer=16",
-             "--config.eval.kind=", "--config.total_steps=4", "--config.checkpoint_every=2",
+             "--config.eval.tasks=", "--config.total_steps=4", "--config.checkpoint_every=2",
              "--config.log_every=1"]
 
 
@@ -325,9 +325,9 @@ def test_stages_resolve_a_relative_workdir(tmp_path, monkeypatch):
 
 
 def test_evaluation_on_shards_skips_an_image_that_does_not_decode(tmp_path):
-  from tinyclip_jax.eval import tasks  # pylint: disable=import-outside-toplevel
+  from tinyclip_jax.eval import retrieval  # pylint: disable=import-outside-toplevel
   write_tar(tmp_path / "e.tar", {"a": {"jpg": jpeg(1), "txt": b"one"},
                                  "b": {"jpg": jpeg(2, cut=True), "txt": b"two"},
                                  "c": {"jpg": jpeg(3), "txt": b"three\nthree again"}})
-  pairs = list(tasks.wds_pairs(str(tmp_path / "e.tar")))
+  pairs = list(retrieval.wds_pairs(str(tmp_path / "e.tar")))
   assert [c for _, c in pairs] == [["one"], ["three", "three again"]]

@@ -97,7 +97,7 @@ def test_smoke_run_logs_the_same_losses(tmp_path):
   runs = {}
   for micro in (0, 1):
     c = smoke.get_config()
-    c.total_steps, c.log_every, c.eval.kind = 3, 1, ""
+    c.total_steps, c.log_every, c.eval.tasks = 3, 1, ""
     c.microbatch_size = micro
     runner.run(c, str(tmp_path / f"m{micro}"))
     lines = [json.loads(x) for x in open(tmp_path / f"m{micro}" / "metrics.jsonl")]

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.xdist_group("multihost")
 
 STEPS = 10
 OVERRIDES = [f"--config.total_steps={STEPS}", "--config.checkpoint_every=5",
-             "--config.log_every=1", "--config.eval.kind=", "--config.mesh.data=-1"]
+             "--config.log_every=1", "--config.eval.tasks=", "--config.mesh.data=-1"]
 # The smoke captions need 24–31 of the 32 positions per half-batch: with these, the two
 # processes' own rows pick different buckets at some steps, each way round.
 BUCKETS = (28, 32)
@@ -66,7 +66,7 @@ def two_hosts(tmp_path_factory):
 def one_host(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("one_host")
   c = smoke_config({"total_steps": STEPS, "checkpoint_every": 5, "log_every": 1,
-                    "eval.kind": "", "mesh.data": -1})
+                    "eval.tasks": "", "mesh.data": -1})
   runner.run(c, str(workdir))  # in-process: 8 devices (tests/conftest.py)
   return workdir
 
@@ -106,7 +106,7 @@ def test_a_two_process_checkpoint_resumes_in_one_process(two_hosts, tmp_path):
   shutil.copytree(two_hosts, work)
   shutil.rmtree(work / "final")
   c = smoke_config({"total_steps": STEPS, "checkpoint_every": 5, "log_every": 1,
-                    "eval.kind": "", "mesh.data": -1})
+                    "eval.tasks": "", "mesh.data": -1})
   result = runner.run(c, str(work))  # restores step 10 on this process's 8 devices
   assert result["step"] == STEPS
   want, _ = model_io.load_model(two_hosts / "final")

@@ -53,7 +53,7 @@ def config(**overrides):
       "total_steps": STEPS,
       "checkpoint_every": 2,
       "log_every": 1,
-      "eval.kind": "",
+      "eval.tasks": "",
       **overrides
   })
   c.teacher.model, c.student.model = "", "tiny-rn-student"

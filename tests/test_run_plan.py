@@ -127,7 +127,7 @@ def test_stages_resume_after_a_kill_in_every_phase(tmp_path):
 
       def get_config():
         c = smoke.get_config()
-        c.eval.kind, c.total_steps, c.checkpoint_every, c.log_every = "", 6, 2, 1
+        c.eval.tasks, c.total_steps, c.checkpoint_every, c.log_every = "", 6, 2, 1
         c.teacher.custom.update(TEACHER)
         c.student.custom.update(TEACHER)
         c.masks.enabled = True

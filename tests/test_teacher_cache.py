@@ -28,7 +28,7 @@ STEPS = 4
 
 
 def config(**overrides):
-  base = {"total_steps": STEPS, "log_every": 1, "checkpoint_every": STEPS, "eval.kind": "",
+  base = {"total_steps": STEPS, "log_every": 1, "checkpoint_every": STEPS, "eval.tasks": "",
           "mesh.data": -1}
   return smoke_config({**base, **overrides})
 

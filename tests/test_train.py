@@ -85,7 +85,7 @@ def sharded(tmp_path_factory):
 def fast_config(sharded, overrides=None):
   """The smoke config with the sharded run's teacher loaded, no eval, every step logged
   and max_nonfinite=2 (which changes nothing while losses are finite)."""
-  return smoke_config({"teacher.checkpoint": str(sharded.teacher), "eval.kind": "",
+  return smoke_config({"teacher.checkpoint": str(sharded.teacher), "eval.tasks": "",
                        "log_every": 1, "checkpoint_every": 100, "max_nonfinite": 2,
                        **(overrides or {})})
 
@@ -210,7 +210,7 @@ def test_hlo_gathers_embeddings_never_builds_global_affinity(sharded):
 
 RESUME_STEPS = 20  # enough steps after the first checkpoint (3) to SIGKILL the run mid-way
 CLI_OVERRIDES = [f"--config.total_steps={RESUME_STEPS}", "--config.checkpoint_every=3",
-                 "--config.log_every=1", "--config.eval.kind="]
+                 "--config.log_every=1", "--config.eval.tasks="]
 
 
 def cli(workdir, *args, devices=1, log=None, cache=None) -> subprocess.Popen:
@@ -268,7 +268,7 @@ def test_cli_entry_with_overrides(cli_runs):
   assert cli_runs.a_rc == 0, cli_runs.a_log[-3000:]
   rows = read_jsonl(cli_runs.a_dir / "metrics.jsonl")
   assert [r["step"] for r in rows] == list(range(1, RESUME_STEPS + 1))  # total_steps, log_every
-  assert not any(k.startswith("eval/") for r in rows for k in r)     # eval.kind=''
+  assert not any(k.startswith("eval/") for r in rows for k in r)     # eval.tasks=''
   ckpts = sorted(int(p.name) for p in (cli_runs.a_dir / "checkpoints").iterdir())
   assert ckpts == [15, 18, 20]  # checkpoint_every=3, keep_checkpoints=3, and the last step
   _, cfg = model_io.load_model(str(cli_runs.a_dir / "final"))
@@ -323,6 +323,16 @@ def test_unknown_config_field_cli(flag, words, tmp_path):
   assert_one_sentence(stderr, *words, "tinyclip_jax/train/defaults.py")
   assert not workdir.exists()
   assert time.time() - t0 < 60
+
+
+def test_retired_eval_kind_cli(tmp_path):
+  workdir = tmp_path / "run"
+  p = cli(workdir, "--config.eval.kind=synthetic")
+  _, stderr = p.communicate(timeout=120)
+  assert p.returncode == 2, stderr[-3000:]
+  assert_one_sentence(stderr, "--config.eval.kind", "eval.kind is gone", "list the periodic "
+                      "evaluations in eval.tasks", "eval.tasks='synthetic'")
+  assert not workdir.exists()
 
 
 def test_impossible_mesh_cli(tmp_path):

@@ -133,7 +133,7 @@ def run(argv: list[str]) -> dict[str, np.ndarray]:
   if args.texts is not None:
     tokens = tokenize(load_texts(args.texts), context_length=config.text.context_length)
   import jax  # pylint: disable=import-outside-toplevel
-  from tinyclip_jax.evaluate import batched, encoders  # pylint: disable=import-outside-toplevel
+  from tinyclip_jax.eval.encode import batched, encoders  # pylint: disable=import-outside-toplevel
   image_fn, text_fn = encoders(config, jax.device_put(params))
   out = {}
   if names is not None:

@@ -86,6 +86,9 @@ def parse_flags(argv: list[str]) -> list[str]:
     fix = f"did you mean {hint.group(1)!r}?" if hint else "check the spelling"
     msg = (f"{flag} names no field of the config ({fix}); every field and its default is in "
            "tinyclip_jax/train/defaults.py.")
+    if flag == "--config.eval.kind":  # a retired field: say what replaced it
+      from tinyclip_jax.eval import suite  # pylint: disable=import-outside-toplevel
+      msg = f"{flag}: {suite.KIND_RETIRED}"
   except (flags.Error, OSError) as e:  # bad value, unknown flag, missing config file
     msg = " ".join(str(e).split()).rstrip(".") + "; see --helpfull for the flags."
   print(f"error: {msg}", file=sys.stderr)

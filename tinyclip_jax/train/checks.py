@@ -10,7 +10,7 @@ import ml_collections
 
 from tinyclip_jax import parallel
 from tinyclip_jax.data import pipeline, text_buckets
-from tinyclip_jax.eval import tasks as eval_tasks
+from tinyclip_jax.eval import suite as eval_suite
 from tinyclip_jax.models import CLIPConfig, ConfigError, param_shapes
 from tinyclip_jax.models.clip import logical_axes
 from tinyclip_jax.train import defaults, masking, profiling
@@ -48,7 +48,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                      "teacher.checkpoint, or use student.init='scratch'.")
   try:  # the input's fields, and its shards or TFDS dataset exist (listed, not read)
     pipeline.check(config.data)
-    eval_tasks.task_list(config.eval.tasks)
+    eval_suite.check(config.eval)
   except ValueError as e:
     raise SetupError(str(e)) from e
   if config.student.init == "checkpoint" and not config.student.checkpoint:

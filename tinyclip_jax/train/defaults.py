@@ -150,13 +150,13 @@ def base_config() -> ml_collections.ConfigDict:
       "crop_ratio_min": 3 / 4, "crop_ratio_max": 4 / 3,
   })
   c.eval = ml_collections.ConfigDict({
-      "kind": "synthetic",     # zero-shot on the generated labelled split; "" = none
-      "num_examples": 512,
+      # The periodic evaluations, comma-separated ("" = none): synthetic (zero-shot on
+      # the generated labelled split), cifar10, cifar100, imagenet2012, imagenet_v2
+      # (zero-shot), coco_captions (retrieval), wds:PATTERN (retrieval on webdataset
+      # shards), folder:PATH (zero-shot); NAME:SPLIT picks a split.
+      "tasks": "synthetic",
+      "num_examples": 512,     # of the synthetic task
       "batch_size": 256,
-      # More periodic evaluations, comma-separated: cifar10, cifar100, imagenet2012,
-      # imagenet_v2 (zero-shot), coco_captions (retrieval), wds:PATTERN (retrieval on
-      # webdataset shards), folder:PATH; NAME:SPLIT picks a split.
-      "tasks": "",
       "data_dir": "",          # TFDS data_dir of the eval datasets
       "max_examples": 0,       # per task; 0 = the whole split
   })

@@ -16,9 +16,9 @@ import ml_collections
 from absl import logging
 from clu import periodic_actions
 
-from tinyclip_jax import checkpoint, evaluate, faults, parallel
+from tinyclip_jax import checkpoint, faults, parallel
 from tinyclip_jax.data import pipeline, teacher_cache, text_buckets
-from tinyclip_jax.eval import tasks as eval_tasks
+from tinyclip_jax.eval import suite as eval_suite
 from tinyclip_jax.models import count_params, merge_stats
 from tinyclip_jax.train import compile as compile_lib, masking, prepare, profiling
 from tinyclip_jax.train.plan import Phase
@@ -81,33 +81,22 @@ def _open_input(config: ml_collections.ConfigDict, setup, start: Start):
   return pipeline.prefetch(data, config.data.prefetch, to_device), cut, abstracts
 
 
-def _evaluate(config, workdir: str, setup, state, step: int, tasks) -> dict:
-  """Zero-shot / retrieval evals of the student; in the masked phase, of the model the
-  current deterministic gates prune to (which equals the masked model), plus its
-  structure. Results also go to WORKDIR/evals/step_N.json."""
-  cfg, params, ev = setup.student_config, merge_stats(state.params, state.batch_stats), {}
+def _evaluate(suite, setup, state, step: int) -> dict:
+  """The eval suite on the student; in the masked phase, on the model the current
+  deterministic gates prune to (which equals the masked model), whose structure is
+  written too. Results also go to WORKDIR/evals/step_N.json."""
+  cfg, params = setup.student_config, merge_stats(state.params, state.batch_stats)
   if setup.masking is not None:
     params, pruned_cfg, gates = masking.prune_state(params, cfg, state.masks, setup.masking)
-    masking.write_structure(workdir, step, cfg, "masked", gates, count_params(params))
+    masking.write_structure(suite.workdir, step, cfg, "masked", gates, count_params(params))
     cfg = pruned_cfg
-  c = config.eval
-  task, suite = tasks
-  if task is not None:
-    ev = evaluate.zeroshot(cfg, params, task, c.batch_size)
-  for t in suite:
-    ev.update({f"{t}/{k}": v for k, v in eval_tasks.run(
-        t, cfg, params, data_dir=c.data_dir, batch=c.batch_size, max_examples=c.max_examples,
-        mesh=setup.mesh).items()})
-  eval_tasks.write_result(workdir, step, ev)
-  return ev
+  return suite.run(cfg, params, setup.mesh, step)
 
 
 def train_phase(phase: Phase, setup, start: Start, out: Outputs) -> Result:
   """Steps start.step+1 … phase.last_step of `phase`."""
   config, workdir = phase.config, phase.workdir
-  eval_task = (evaluate.load_task(config.eval.kind, setup.student_config.vision.image_size,
-                                  config.eval.num_examples) if config.eval.kind else None)
-  tasks = (eval_task, eval_tasks.task_list(config.eval.tasks))
+  suite = eval_suite.Suite(config.eval, setup.student_config.vision.image_size, workdir)
   batches, cut, abstracts = _open_input(config, setup, start)
   monitor = pipeline.InputMonitor(config.data)
   sharded_input = config.data.kind != "synthetic"
@@ -143,7 +132,7 @@ def train_phase(phase: Phase, setup, start: Start, out: Outputs) -> Result:
       progress(step)
       faults.at_step(step, phase.name)
       final = step == config.total_steps
-      do_eval = (tasks[0] is not None or tasks[1]) and (step % config.eval_every == 0 or final)
+      do_eval = bool(suite.tasks) and (step % config.eval_every == 0 or final)
       # The masked phase's last state is not saved: the next phase saves its pruned start.
       # A preemption notice at the masked phase's end is acted on by the next phase.
       masked_end = phase.masks and step == phase.last_step
@@ -167,7 +156,7 @@ def train_phase(phase: Phase, setup, start: Start, out: Outputs) -> Result:
           last.update(pipeline.skipped_metrics(gathered))
         t_log, step_log = now, step
         if do_eval:
-          ev = _evaluate(config, workdir, setup, state, step, tasks)
+          ev = _evaluate(suite, setup, state, step)
           evals.append({"step": step, **ev})
           last.update({f"eval/{k}": v for k, v in ev.items()})
         out.writer.write_scalars(step, last)
