@@ -164,8 +164,9 @@ def prune_deterministic(params: Mapping[str, Any], config: CLIPConfig,
     valid[tower] = {k: v[k] for k in kinds}
     for k, loga in kinds.items():
       if np.shape(loga) != v[k].shape:
-        raise CheckpointError(f"the {tower} `{k}` mask has shape {np.shape(loga)} but the model's "
-                              f"{tower} tower needs {v[k].shape}; the masks belong to another model.")
+        raise CheckpointError(f"the {tower} `{k}` mask has shape {np.shape(loga)} but the "
+                              f"model's {tower} tower needs {v[k].shape}; the masks belong to "
+                              "another model.")
   gates = masks.deterministic_gates(logas, valid)
   gates = {t: {k: np.asarray(z) for k, z in g.items()} for t, g in gates.items()}
   return prune(params, config, gates)

@@ -88,5 +88,5 @@ def check_params(params: Mapping[str, Any], config) -> None:
     problems.append(f"param `{key}` has shape {got[key]} but the config expects {want[key]}; "
                     "fix the config or the checkpoint so they describe the same model")
   if problems:
-    more = f" ({len(problems) - 1} more problems follow the same pattern)" if len(problems) > 1 else ""
-    raise CheckpointError(problems[0] + more + ".")
+    more = f" ({len(problems) - 1} more problems follow the same pattern)"
+    raise CheckpointError(problems[0] + (more if len(problems) > 1 else "") + ".")
