@@ -265,3 +265,29 @@ def test_cli_refuses_masks_of_another_model(narrow, tmp_path, capsys):
   assert main([f"--src=tinyclip:{src}", f"--dst=flax:{tmp_path / 'out'}"]) == 2
   assert "masks belong to another model" in _one_error(capsys)
   assert not (tmp_path / "out").exists()
+
+
+def test_cli_prunes_a_masked_checkpoint_with_its_masks(narrow, tmp_path):
+  """The CLI reads a masked TinyCLIP checkpoint as weights + mask log α and prunes it:
+  a head at log α -60 is closed and cut; heads at +60 keep gate 1 exactly, so every
+  other weight is the unmasked model's, bit for bit (the cut is done here by hand)."""
+  from tinyclip_jax.model_io import load_model  # pylint: disable=import-outside-toplevel
+  _, sd = narrow
+  loga = np.full((3, 2), 60.0, np.float32)  # NARROW_FLAX vision heads (1, 2, 0)
+  loga[1, 0] = -60.0
+  src = tmp_path / "masked.pt"
+  write_torch_atomic(src, {**sd, "_image_encoder.module.l0_module.heads_loga": loga,
+                           "_image_encoder.module.l0_module.lambda_1": np.float32(1.0)},
+                     wrap="state_dict")
+  assert main([f"--src=tinyclip:{src}", f"--dst=flax:{tmp_path / 'out'}"]) == 0
+  got, cfg = load_model(tmp_path / "out")
+  assert cfg.vision.heads == (1, 1, 0) and cfg.text == NARROW_FLAX.text
+  want = flatten(from_tinyclip(sd, "gelu")[0])
+  attn = "visual/layers_1/attn/"
+  want[attn + "in_proj_kernel"] = want[attn + "in_proj_kernel"][:, :, 1:]  # (W, 3, H, d)
+  want[attn + "in_proj_bias"] = want[attn + "in_proj_bias"][:, 1:]  # (3, H, d)
+  want[attn + "out_proj_kernel"] = want[attn + "out_proj_kernel"][1:]  # (H, d, W)
+  got = flatten(got)
+  assert got.keys() == want.keys()
+  for k in want:
+    assert np.array_equal(got[k], want[k]), k

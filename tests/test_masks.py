@@ -324,10 +324,11 @@ def test_masks_on_a_tower_the_model_lacks_is_an_error():
 
 
 def test_masked_tinyclip_checkpoint_imports_as_the_pruned_model(masked_setup):
-  """A TinyCLIP training checkpoint (full weights + L0Module log α) converts to the
-  model TinyCLIP evaluates: the masked forward with the reference's deterministic
-  gates (computed here in torch), as one pruned model."""
-  from tinyclip_jax.convert import from_tinyclip, to_tinyclip  # pylint: disable=import-outside-toplevel
+  """A TinyCLIP training checkpoint (full weights + L0Module log α) reads as the full
+  model and its masks; pruned with their deterministic gates it is the model TinyCLIP
+  evaluates: the masked forward with the reference's gates (computed here in torch)."""
+  from tinyclip_jax.convert import (CheckpointError, from_tinyclip,  # pylint: disable=C0415
+                                    from_tinyclip_with_masks, to_tinyclip)
   cfg, params, valid, logas, images, tokens = masked_setup
   sd = to_tinyclip(params, cfg)
   names = {"hidden": "hidden_loga", "heads": "heads_loga", "intermediate": "intermediate_loga",
@@ -341,7 +342,11 @@ def test_masked_tinyclip_checkpoint_imports_as_the_pruned_model(masked_setup):
       gates[tower][kind] = (torch_deterministic(t) if kind == "hidden" else
                             torch.stack([torch_deterministic(r) for r in t])).numpy()
     sd[f"{prefix}l0_module.lambda_1"] = np.float32(10.0)
-  pruned, pcfg = from_tinyclip(sd, cfg.activation)
+  full, full_cfg, read_logas = from_tinyclip_with_masks(sd, cfg.activation)
+  assert full_cfg == cfg and set(read_logas) == {"visual", "text"}
+  with pytest.raises(CheckpointError, match="masked TinyCLIP training checkpoint"):
+    from_tinyclip(sd, cfg.activation)  # the pruned-model reader does not prune silently
+  pruned, pcfg = prune.prune_deterministic(full, full_cfg, read_logas)
   assert pcfg.vision.width < cfg.vision.width
   out = CLIP(pcfg).apply({"params": jax.tree.map(jnp.asarray, pruned)}, images, tokens)
   want_i, want_t = torch_masked_clip(params, cfg, gates, images, tokens)

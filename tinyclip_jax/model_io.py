@@ -23,8 +23,8 @@ import jax
 import numpy as np
 from etils import epath
 
-from tinyclip_jax.convert.common import CheckpointError, check_params
 from tinyclip_jax.models.config import CLIPConfig, ConfigError
+from tinyclip_jax.models.params import CheckpointError, check_params
 
 PARAMS = "params"
 CONFIG = "model_config.json"

@@ -137,17 +137,30 @@ def read_state_dict_source(kind: str, path: str, args: argparse.Namespace):
   kw = dict(vision_head_dim=facts.vision_head_dim, text_head_dim=facts.text_head_dim,
             eot_token_id=facts.eot_token_id)
   if kind == "tinyclip":  # pruned, or masked (pruned here with its L0 masks)
-    from tinyclip_jax.convert.tinyclip import from_tinyclip
-    params, config = from_tinyclip(state_dict, act, **kw)
+    from tinyclip_jax.convert.tinyclip import from_tinyclip_with_masks
+    params, config, logas = from_tinyclip_with_masks(state_dict, act, **kw)
+    if logas:
+      params, config = prune_masked(params, config, logas)
   else:
-    from tinyclip_jax.convert.openai import from_openai
-    params, config = from_openai(state_dict, act, **kw)
+    params, config = openai.from_openai(state_dict, act, **kw)
   if args.model:
     meta.check_named(args.model, config)
   if doc is None:
     return params, config
   sidecar.check(doc, config, where)
   return meta.reconcile(params, config, sidecar.recorded(doc, where), where, openai.FORMAT)
+
+
+def prune_masked(params, config: CLIPConfig, logas):
+  """The masked model of a TinyCLIP training checkpoint → the pruned model TinyCLIP
+  evaluates (its masks' deterministic gates)."""
+  from tinyclip_jax.inherit import prune
+  params, config = prune.prune_deterministic(params, config, logas)
+  v, t = config.vision, config.text
+  logging.info("applied the checkpoint's L0 masks: vision width %d heads %s mlp %s; text width %d "
+               "heads %s mlp %s", v.width, list(v.heads), list(v.mlp), t.width, list(t.heads),
+               list(t.mlp))
+  return params, config
 
 
 def describe(config: CLIPConfig) -> str:

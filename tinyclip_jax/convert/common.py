@@ -1,5 +1,7 @@
-"""Shared pieces of the checkpoint maps: errors, key flattening, strict shape checks,
-and the tensor layout changes between PyTorch modules and the canonical params.
+"""Shared pieces of the checkpoint maps: the tensor layout changes between PyTorch
+modules and the canonical params, and the key and shape helpers every format uses.
+The parameter-tree helpers (flatten, the strict check, the load error) are the
+model's (`tinyclip_jax.models.params`); they are re-exported here for the formats.
 
 Every map is pure numpy. Layout changes are transposes and reshapes only, so a
 round trip through any foreign format is bit-exact.
@@ -11,66 +13,8 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-SEP = "/"
-
-
-class CheckpointError(ValueError):
-  """A checkpoint that does not fit the model (or is not a supported CLIP at all)."""
-
-
-# ----------------------------------------------------------------------------- trees
-
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-  """Nested dicts → {'visual/layers_0/ln_1/scale': leaf, ...}."""
-  out = {}
-  for key, value in tree.items():
-    path = f"{prefix}{SEP}{key}" if prefix else str(key)
-    if isinstance(value, Mapping):
-      out.update(flatten(value, path))
-    else:
-      out[path] = value
-  return out
-
-
-def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-  """The inverse of `flatten`: '/'-joined keys → plain nested dicts."""
-  tree: dict[str, Any] = {}
-  for path, value in flat.items():
-    *parents, leaf = path.split(SEP)
-    node = tree
-    for name in parents:
-      node = node.setdefault(name, {})
-    node[leaf] = value
-  return tree
-
-
-def _shape(x) -> tuple[int, ...]:
-  return tuple(int(d) for d in getattr(x, "shape", np.shape(x)))
-
-
-def check_params(params: Mapping[str, Any], config) -> None:
-  """Raises CheckpointError unless `params` has exactly the leaves and shapes that
-  `tinyclip_jax.models.param_shapes(config)` has (dtypes are not checked)."""
-  from tinyclip_jax.convert.resnet import kind_mismatch  # pylint: disable=import-outside-toplevel
-  from tinyclip_jax.models import param_shapes  # jax import only when checking
-  mismatch = kind_mismatch(params, config)
-  if mismatch:
-    raise CheckpointError(mismatch)
-  want = {k: tuple(v.shape) for k, v in flatten(param_shapes(config)).items()}
-  got = {k: _shape(v) for k, v in flatten(params).items()}
-  problems = []
-  for key in sorted(want.keys() - got.keys()):
-    problems.append(f"param `{key}` is missing (the config expects shape {want[key]}, the "
-                    "checkpoint has none); convert a checkpoint of this model or fix the config")
-  for key in sorted(got.keys() - want.keys()):
-    problems.append(f"param `{key}` with shape {got[key]} is not used by the config (which "
-                    "expects no such param, shape None); drop it or fix the config")
-  for key in sorted(k for k in want.keys() & got.keys() if want[k] != got[k]):
-    problems.append(f"param `{key}` has shape {got[key]} but the config expects {want[key]}; "
-                    "fix the config or the checkpoint so they describe the same model")
-  if problems:
-    more = f" ({len(problems) - 1} more problems follow the same pattern)" if len(problems) > 1 else ""
-    raise CheckpointError(problems[0] + more + ".")
+from tinyclip_jax.models.params import (SEP, CheckpointError, check_params, flatten,  # noqa: F401
+                                        unflatten)
 
 
 # ----------------------------------------------------------------------------- tensors
@@ -150,6 +94,15 @@ def require(sd: Mapping[str, np.ndarray], key: str, what: str) -> np.ndarray:
     raise CheckpointError(f"key `{key}` ({what}) is missing from the checkpoint; it is not a "
                           "complete CLIP state dict.")
   return sd[key]
+
+
+def dims(sd: Mapping[str, Any], key: str, ndim: int, what: str) -> tuple[int, ...]:
+  """The shape of tensor `key`, which must be `ndim`-D."""
+  shape = tuple(np.shape(require(sd, key, what)))
+  if len(shape) != ndim:
+    raise CheckpointError(f"`{key}` ({what}) has shape {shape} but a {ndim}-D tensor was "
+                          "expected; the checkpoint is not a standard CLIP ViT.")
+  return shape
 
 
 def tower_layout(tower, name: str, fmt: str) -> tuple[int, int]:

@@ -2,6 +2,7 @@
 parameter name (the weight-decay exclusion of its trainer, which TinyCLIP uses)."""
 from __future__ import annotations
 
+from tinyclip_jax.convert import openai
 from tinyclip_jax.convert.common import Layout
 
 
@@ -10,6 +11,4 @@ def open_clip_keys(config) -> dict[str, tuple[str, Layout]]:
   of `config`, e.g. 'visual/layers_0/attn/in_proj_bias' → ('visual.transformer.
   resblocks.0.attn.in_proj_bias', IN_BIAS). Pruned per-layer widths are kept as they
   are (no padding); ResNet BatchNorm statistics are included."""
-  from tinyclip_jax.convert import openai, resnet  # pylint: disable=import-outside-toplevel
-  entries = resnet._entries(config) if config.vision.kind == "resnet" else openai._entries(config)
-  return {path: (key, layout) for key, path, layout, _ in entries}
+  return {path: (key, layout) for key, path, layout, _ in openai.entries(config)}

@@ -3,11 +3,11 @@ weights (pure numpy).
 
 Keys are those of OpenAI's `ModifiedResNet` (RN50, RN101, … in TorchScript archives)
 and open_clip's, TinyCLIP's wrapped `_image_encoder.*` layouts included (the prefixes
-are stripped by `openai.normalize_keys`). BatchNorm running statistics travel with
+are stripped by `keys.normalize_keys`). BatchNorm running statistics travel with
 the weights (leaves `mean`/`var`); `num_batches_tracked` is dropped on the way in
 (PyTorch reads it only when momentum is None, which CLIP never uses) and written as
 0 on the way out so open_clip's `load_state_dict(strict=True)` finds every buffer.
-The text tower has the same keys as in ViT models and reuses `openai`'s tables.
+The text tower has the same keys as in ViT models (`transformer`'s tables).
 """
 from __future__ import annotations
 
@@ -16,10 +16,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from tinyclip_jax.convert import meta, openai
-from tinyclip_jax.convert.common import (CONV, LINEAR, SAME, CheckpointError, check_params, flatten,
-                                         from_canonical, layer_indices, take_entries,
+from tinyclip_jax.convert import meta, transformer
+from tinyclip_jax.convert.common import (CONV, LINEAR, SAME, CheckpointError, check_params, dims,
+                                         flatten, from_canonical, layer_indices, take_entries,
                                          tower_layout, unflatten)
+from tinyclip_jax.convert.keys import FORMAT
 from tinyclip_jax.models.config import RESNET_STRIDE, CLIPConfig, resnet_tower
 from tinyclip_jax.models.resnet import stage_blocks
 
@@ -41,10 +42,6 @@ POOL = tuple((f"attnpool.{p}.{w}", f"attnpool/{p}/{c}", layout)
 def is_resnet(sd: Mapping[str, Any]) -> bool:
   """True for a (normalized) state dict with a ResNet image tower."""
   return any(k.startswith(("visual.layer1.", "visual.attnpool.")) for k in sd)
-
-
-def is_resnet_params(params: Mapping[str, Any]) -> bool:
-  return "attnpool" in (params.get("visual") or {})
 
 
 # ----------------------------------------------------------------------------- config
@@ -69,9 +66,9 @@ def infer_config(sd: Mapping[str, Any], activation: str, vision_head_dim: int | 
   """The model config implied by the shapes of a normalized ResNet state dict and the
   facts they do not hold (the attention pool's head size among them)."""
   stages = _stages(sd)
-  width = openai._dims(sd, "visual.conv3.weight", 4, "last stem convolution")[0]
-  tokens, pool_width = openai._dims(sd, "visual.attnpool.positional_embedding", 2,
-                                    "attention-pool positions")
+  width = dims(sd, "visual.conv3.weight", 4, "last stem convolution")[0]
+  tokens, pool_width = dims(sd, "visual.attnpool.positional_embedding", 2,
+                            "attention-pool positions")
   grid = math.isqrt(max(tokens - 1, 0))
   if grid * grid + 1 != tokens:
     raise CheckpointError(f"`visual.attnpool.positional_embedding` has {tokens} rows but a "
@@ -80,13 +77,13 @@ def infer_config(sd: Mapping[str, Any], activation: str, vision_head_dim: int | 
     raise CheckpointError(f"`visual.attnpool.positional_embedding` is {pool_width} wide but the "
                           f"stem width {width} implies {width * 32}; the checkpoint's shapes "
                           "are inconsistent.")
-  embed_dim = openai._dims(sd, "visual.attnpool.c_proj.weight", 2, "attention-pool output")[0]
+  embed_dim = dims(sd, "visual.attnpool.c_proj.weight", 2, "attention-pool output")[0]
   return CLIPConfig(
       embed_dim=embed_dim,
       activation=activation,
       vision=resnet_tower(width, stages, image_size=grid * RESNET_STRIDE,
                           head_dim=meta.head_dim("vision", [pool_width], vision_head_dim)),
-      text=openai.text_config(sd, text_head_dim, eot_token_id))
+      text=transformer.text_config(sd, text_head_dim, eot_token_id))
 
 
 def _module(key: str, path: str, is_bn: bool):
@@ -111,29 +108,27 @@ def vision_entries(config: CLIPConfig):
     yield f"visual.{key}", f"visual/{path}", layout
 
 
-def _entries(config: CLIPConfig):
+def entries(config: CLIPConfig):
   """(key, path, layout, head_dim) for the whole model."""
   for key, path, layout in vision_entries(config):
     yield key, path, layout, 0
-  for key, path, layout, hd in openai._entries(config):
-    if not key.startswith("visual."):
-      yield key, path, layout, hd
+  yield from transformer.text_entries(config)
 
 
 # ----------------------------------------------------------------------------- maps
 
 
-def from_openai(state_dict: Mapping[str, Any], activation: str,
-                vision_head_dim: int | None = None, text_head_dim: int | None = None,
-                eot_token_id: int | None = None) -> tuple[dict, CLIPConfig]:
-  """(weights, config) from an OpenAI/open_clip/TinyCLIP ResNet CLIP state dict; the
-  facts state dicts do not hold as in `openai.from_openai`."""
-  sd = {k: v for k, v in openai.normalize_keys(state_dict).items() if not k.endswith("." + COUNTER)}
+def read(sd: Mapping[str, Any], activation: str, vision_head_dim: int | None = None,
+         text_head_dim: int | None = None,
+         eot_token_id: int | None = None) -> tuple[dict, CLIPConfig]:
+  """(weights, config) from a normalized ResNet CLIP state dict; the facts state
+  dicts do not hold as in `openai.from_openai`."""
+  sd = {k: v for k, v in sd.items() if not k.endswith("." + COUNTER)}
   if "token_embedding.weight" not in sd:
     raise CheckpointError("the checkpoint has a ResNet image tower but no text tower "
                           "(`token_embedding.weight` is missing); give a whole CLIP model.")
   config = infer_config(sd, activation, vision_head_dim, text_head_dim, eot_token_id)
-  flat, extra = take_entries(sd, _entries(config))
+  flat, extra = take_entries(sd, entries(config))
   if extra:
     raise CheckpointError(f"key `{extra[0]}` (and {len(extra) - 1} more) has no place in a "
                           f"CLIP ResNet with stages {list(config.vision.stages)}; expected "
@@ -143,38 +138,15 @@ def from_openai(state_dict: Mapping[str, Any], activation: str,
   return params, config
 
 
-def to_open_clip(params: Mapping[str, Any], config: CLIPConfig) -> dict[str, np.ndarray]:
+def write(params: Mapping[str, Any], config: CLIPConfig) -> dict[str, np.ndarray]:
   """open_clip `CLIP(...).state_dict()` of a ResNet model: float32 tensors, int64
   `num_batches_tracked` buffers."""
   check_params(params, config)
-  tower_layout(config.text, "text", openai.FORMAT)
+  tower_layout(config.text, "text", FORMAT)
   flat = flatten(params)
   out = {}
-  for key, path, layout, _ in _entries(config):
+  for key, path, layout, _ in entries(config):
     out[key] = from_canonical(layout, flat[path])
     if key.endswith(".running_var"):
       out[key[:-len("running_var")] + COUNTER] = np.zeros((), np.int64)
   return out
-
-
-# ----------------------------------------------------------------------------- checks
-
-
-def kind_mismatch(params: Mapping[str, Any], config) -> str | None:
-  """One sentence when `params` and `config` disagree on the image tower's kind or
-  the ResNet's stages (before the key-by-key comparison, which would list symptoms)."""
-  has_resnet = is_resnet_params(params)
-  if has_resnet != (config.vision.kind == "resnet"):
-    have, want = ("a ResNet", "a ViT") if has_resnet else ("a ViT", "a ResNet")
-    return (f"the weights have {have} image tower but the config describes {want} one; pair "
-            "the checkpoint with the config it was converted with (its model_config.json).")
-  if has_resnet:
-    visual = params["visual"]
-    stages = [
-        sum(1 for k in visual if k.startswith(f"layer{s}_")) for s in range(
-            1, 1 + max([int(k[5:].split("_")[0]) for k in visual if k.startswith("layer")] or [0]))
-    ]
-    if tuple(stages) != tuple(config.vision.stages):
-      return (f"the weights have ResNet stages {stages} but the config says "
-              f"{list(config.vision.stages)}; fix the config's stages to match the checkpoint.")
-  return None

@@ -21,28 +21,15 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from tinyclip_jax.models.clip import param_shapes
 from tinyclip_jax.inherit import resnet
+# Re-exported: the depth rule and its error are part of this module's interface.
+from tinyclip_jax.inherit.depth import InheritError, uniform_layer_indices  # noqa: F401
+from tinyclip_jax.models.clip import param_shapes
 from tinyclip_jax.models.config import CLIPConfig, TowerConfig
 
 TOWERS = {"visual": "vision", "text": "text"}  # param key → config field and name
 # How to finish "pick a student no ... than its teacher" for each dimension.
 _ADJ = {"width": "wider", "layers": "deeper", "embed_dim": "wider"}
-
-
-class InheritError(ValueError):
-  """A student that cannot be cut out of its teacher."""
-
-
-def uniform_layer_indices(teacher_layers: int, student_layers: int) -> list[int]:
-  """TinyCLIP's depth rule: teacher layers 0, k, 2k, ... with k = T // S."""
-  if not 0 <= student_layers <= teacher_layers:
-    raise InheritError(f"a student of {student_layers} layers cannot inherit from a teacher "
-                       f"of {teacher_layers} layers; pick a student no deeper than its teacher.")
-  if student_layers == 0:
-    return []
-  k = teacher_layers // student_layers
-  return list(range(0, student_layers * k, k))
 
 
 def _too_big(what: str, s, t):

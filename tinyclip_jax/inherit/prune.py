@@ -20,8 +20,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from tinyclip_jax.inherit import masks
 from tinyclip_jax.inherit.masks import TOWERS
 from tinyclip_jax.models.config import CLIPConfig, TowerConfig
+from tinyclip_jax.models.params import CheckpointError
 
 
 def _np(x) -> np.ndarray:
@@ -147,3 +149,24 @@ def structure(config: CLIPConfig,
     width = int(np.count_nonzero(_np(g["hidden"]))) if "hidden" in g else cfg.width
     out[tower] = {"width": width, "heads": heads, "mlp": mlp}
   return out
+
+
+def prune_deterministic(params: Mapping[str, Any], config: CLIPConfig,
+                        logas: Mapping[str, Mapping[str, Any]]) -> tuple[dict, CLIPConfig]:
+  """A masked model → the pruned one, with the reference's deterministic gates (what
+  TinyCLIP evaluates a masked training checkpoint as). `logas`: {"visual"|"text":
+  {mask kind: log α}}; masks shaped for another model raise CheckpointError."""
+  valid = {}
+  for tower, kinds in logas.items():
+    cfg = getattr(config, TOWERS[tower])
+    names = [k for k in ("hidden", "heads", "intermediate") if k in kinds]
+    v = masks.tower_valid(cfg, names + (["layer"] if {"mha", "ffn"} & set(kinds) else []))
+    valid[tower] = {k: v[k] for k in kinds}
+    for k, loga in kinds.items():
+      if np.shape(loga) != v[k].shape:
+        raise CheckpointError(f"the {tower} `{k}` mask has shape {np.shape(loga)} but the "
+                              f"model's {tower} tower needs {v[k].shape}; the masks belong to "
+                              "another model.")
+  gates = masks.deterministic_gates(logas, valid)
+  gates = {t: {k: np.asarray(z) for k, z in g.items()} for t, g in gates.items()}
+  return prune(params, config, gates)

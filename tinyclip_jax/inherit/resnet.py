@@ -14,40 +14,36 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
+from tinyclip_jax.inherit.depth import InheritError, uniform_layer_indices
 from tinyclip_jax.models.config import VisionConfig
 
 BLOCK = re.compile(r"layer(\d+)_(\d+)$")
 
 
-def _error(message: str):
-  from tinyclip_jax.inherit.manual import InheritError  # pylint: disable=import-outside-toplevel
-  return InheritError(message)
-
-
 def check_vision(t: VisionConfig, s: VisionConfig, layer_indices=None) -> dict[int, list[int]]:
   """Validates a teacher/student image-tower pair of which at least one is a ResNet;
   returns {stage: teacher block behind each student block}."""
-  from tinyclip_jax.inherit.manual import uniform_layer_indices  # pylint: disable=C0415
   if t.kind != s.kind:
-    raise _error(f"the teacher's image tower is a {t.kind} and the student's a {s.kind}; "
-                 "manual inheritance needs towers of the same kind (init the student from "
-                 "scratch or pick a teacher of its kind).")
+    raise InheritError(f"the teacher's image tower is a {t.kind} and the student's a {s.kind}; "
+                       "manual inheritance needs towers of the same kind (init the student "
+                       "from scratch or pick a teacher of its kind).")
   if layer_indices is not None:
-    raise _error("layer_indices for a ResNet image tower are not supported; its blocks are "
-                 "chosen per stage by the interval rule (drop layer_indices['visual']).")
+    raise InheritError("layer_indices for a ResNet image tower are not supported; its blocks "
+                       "are chosen per stage by the interval rule (drop "
+                       "layer_indices['visual']).")
   for field in ("image_size", "head_dim"):
     if getattr(s, field) != getattr(t, field):
-      raise _error(f"student vision {field} {getattr(s, field)} differs from teacher vision "
-                   f"{field} {getattr(t, field)}, which slicing cannot fix; pick a teacher "
-                   f"with the same {field}.")
+      raise InheritError(f"student vision {field} {getattr(s, field)} differs from teacher "
+                         f"vision {field} {getattr(t, field)}, which slicing cannot fix; pick a "
+                         f"teacher with the same {field}.")
   if s.width > t.width:
-    raise _error(f"student vision width {s.width} exceeds teacher vision width {t.width}; "
-                 "pick a student no wider than its teacher.")
+    raise InheritError(f"student vision width {s.width} exceeds teacher vision width "
+                       f"{t.width}; pick a student no wider than its teacher.")
   idx = {}
   for stage, (sn, tn) in enumerate(zip(s.stages, t.stages), start=1):
     if sn > tn:
-      raise _error(f"student ResNet stage {stage} has {sn} blocks but the teacher's has {tn}; "
-                   "pick a student no deeper than its teacher in every stage.")
+      raise InheritError(f"student ResNet stage {stage} has {sn} blocks but the teacher's has "
+                         f"{tn}; pick a student no deeper than its teacher in every stage.")
     idx[stage] = uniform_layer_indices(tn, sn)
   return idx
 
