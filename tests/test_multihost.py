@@ -40,9 +40,10 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def launch(workdir, process_id: int, num: int, port: int, *extra, devices=4):
+def launch(workdir, process_id: int, num: int, port: int, *extra, devices=4, fault=""):
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             TINYCLIP_FAULT=fault, TINYCLIP_FAULT_PROCESS="0")
   cmd = [sys.executable, "-m", "tinyclip_jax.main", f"--config={SMOKE}", f"--workdir={workdir}",
          f"--coordinator_address=localhost:{port}", f"--num_processes={num}",
          f"--process_id={process_id}", *OVERRIDES, *extra]
@@ -50,16 +51,28 @@ def launch(workdir, process_id: int, num: int, port: int, *extra, devices=4):
                           stderr=subprocess.PIPE, text=True)
 
 
-@pytest.fixture(scope="module")
-def two_hosts(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("two_hosts")
+PREEMPTED_AT = 6  # process 0 gets a SIGTERM after this step (the preemption notice)
+
+
+def _launch_both(workdir, fault=""):
   port = free_port()
   flag = f"--config.text_buckets=({','.join(map(str, BUCKETS))})"
-  procs = [launch(workdir, i, 2, port, flag) for i in range(2)]
+  procs = [launch(workdir, i, 2, port, flag, fault=fault) for i in range(2)]
   errs = [p.communicate(timeout=600)[1] for p in procs]
   for p, err in zip(procs, errs):
     assert p.returncode == 0, err[-3000:]
-  return workdir
+
+
+@pytest.fixture(scope="module")
+def two_hosts(tmp_path_factory):
+  """The 2-process run, preempted: process 0 gets a SIGTERM after step 6; both save at
+  the step jax's preemption service agrees on and exit 0; relaunched, they finish."""
+  workdir = tmp_path_factory.mktemp("two_hosts")
+  _launch_both(workdir, fault=f"term_at_step:{PREEMPTED_AT}")
+  saved = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
+  stopped_at = read_jsonl(workdir / "metrics.jsonl")[-1]["step"]
+  _launch_both(workdir)
+  return workdir, saved, stopped_at
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +84,16 @@ def one_host(tmp_path_factory):
   return workdir
 
 
+def test_a_sigterm_on_one_process_saves_on_both_and_exits_0(two_hosts):
+  """The first launch ended (both processes, exit 0: the fixture) at a preemption
+  checkpoint after the notice and before the run's end; nothing was exported."""
+  _, saved, stopped_at = two_hosts
+  assert saved[-1] == stopped_at and PREEMPTED_AT < stopped_at < STEPS, (saved, stopped_at)
+  assert 5 in saved  # the regular checkpoint before it
+
+
 def test_two_processes_log_the_losses_of_one(two_hosts, one_host):
+  two_hosts = two_hosts[0]
   two = read_jsonl(two_hosts / "metrics.jsonl")
   one = read_jsonl(one_host / "metrics.jsonl")
   assert [r["step"] for r in two] == list(range(1, STEPS + 1))  # one writer: process 0
@@ -97,12 +119,12 @@ def test_two_processes_agree_on_the_text_bucket(two_hosts, one_host):
     agreed.append(bucket(max(ends)))
   assert any(a > b for a, b in local) and any(a < b for a, b in local), local
   assert set(agreed) == set(BUCKETS)
-  assert [r["text_bucket"] for r in read_jsonl(two_hosts / "metrics.jsonl")] == agreed
+  assert [r["text_bucket"] for r in read_jsonl(two_hosts[0] / "metrics.jsonl")] == agreed
   assert {r["text_bucket"] for r in read_jsonl(one_host / "metrics.jsonl")} == {32}  # off
 
 
 def test_a_two_process_checkpoint_resumes_in_one_process(two_hosts, tmp_path):
-  work = tmp_path / "resume"
+  two_hosts, work = two_hosts[0], tmp_path / "resume"
   shutil.copytree(two_hosts, work)
   shutil.rmtree(work / "final")
   c = smoke_config({"total_steps": STEPS, "checkpoint_every": 5, "log_every": 1,

@@ -151,7 +151,10 @@ def test_stages_resume_after_a_kill_in_every_phase(tmp_path):
 
 
 @pytest.mark.xdist_group("plan_kill_demo")
-def test_demo_resumes_after_a_kill_in_every_stage(tmp_path):
+def test_demo_resumes_after_a_kill(tmp_path):
+  """Killed in the distilled stage, whose teacher the first attempt held in memory from
+  the teacher stage: the restart reads it back from the teacher's export. (Each stage is
+  one phase of the same kind the staged test kills; one kill keeps the suite short.)"""
   workdir = tmp_path / "demo"
   args = ["--config=configs/demo.py", f"--workdir={workdir}", "--config.demo.teacher_steps=4",
           "--config.total_steps=4", "--config.batch_size=16", "--config.log_every=1",
@@ -162,8 +165,7 @@ def test_demo_resumes_after_a_kill_in_every_stage(tmp_path):
           "--config.student.custom.vision_width=32", "--config.student.custom.text_width=32",
           "--config.student.custom.vision_layers=1", "--config.student.custom.text_layers=1"]
   _kill_and_resume(args, str(workdir),
-                   ["kill_at_step:3@teacher", "kill_at_step:3@distilled",
-                    "kill_at_step:3@scratch"],
+                   ["kill_at_step:3@distilled"],
                    {f"{k}_{n}": [1, 2, 3, 4]
                     for k, n in enumerate(("teacher", "distilled", "scratch"))})
   summary = json.loads((workdir / "summary.json").read_text())
