@@ -5,7 +5,9 @@
 #
 #   launch/tpu_vm.sh [--dry-run] COMMAND [OPTIONS] [-- MAIN_ARGS...]
 #
-# COMMAND: create | setup | run | logs | delete | all (create, setup, run, delete).
+# COMMAND: create | setup | run | logs | delete | all (create, setup, run, delete)
+#          | relaunch (all, again and again on a Spot slice until the run finishes: a
+#            preempted run saved a checkpoint on SIGTERM and resumes from its workdir).
 # Every option can also come from the environment variable in brackets:
 #   --name=NAME            [TPU_NAME]     the TPU VM (required)
 #   --zone=ZONE            [TPU_ZONE]     e.g. us-central2-b (required)
@@ -21,11 +23,12 @@
 #   --worker=N             [TPU_WORKER]   whose log `logs` follows (default 0)
 #   --keep                                `all` leaves the slice up after the run
 #   --detach                              `run` starts the job and returns
+#   --attempts=N           [TPU_ATTEMPTS] relaunch: slices to try before giving up (default 20)
 # Arguments after `--` go to tinyclip_jax.main, e.g. --config.teacher.checkpoint=gs://...
 # --dry-run prints every command (one per line, shell-quoted) instead of running it.
 set -euo pipefail
 
-readonly USAGE="launch/tpu_vm.sh [--dry-run] create|setup|run|logs|delete|all --name=NAME \
+readonly USAGE="launch/tpu_vm.sh [--dry-run] create|setup|run|logs|delete|all|relaunch --name=NAME \
 --zone=ZONE [--type=TYPE --version=VERSION] [--config=FILE --workdir=DIR] [-- MAIN_ARGS...]"
 readonly REMOTE_DIR='$HOME/tinyclip_jax'   # expanded on the workers
 readonly RUN_FILES='$HOME/tinyclip_run'     # .log, .pid, .rc on every worker
@@ -72,6 +75,7 @@ WORK="${WORKDIR:-}"
 WORKER="${TPU_WORKER:-0}"
 KEEP=0
 DETACH=0
+ATTEMPTS="${TPU_ATTEMPTS:-20}"
 MAIN_ARGS=()
 
 while (($#)); do
@@ -90,6 +94,7 @@ while (($#)); do
     --worker=*) WORKER="${1#*=}" ;;
     --keep) KEEP=1 ;;
     --detach) DETACH=1 ;;
+    --attempts=*) ATTEMPTS="${1#*=}" ;;
     --) shift; MAIN_ARGS=("$@"); break ;;
     -h|--help) sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     -*) die "unknown option $1" ;;
@@ -100,7 +105,7 @@ while (($#)); do
 done
 
 case "${COMMAND}" in
-  create|setup|run|logs|delete|all) ;;
+  create|setup|run|logs|delete|all|relaunch) ;;
   "") die "no command given" ;;
   *) die "unknown command '${COMMAND}'" ;;
 esac
@@ -109,16 +114,19 @@ need() {  # need VALUE FLAG ENV
 }
 need "${NAME}" --name TPU_NAME
 need "${ZONE}" --zone TPU_ZONE
-if [[ "${COMMAND}" == create || "${COMMAND}" == all ]]; then
+if [[ "${COMMAND}" == create || "${COMMAND}" == all || "${COMMAND}" == relaunch ]]; then
   need "${TYPE}" --type TPU_TYPE
   need "${VERSION}" --version TPU_VERSION
 fi
-if [[ "${COMMAND}" == run || "${COMMAND}" == all ]]; then
+if [[ "${COMMAND}" == run || "${COMMAND}" == all || "${COMMAND}" == relaunch ]]; then
   need "${CONFIG_FILE}" --config CONFIG
   need "${WORK}" --workdir WORKDIR
 fi
 [[ "${COMMAND}" != all || "${DETACH}" != 1 ]] || die "--detach does not go with all, which \
 waits for the run to end before deleting the slice"
+[[ "${COMMAND}" != relaunch || "${DETACH}" != 1 ]] || die "--detach does not go with \
+relaunch, which watches the run to relaunch it"
+[[ "${ATTEMPTS}" =~ ^[1-9][0-9]*$ ]] || die "--attempts=${ATTEMPTS} is not a positive count"
 [[ "${WORKER}" =~ ^[0-9]+$ ]] || die "--worker=${WORKER} is not a worker index (0, 1, ...)"
 
 WHERE=(--zone="${ZONE}")
@@ -185,12 +193,47 @@ delete() {
   x gcloud compute tpus tpu-vm delete "${NAME}" "${WHERE[@]}" --quiet
 }
 
+relaunch() {
+  # A Spot slice is taken back with a SIGTERM to every worker: the run saves a
+  # checkpoint and exits 0 before its run finished, or the slice vanishes mid-step and
+  # the run resumes from the newest complete checkpoint. Either way the next slice
+  # resumes from the workdir; the run is done when its export final/ is committed.
+  local attempt
+  for ((attempt = 1; attempt <= ATTEMPTS; attempt++)); do
+    echo "# relaunch: attempt ${attempt} of ${ATTEMPTS}" >&2
+    create || { delete || true; continue; }   # no capacity now: try again
+    if setup && run && finished; then
+      delete
+      return 0
+    fi
+    delete || true
+    if [[ "${DRY_RUN}" == 1 ]]; then
+      echo "# relaunch: until final/ is committed in ${WORK}, again from create (at most \
+${ATTEMPTS} slices)"
+      return 0
+    fi
+  done
+  echo "error: the run did not finish on ${ATTEMPTS} slices; see its log in ${WORK}" >&2
+  return 1
+}
+
+finished() {  # the run exported its student (a preempted run exits 0 without)
+  if [[ "${DRY_RUN}" == 1 ]]; then
+    x python3 -m tinyclip_jax.status --config="${CONFIG_FILE}" --workdir="${WORK}" \
+      "${MAIN_ARGS[@]}"
+    return 1
+  fi
+  python3 -m tinyclip_jax.status --config="${CONFIG_FILE}" --workdir="${WORK}" \
+    "${MAIN_ARGS[@]}" >&2
+}
+
 case "${COMMAND}" in
   create) create ;;
   setup) setup ;;
   run) run ;;
   logs) logs ;;
   delete) delete ;;
+  relaunch) SPOT=1; relaunch ;;
   all)
     create
     if [[ "${KEEP}" != 1 ]]; then

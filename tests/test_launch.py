@@ -120,6 +120,19 @@ def test_tpu_all_dry_run_prints_every_command():
   assert len(out) == 8
 
 
+def test_tpu_relaunch_dry_run_shows_the_loop():
+  """relaunch: a Spot slice, the run, the status check that decides whether the run
+  finished (a preempted run exits 0 without exporting), the teardown, then the loop."""
+  out = lines(bash(TPU, "--dry-run", "relaunch", *BASE, *CREATE, *RUN, "--attempts=3", "--",
+                   *MAIN_ARGS, env={"TMPDIR": "/scratch"}))
+  assert out[0] == gcloud("create", "--zone=us-central2-b", "--accelerator-type=v4-32",
+                          "--version=tpu-ubuntu2204-base", "--spot")
+  assert out[-3] == ["python3", "-m", "tinyclip_jax.status", "--config=configs/vit39m.py",
+                     "--workdir=gs://bucket/run", *MAIN_ARGS]
+  assert out[-2] == gcloud("delete", "--zone=us-central2-b", "--quiet")
+  assert out[-1][:2] == ["#", "relaunch:"] and "3" in out[-1]
+
+
 def test_tpu_options_from_environment_project_spot_and_repo():
   env = {
       "TPU_NAME": "tc",

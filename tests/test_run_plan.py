@@ -1,6 +1,7 @@
 """The run plan: phases made before anything runs, and every path through it resumed
 after a SIGKILL in each of its phases (the deterministic fault hook, tinyclip_jax/faults.py),
 and a SIGTERM turned into a checkpoint and exit 0."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -11,7 +12,7 @@ import ml_collections
 import pytest
 
 from tinyclip_jax.train import plan as plan_lib, prepare
-from tinyclip_jax import demo
+from tinyclip_jax import demo, status
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_auto_inherit import SMALL, auto_config  # noqa: E402
@@ -95,15 +96,17 @@ def _check_replayed(before: dict, after: dict) -> int:
   return same
 
 
-def _kill_and_resume(args, workdir, faults, final_steps):
+def _kill_and_resume(args, workdir, faults, final_steps, on_kill=None):
   """Runs `args` once per fault (each kills or preempts the run somewhere) and once to the
   end; every restart replays what the previous attempt logged, value for value."""
   before = {}
-  for fault in faults:
+  for k, fault in enumerate(faults):
     _run(args, fault, 0 if fault.startswith("term") else -9)
     now = _rows(workdir)
     _check_replayed(before, now)
     before = now
+    if on_kill is not None:
+      on_kill(k)
   _run(args, "", 0)
   after = _rows(workdir)
   assert _check_replayed(before, after) == len(before)
@@ -140,9 +143,22 @@ def test_stages_resume_after_a_kill_in_every_phase(tmp_path):
   """))
   workdir = tmp_path / "run"
   args = [f"--config={config}", f"--workdir={workdir}"]
+  spec = importlib.util.spec_from_file_location("staged_config", config)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  expected = [  # `python -m tinyclip_jax.status` after each attempt
+      ["resumes from step 2", "not started", "not started"],
+      ["done", "resumes from step 4", "not started"],
+      ["done", "done", "resumes from step 1"]]
+  seen = []
+
+  def status_after(k):
+    seen.append([state for _, state in status.phases_status(module.get_config(), str(workdir))])
+    assert seen[-1] == expected[k], (k, seen)
   _kill_and_resume(args, str(workdir),
                    ["kill_at_step:3@masked", "kill_at_step:5@pruned", "term_at_step:1@1_manual"],
-                   {"0_auto": [1, 2, 3, 4, 5, 6], "1_manual": [1, 2]})
+                   {"0_auto": [1, 2, 3, 4, 5, 6], "1_manual": [1, 2]}, status_after)
+  assert [s for _, s in status.phases_status(module.get_config(), str(workdir))] == ["done"] * 3
   for stage in ("0_auto", "1_manual"):
     assert (workdir / stage / "stage_done.json").exists()
     assert (workdir / stage / "final").is_dir()
