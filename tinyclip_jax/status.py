@@ -13,9 +13,12 @@ from absl import app, flags
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "The run's workdir (local or gs://).")
-config_flags.DEFINE_config_file("config", None, "The run's config file.", lock_config=True)
-flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _define_flags() -> None:  # at run time: a library import must not define flags
+  flags.DEFINE_string("workdir", None, "The run's workdir (local or gs://).")
+  config_flags.DEFINE_config_file("config", None, "The run's config file.", lock_config=True)
+  flags.mark_flags_as_required(["config", "workdir"])
 
 
 def phases_status(config, workdir: str) -> list[tuple[str, str]]:
@@ -61,4 +64,5 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(lambda argv: sys.exit(main(argv)))
