@@ -4,7 +4,8 @@ TINYCLIP_FAULT holds comma-separated faults; a process given one acts it out exa
 where the code calls the hook, so a test kills a run at a known point instead of
 racing a timer:
 
-  kill_at_step:N      SIGKILL at step N, after the step ran and before its checkpoint
+  kill_at_step:N      SIGKILL after step N (and its checkpoint, if it saves one; the loop
+                      lets started async saves finish first, so a restart knows its step)
   term_at_step:N      SIGTERM at step N (a preemption notice) — the handler saves
   kill_at_step:N@P    the same, only in the phase whose name contains P (a run of
                       stages counts steps per stage: `kill_at_step:1@1_manual`)
@@ -38,12 +39,19 @@ def _faults() -> list[tuple[str, str]]:
   return out
 
 
-def at_step(step: int, phase: str = "") -> None:
-  """Called by the train loop after each step of the phase named `phase`."""
+def at_step(step: int, phase: str = "", settle=None, kinds=("kill_at_step", "term_at_step")
+            ) -> None:
+  """Called by the train loop after each step of the phase named `phase` (for `kinds`:
+  the SIGTERM before the step's preemption check, the SIGKILL after its checkpoint).
+  `settle` (the checkpoint manager's wait_until_finished) runs before a kill, so the
+  checkpoints started before it are complete and a test knows which one a restart
+  resumes from."""
   for kind, arg in _faults():
     at, _, where = arg.partition("@")
-    if kind not in ("kill_at_step", "term_at_step") or int(at) != step or where not in phase:
+    if kind not in kinds or int(at) != step or where not in phase:
       continue
+    if kind == "kill_at_step" and settle is not None:
+      settle()
     os.kill(os.getpid(), signal.SIGKILL if kind == "kill_at_step" else signal.SIGTERM)
 
 

@@ -130,12 +130,12 @@ def train_phase(phase: Phase, setup, start: Start, out: Outputs) -> Result:
                              f"{step}; lower optimizer.lr or check the data and teacher.")
       prev = m
       progress(step)
-      faults.at_step(step, phase.name)
       final = step == config.total_steps
       do_eval = bool(suite.tasks) and (step % config.eval_every == 0 or final)
       # The masked phase's last state is not saved: the next phase saves its pruned start.
       # A preemption notice at the masked phase's end is acted on by the next phase.
       masked_end = phase.masks and step == phase.last_step
+      faults.at_step(step, phase.name, kinds=("term_at_step",))
       preempt = out.notice.reached(step) and not masked_end
       do_save = not masked_end and (preempt or step % config.checkpoint_every == 0 or final)
       do_log = step % config.log_every == 0 or final or do_eval
@@ -162,6 +162,7 @@ def train_phase(phase: Phase, setup, start: Start, out: Outputs) -> Result:
         out.writer.write_scalars(step, last)
       if do_save:
         checkpoint.save(out.mgr, step, state, gathered, out.config_json, model_json)
+      faults.at_step(step, phase.name, out.mgr.wait_until_finished, kinds=("kill_at_step",))
       if preempt:
         out.mgr.wait_until_finished()
         logging.info("preempted: saved step %d", step)
