@@ -67,7 +67,12 @@ def _open_input(config: ml_collections.ConfigDict, setup, start: Start):
   data = pipeline.make_train_input(config.data, cfg.vision.image_size,
                                    cfg.text.context_length, config.batch_size)
   if start.data_state is not None:
-    data.set_state(pipeline.host_state(start.data_state))
+    try:
+      data.set_state(pipeline.host_state(start.data_state))
+    except ValueError as e:  # e.g. saved by another number of processes
+      pipeline.close_source(data)
+      raise prepare.SetupError(f"the checkpoint of step {start.step} cannot resume this run: "
+                               f"{e}") from e
   if setup.teacher_cache:
     path, manifest = setup.teacher_cache
     data = teacher_cache.CachedTeacher(data, teacher_cache.Reader(path, manifest), start.step,
