@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -54,11 +54,23 @@ class Result:
 
 @dataclasses.dataclass
 class Outputs:
-  """A stage's checkpoints, metric writer and preemption notice (shared by its phases)."""
+  """A stage's checkpoints, metric writer and preemption notice (shared by its phases).
+  The writer is opened by the first phase that gets past its input check, so a run
+  whose input has nothing usable writes nothing."""
   mgr: Any
-  writer: Any
   notice: Any
   config_json: dict
+  open_writer: Callable[[int], Any]  # start step → writer
+  _writer: Any = None
+
+  def writer(self, start: int):
+    if self._writer is None:
+      self._writer = self.open_writer(start)
+    return self._writer
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
 
 
 def _open_input(config: ml_collections.ConfigDict, setup, start: Start):
@@ -113,6 +125,7 @@ def train_phase(phase: Phase, setup, start: Start, out: Outputs) -> Result:
   try:
     if sharded_input:  # no usable input: stop before compiling or writing anything
       monitor.check(pipeline.gather_state(batches.peek()[1]))
+    writer = out.writer(start.step)
     if start.save:  # a transition's result: a resume must find it
       checkpoint.save(out.mgr, step, state, pipeline.gather_state(data_state or {}),
                       out.config_json, setup.student_config.to_dict())
@@ -164,7 +177,7 @@ def train_phase(phase: Phase, setup, start: Start, out: Outputs) -> Result:
           ev = _evaluate(suite, setup, state, step)
           evals.append({"step": step, **ev})
           last.update({f"eval/{k}": v for k, v in ev.items()})
-        out.writer.write_scalars(step, last)
+        writer.write_scalars(step, last)
       if do_save:
         checkpoint.save(out.mgr, step, state, gathered, out.config_json, model_json)
       faults.at_step(step, phase.name, out.mgr.wait_until_finished, kinds=("kill_at_step",))

@@ -62,7 +62,9 @@ def _stage(phases: list[plan_lib.Phase], teachers: _Teachers, meshes: dict,
   teacher = teachers.get(config, mesh)
   mgr = checkpoint.manager(workdir, config.keep_checkpoints)
   latest, latest_model = _resume_point(mgr)
-  writer, result, carry = None, None, None
+  out = loop.Outputs(mgr, notice, json.loads(config.to_json_best_effort()),
+                     lambda start: _open_writer(config, workdir, start))
+  result, carry = None, None
   try:
     for phase in phases:
       if latest is not None and latest >= phase.last_step and not phase.export:
@@ -91,9 +93,6 @@ def _stage(phases: list[plan_lib.Phase], teachers: _Teachers, meshes: dict,
       else:
         start = loop.Start(0, prepare.init_state(
             config, setup, prepare.student_params(config, setup, teacher, host)))
-      if writer is None:
-        writer = _open_writer(config, workdir, start.step)
-      out = loop.Outputs(mgr, writer, notice, json.loads(config.to_json_best_effort()))
       result = loop.train_phase(phase, setup, start, out)
       latest = None  # later phases of this stage start fresh from what this one made
       if result.preempted:
@@ -109,8 +108,7 @@ def _stage(phases: list[plan_lib.Phase], teachers: _Teachers, meshes: dict,
         carry = None
   finally:
     mgr.close()
-    if writer is not None:
-      writer.close()
+    out.close()
   path = loop.export(workdir, result.weights, cfg)
   logging.info("exported the student to %s", path)
   teachers.exported[path] = (result.weights, cfg)
