@@ -108,10 +108,10 @@ def load_texts(path: str) -> list[str]:
 
 
 def write_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
-  from tinyclip_jax.convert.io import atomic_write
+  from tinyclip_jax import storage
   buf = io.BytesIO()
   np.savez(buf, **arrays)
-  atomic_write(path, lambda f: f.write(buf.getvalue()))
+  storage.write_bytes(path, buf.getvalue())  # atomic, local or gs://
 
 
 # --------------------------------------------------------------------------- main

@@ -48,6 +48,7 @@ def main(argv) -> int:
     return 2
   import jax  # pylint: disable=import-outside-toplevel
   from tinyclip_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  from tinyclip_jax import storage  # pylint: disable=import-outside-toplevel
   from tinyclip_jax.train import loop, prepare, stages  # pylint: disable=import-outside-toplevel
   jax.config.update("jax_threefry_partitionable", True)
   _hide_accelerators_from_tf()
@@ -61,7 +62,8 @@ def main(argv) -> int:
       demo.run(config, FLAGS.workdir)
     else:
       stages.run(config, FLAGS.workdir)
-  except (prepare.SetupError, loop.NonFiniteError, pipeline.InputStalled) as e:
+  except (prepare.SetupError, loop.NonFiniteError, pipeline.InputStalled,
+          storage.StorageError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0

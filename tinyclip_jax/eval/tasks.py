@@ -19,7 +19,8 @@ from typing import Callable, Iterable
 import jax
 import numpy as np
 
-from tinyclip_jax import evaluate, parallel, preprocess, tokenizer
+from tinyclip_jax import evaluate, parallel, preprocess, storage, tokenizer
+from tinyclip_jax import workdir as workdir_lib
 from tinyclip_jax.eval import metadata, retrieval
 
 
@@ -242,15 +243,6 @@ def write_result(workdir: str, step: int, metrics: dict) -> str | None:
   if jax.process_index() != 0:
     return None
   text = json.dumps({"step": step, **metrics}, indent=2)
-  folder = f"{workdir}/evals"
-  path = f"{folder}/step_{step:08d}.json"
-  if "://" in workdir:
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
-    with tf.io.gfile.GFile(path, "w") as f:
-      f.write(text)
-    return path
-  os.makedirs(folder, exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    f.write(text)
-  os.replace(path + ".tmp", path)
+  path = workdir_lib.eval_result(workdir, step)
+  storage.write_text(path, text)  # one object / temp + rename: never half-written
   return path

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from typing import Any
 
@@ -17,7 +16,8 @@ import numpy as np
 from absl import logging
 from clu import periodic_actions
 
-from tinyclip_jax import checkpoint, evaluate, metrics as metrics_lib, parallel
+from tinyclip_jax import checkpoint, evaluate, faults, metrics as metrics_lib, parallel, storage
+from tinyclip_jax import workdir as workdir_lib
 from tinyclip_jax.data import pipeline, teacher_cache, text_buckets
 from tinyclip_jax.eval import tasks as eval_tasks
 from tinyclip_jax.models import CLIP, CLIPConfig, count_params, merge_stats
@@ -48,7 +48,7 @@ def _log_compiled(compiled) -> None:
 def _export(workdir: str, params, config) -> str:
   """Params gathered on every process; process 0 writes the folder, the others wait."""
   from tinyclip_jax import model_io  # pylint: disable=import-outside-toplevel
-  path = os.path.join(workdir, "final")
+  path = workdir_lib.final(workdir)
   host = prepare.as_numpy(params)
   if jax.process_index() == 0:
     model_io.save_model(path, host, config, overwrite=True)
@@ -174,12 +174,14 @@ def _train(run: _Run, setup, state, start: int, end: int) -> tuple[Any, int, boo
       run.writer.write_scalars(step, run.last)
     # The masked phase's last state is saved after pruning (by the caller).
     if do_save:
+      run.writer.checkpoint(step)  # metrics up to this step stored before the checkpoint
       checkpoint.save(run.mgr, step, state, gathered, run.config_json, model_json)
       if run.mgr.reached_preemption(step):
         run.mgr.wait_until_finished()
         logging.info("preempted: saved step %d", step)
         window.close(state)
         return state, step, True
+    faults.at_step(step)
     run.data_state = data_state
   window.close(state)  # a window that runs past this phase ends with it
   return state, step, False
@@ -193,6 +195,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   Returns {"params", "student_config", "metrics" (last logged), "evals" (history)}.
   """
   prepare.validate(config)
+  storage.check_writable(workdir)  # a missing or read-only bucket: found before any work
   mgr = checkpoint.manager(workdir, config.keep_checkpoints)
   latest = mgr.latest_step()
   resuming = latest is not None
@@ -208,13 +211,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   student_cfg = setup.student_config
   data = pipeline.make_train_input(config.data, student_cfg.vision.image_size,
                                    student_cfg.text.context_length, config.batch_size)
-  jsonl = os.path.join(workdir, "metrics.jsonl")
   start = 0
   if resuming:
     start, state, data_state = checkpoint.restore_latest(mgr, setup.abstract_state)
     data.set_state(pipeline.host_state(data_state))
     if jax.process_index() == 0:
-      metrics_lib.truncate_jsonl(jsonl, start)
+      metrics_lib.truncate(workdir, start)
     logging.info("resumed from step %d in %s", start, workdir)
 
   eval_task = None
@@ -243,8 +245,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   try:
     if config.data.kind != "synthetic":  # no usable input: stop before writing anything
       monitor.check(pipeline.gather_state(batches.peek()[1]))
-    if "://" not in workdir:
-      os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
     writer = metrics_lib.create_writer(workdir)
     if start == 0:
       writer.write_hparams({k: str(v) for k, v in config.to_dict().items()})
@@ -260,6 +261,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       # The teacher stays on device: loading it again would hold two copies at once.
       setup, state = prepare.build(config, restoring=False,
                                    pruned=prepare.Pruned(cfg, params, step), teacher_from=setup)
+      writer.checkpoint(step)
       checkpoint.save(mgr, step, state, pipeline.gather_state(run_.data_state),
                       run_.config_json, cfg.to_dict())
       state, step, preempted = _train(run_, setup, state, step, config.total_steps)

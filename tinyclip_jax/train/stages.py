@@ -12,19 +12,16 @@ stage in progress resumes from its own checkpoints.
 from __future__ import annotations
 
 import copy
-import json
 from typing import Any
 
 import jax
 import ml_collections
 from absl import logging
-from etils import epath
-
-from tinyclip_jax import paths
+from tinyclip_jax import paths, storage, workdir as workdir_lib
 from tinyclip_jax.train import loop, prepare
 
 STAGE_KEYS = ("name", "from_stage")
-DONE = "stage_done.json"
+DONE = workdir_lib.STAGE_DONE
 
 
 def _merge(base: ml_collections.ConfigDict, override, where: str) -> None:
@@ -60,9 +57,9 @@ def plan(config: ml_collections.ConfigDict, workdir: str) -> list[tuple[str, Any
           f"set from_stage to one of -1 … {k - 1} (-1: start as the base config says).")
     c = copy.deepcopy(base)
     _merge(c, {key: v for key, v in stage.items() if key not in STAGE_KEYS}, f"stages[{k}]")
-    sub = f"{workdir.rstrip('/')}/{k}_{name}"
+    sub = workdir_lib.stage(workdir, k, name)
     if source >= 0:
-      previous = f"{out[source][2]}/final"
+      previous = workdir_lib.final(out[source][2])
       if c.student.init == "inherit" and "student" in stage and "init" in stage["student"]:
         c.student.inherit_from = previous  # manual: cut a smaller model from it
       else:
@@ -83,10 +80,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     return loop.run(config, workdir)
   result: dict[str, Any] = {"stages": []}
   for name, c, sub in plan(config, workdir):
-    done = epath.Path(sub) / DONE
-    if done.exists():
+    done = workdir_lib.stage_done(sub)
+    if storage.exists(done):
       logging.info("stage %s is complete in %s; skipping it", name, sub)
-      result["stages"].append(json.loads(done.read_text()))
+      result["stages"].append(storage.read_json(done))
       continue
     logging.info("stage %s: %s", name, sub)
     r = loop.run(c, sub)
@@ -100,7 +97,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "evals": r["evals"][-1:] if r["evals"] else []
     }
     if jax.process_index() == 0:
-      done.write_text(json.dumps(summary, indent=2))
+      storage.write_json(done, summary)  # the stage's commit marker, written last
     result["stages"].append(summary)
     result.update(r)
   return result
