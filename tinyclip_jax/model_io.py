@@ -132,13 +132,13 @@ def _require_checkpoint(path: epath.Path) -> None:
   if not path.is_dir():
     raise CheckpointError(f"{path} is a file, but a model checkpoint folder (params/ + "
                           f"{CONFIG}) was expected.")
+  if storage.is_url(str(path)) and not storage.is_published(str(path)):
+    raise CheckpointError(f"{path} is incomplete (no {storage.MARKER} marker: its writer "
+                          "stopped before the end); write it again.")
   for name in (CONFIG, PARAMS):
     if not (path / name).exists():
       raise CheckpointError(f"{path} is not a model checkpoint: it has no {name} (found: "
                             f"{_listing(path)}).")
-  if storage.is_url(str(path)) and not storage.is_published(str(path)):
-    raise CheckpointError(f"{path} is incomplete (no {storage.MARKER} marker: its writer "
-                          "stopped before the end); write it again.")
 
 
 def load_config(directory) -> CLIPConfig:

@@ -31,9 +31,6 @@ from tinyclip_jax import faults
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 # etils.epath (orbax's paths) would use tf.io.gfile when TF is importable.
 os.environ.setdefault("EPATH_USE_TF", "false")
-if os.environ.get("STORAGE_EMULATOR_HOST") and not os.environ.get("TENSORSTORE_GCS_HTTP_URL"):
-  _host = os.environ["STORAGE_EMULATOR_HOST"]
-  os.environ["TENSORSTORE_GCS_HTTP_URL"] = _host if "://" in _host else f"http://{_host}"
 
 def _configure_fsspec() -> None:
   """fsspec's gcs defaults, for this module and for etils.epath under orbax: no listing
@@ -47,7 +44,18 @@ def _configure_fsspec() -> None:
       conf.setdefault("token", "anon")
 
 
-_configure_fsspec()
+def configure() -> None:
+  """Points tensorstore (orbax) at STORAGE_EMULATOR_HOST when only that is set, and
+  sets fsspec's gcs defaults. Runs at import; call again after changing the variables."""
+  host = os.environ.get("STORAGE_EMULATOR_HOST")
+  if host and not os.environ.get("TENSORSTORE_GCS_HTTP_URL"):
+    os.environ["TENSORSTORE_GCS_HTTP_URL"] = host if "://" in host else f"http://{host}"
+  _configure_fsspec()
+  _FS.clear()
+
+
+_FS = {}
+configure()
 
 MARKER = "_COMMITTED"  # the commit marker of a published folder
 
@@ -77,9 +85,6 @@ def parent(path) -> str:
 
 def basename(path) -> str:
   return os.fspath(path).rstrip("/").rsplit("/", 1)[-1]
-
-
-_FS = {}
 
 
 def _gcs():
