@@ -18,7 +18,6 @@ Run: python -m tinyclip_jax.main --config=configs/demo.py --workdir=/tmp/demo
 from __future__ import annotations
 
 import copy
-import json
 import os
 import shutil
 import time
@@ -26,7 +25,7 @@ import time
 import ml_collections
 from absl import logging
 
-from tinyclip_jax import paths
+from tinyclip_jax import paths, storage, workdir as workdir_lib
 from tinyclip_jax.inherit import prune
 from tinyclip_jax.models import count_params
 from tinyclip_jax.train import loop, prepare
@@ -49,13 +48,13 @@ def _stage(config, workdir: str, name: str, **overrides) -> dict:
       for p in path:
         target = target[p]
       target[leaf] = value
-  run_dir = os.path.join(workdir, "runs", name)
+  run_dir = workdir_lib.demo_run(workdir, name)
   t0 = time.time()
   result = loop.run(c, run_dir)
   dst = os.path.join(workdir, name)
   if os.path.exists(dst):
     shutil.rmtree(dst)
-  os.replace(os.path.join(run_dir, "final"), dst)
+  os.replace(workdir_lib.final(run_dir), dst)  # the demo runs on local disk
   result["seconds"] = time.time() - t0
   result["checkpoint"] = dst
   logging.info("%s: %d steps in %.0f s", name, result["step"], result["seconds"])
@@ -109,11 +108,8 @@ def _print_table(summary: dict) -> None:
 
 def run_auto(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """The auto path: masks → prune → distil on, from the demo's teacher."""
-  path = os.path.join(workdir, "summary.json")
-  summary = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      summary = json.load(f)
+  path = workdir_lib.summary(workdir)
+  summary = storage.read_json(path) if storage.exists(path) else {}
   if "teacher" in summary and os.path.exists(os.path.join(workdir, "teacher")):
     logging.info("reusing the demo's teacher in %s/teacher", workdir)
   else:
@@ -127,8 +123,7 @@ def run_auto(config: ml_collections.ConfigDict, workdir: str) -> dict:
                          structure=prune.structure(auto["student_config"]))
   summary.setdefault("seconds", {})["auto"] = round(auto["seconds"], 1)
   summary.setdefault("history", {})["auto"] = auto["evals"]
-  with open(path, "w") as f:
-    json.dump(summary, f, indent=2)
+  storage.write_json(path, summary)
   _print_table(summary)
   print(f"auto: masks learned for {config.masks.prune_step} steps, pruned, distilled to step "
         f"{config.total_steps}; structure plots in {workdir}/runs/auto/structure")
@@ -154,10 +149,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   summary = {name: _final(r)
              for name, r in (("teacher", teacher), ("distilled", distilled), ("scratch", scratch))}
-  old = os.path.join(workdir, "summary.json")
-  if os.path.exists(old):  # keep an auto result from configs/demo_auto.py
-    with open(old) as f:
-      previous = json.load(f)
+  old = workdir_lib.summary(workdir)
+  if storage.exists(old):  # keep an auto result from configs/demo_auto.py
+    previous = storage.read_json(old)
     if "auto" in previous:
       summary["auto"] = previous["auto"]
   summary["steps"] = config.total_steps
@@ -167,9 +161,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   summary["history"] = {"distilled": distilled["evals"], "scratch": scratch["evals"]}
   summary["seconds"] = {k: round(r["seconds"], 1) for k, r in
                         (("teacher", teacher), ("distilled", distilled), ("scratch", scratch))}
-  with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2)
-  _plot(os.path.join(workdir, "top1.png"), distilled["evals"], scratch["evals"],
+  storage.write_json(workdir_lib.summary(workdir), summary)
+  _plot(workdir_lib.plot(workdir, "top1.png"), distilled["evals"], scratch["evals"],
         summary["teacher"]["top1"])
 
   _print_table(summary)

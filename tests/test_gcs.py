@@ -1,0 +1,214 @@
+"""The Cloud TPU path end to end: teacher, webdataset shards and workdir on gs://, served
+by a real fake-gcs-server on loopback (STORAGE_EMULATOR_HOST only), through the real
+entry points (`python -m tinyclip_jax.main`, convert, evaluate, embed).
+
+Reference: the same run on local disk. A run on gs:// killed (SIGKILL, the fault hook)
+after a checkpoint and restarted logs the same losses (≤1e-6 relative), and every
+logged step is in the bucket's metrics.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import types
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from tinyclip_jax import checkpoint, metrics, model_io, storage
+from tinyclip_jax.data import make_shards
+from tinyclip_jax.models import CLIP
+from tinyclip_jax.train import defaults
+from gcs_fixtures import gcs  # noqa: F401  pylint: disable=unused-import
+from test_train import ROOT, SMOKE, smoke_config
+
+pytestmark = pytest.mark.xdist_group("gcs")
+
+STEPS, KILL_AT = 6, 5
+
+
+def python(module: str, *args, cwd, log, cache=None, fault: str = "") -> subprocess.CompletedProcess:
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT),
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env.pop("TINYCLIP_FAULT", None)
+  if fault:
+    env["TINYCLIP_FAULT"] = fault
+  if cache:  # the runs of one config compile once
+    env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  with open(log, "w") as f:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, stdout=f,
+                          stderr=subprocess.STDOUT, timeout=600)
+
+
+def run_args(workdir, teacher, pattern):
+  return [f"--config={SMOKE}", f"--workdir={workdir}", f"--config.total_steps={STEPS}",
+          "--config.checkpoint_every=3", "--config.log_every=1", "--config.eval_every=3",
+          "--config.eval.kind=", f"--config.eval.tasks=wds:{pattern}",
+          "--config.eval.max_examples=16", "--config.eval.batch_size=16",
+          "--config.data.kind=webdataset", f"--config.data.train={pattern}",
+          "--config.data.shards_per_window=2", "--config.data.shuffle_buffer=8",
+          f"--config.teacher.checkpoint={teacher}"]
+
+
+def save_teacher(*paths):
+  cfg = defaults.build_model_config(smoke_config().teacher, "teacher")
+  size, ctx = cfg.vision.image_size, cfg.text.context_length
+  params = jax.tree.map(np.asarray, nn.meta.unbox(CLIP(cfg).init(
+      jax.random.PRNGKey(1), np.zeros((1, size, size, 3), np.float32),
+      np.zeros((1, ctx), np.int32))["params"]))
+  for p in paths:
+    model_io.save_model(p, params, cfg)
+
+
+@pytest.fixture(scope="module")
+def runs(gcs, tmp_path_factory):  # noqa: F811
+  bucket = gcs.make_bucket("tpu-run")
+  base = tmp_path_factory.mktemp("gcs_e2e")
+  cwd, cache = base / "cwd", base / "jax_cache"
+  cwd.mkdir()
+  make_shards.write_shards(str(base / "wds"), 2, 24, 32)
+  storage.copy_local(str(base / "wds"), f"{bucket}/wds")
+  save_teacher(str(base / "teacher"), f"{bucket}/teacher")
+  local = python("tinyclip_jax.main", *run_args(base / "work", base / "teacher",
+                                                 base / "wds/{00000..00001}.tar"),
+                 cwd=cwd, log=base / "local.log", cache=cache)
+  work = f"{bucket}/run"
+  gs_args = run_args(work, f"{bucket}/teacher", f"{bucket}/wds/{{00000..00001}}.tar")
+  killed = python("tinyclip_jax.main", *gs_args, cwd=cwd, log=base / "killed.log", cache=cache,
+                  fault=f"kill_at_step:{KILL_AT}")
+  mgr = checkpoint.manager(work, 3)
+  latest = mgr.latest_step()
+  mgr.close()
+  after_kill = [r["step"] for r in metrics.read_jsonl(work)]
+  resumed = python("tinyclip_jax.main", *gs_args, cwd=cwd, log=base / "resumed.log", cache=cache)
+  return types.SimpleNamespace(bucket=bucket, base=base, cwd=cwd, cache=cache, work=work,
+                               local=local, killed=killed, resumed=resumed, latest=latest,
+                               after_kill=after_kill)
+
+
+def log(runs, name):
+  return (runs.base / f"{name}.log").read_text()
+
+
+def test_killed_run_on_gcs_resumes_and_logs_the_local_losses(runs):
+  assert runs.local.returncode == 0, log(runs, "local")[-3000:]
+  assert runs.killed.returncode == -9, log(runs, "killed")[-3000:]
+  assert runs.resumed.returncode == 0, log(runs, "resumed")[-3000:]
+  # Every step up to the newest complete checkpoint was in the bucket after the kill.
+  assert runs.latest in (3, None) or runs.latest <= KILL_AT
+  assert set(range(1, (runs.latest or 0) + 1)) <= set(runs.after_kill)
+  assert f"resumed from step {runs.latest}" in log(runs, "resumed") if runs.latest else True
+  local = {r["step"]: r["loss"] for r in metrics.read_jsonl(runs.base / "work/metrics.jsonl")}
+  rows = metrics.read_jsonl(f"{runs.work}/metrics.jsonl")
+  gs = {r["step"]: r["loss"] for r in rows}
+  assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # each step once, in order
+  assert sorted(local) == sorted(gs)
+  for s in local:
+    assert abs(gs[s] - local[s]) <= 1e-6 * abs(local[s]), (s, gs[s], local[s])
+
+
+def test_bucket_holds_the_run_and_nothing_is_written_locally(runs):
+  names = storage.listdir(runs.work)
+  assert {"checkpoints", "metrics", "evals", "final"} <= set(names), names
+  assert any(n.startswith("events.out.tfevents.") for n in names), names
+  assert storage.listdir(f"{runs.work}/evals") == ["step_00000003.json", "step_00000006.json"]
+  assert storage.is_published(f"{runs.work}/final")
+  assert "6" in storage.listdir(f"{runs.work}/checkpoints")
+  assert os.listdir(runs.cwd) == []
+
+
+def test_convert_evaluate_embed_from_gcs(runs, tmp_path):
+  final = f"{runs.work}/final"
+  r = python("tinyclip_jax.convert", f"--src=flax:{final}", f"--dst=hf:{tmp_path / 'hf'}",
+             cwd=runs.cwd, log=tmp_path / "convert.log")
+  assert r.returncode == 0, (tmp_path / "convert.log").read_text()[-3000:]
+  assert (tmp_path / "hf" / "model.safetensors").is_file()
+  out = f"{runs.bucket}/eval.json"
+  r = python("tinyclip_jax.evaluate", f"--checkpoint={final}", f"--output={out}",
+             "--num_examples=32", "--batch_size=32", cwd=runs.cwd, log=tmp_path / "eval.log")
+  assert r.returncode == 0, (tmp_path / "eval.log").read_text()[-3000:]
+  assert set(storage.read_json(out)) >= {"top1"}
+  texts = tmp_path / "texts.txt"
+  texts.write_text("a red square\na blue circle\n")
+  r = python("tinyclip_jax.embed", f"--checkpoint={final}", f"--texts={texts}",
+             f"--output={runs.bucket}/emb.npz", cwd=runs.cwd, log=tmp_path / "embed.log")
+  assert r.returncode == 0, (tmp_path / "embed.log").read_text()[-3000:]
+  import io  # pylint: disable=import-outside-toplevel
+  emb = np.load(io.BytesIO(storage.read_bytes(f"{runs.bucket}/emb.npz")))
+  assert emb["text_embeds"].shape[0] == 2
+  assert os.listdir(runs.cwd) == []
+
+
+@pytest.mark.parametrize("what", ["bucket", "object", "pattern"])
+def test_bad_gcs_input_is_one_sentence_and_exit_2_before_compiling(runs, what, tmp_path):
+  teacher, pattern, work = (f"{runs.bucket}/teacher", f"{runs.bucket}/wds/*.tar",
+                            f"{runs.bucket}/bad_{what}")
+  if what == "bucket":
+    work = "gs://no-such-bucket/run"
+  elif what == "object":
+    teacher = f"{runs.bucket}/no_teacher"
+  else:
+    pattern = f"{runs.bucket}/wds/*.tfrecord"
+  r = python("tinyclip_jax.main", *run_args(work, teacher, pattern), cwd=runs.cwd,
+             log=tmp_path / "bad.log")
+  text = (tmp_path / "bad.log").read_text()
+  errors = [line for line in text.splitlines() if line.startswith("error:")]
+  assert r.returncode == 2 and len(errors) == 1, text[-3000:]
+  named = {"bucket": "gs://no-such-bucket", "object": teacher, "pattern": pattern}[what]
+  assert named in errors[0], errors[0]
+  assert "compiled the train step" not in text
+
+
+def test_teacher_cache_on_gcs_and_a_run_reading_it(runs, tmp_path, monkeypatch):
+  """`cache_teacher --out=gs://…`, killed once right before its manifest (the commit
+  marker): that cache is refused; built again, a run reads it."""
+  from tinyclip_jax.train import loop  # pylint: disable=import-outside-toplevel
+  monkeypatch.chdir(runs.cwd)
+  out = f"{runs.bucket}/cache"
+  args = [f"--config={SMOKE}", f"--out={out}", "--steps=2", "--chunk=1", "--dtype=float32",
+          f"--config.teacher.checkpoint={runs.bucket}/teacher", "--config.eval.kind="]
+  r = python("tinyclip_jax.cache_teacher", *args, cwd=runs.cwd, log=tmp_path / "c1.log",
+             fault="kill_in_write:teacher_cache")
+  assert r.returncode == -9, (tmp_path / "c1.log").read_text()[-3000:]
+  assert storage.listdir(out) == ["p000-000000.safetensors", "p000-000001.safetensors"]
+  c = smoke_config({"teacher.checkpoint": f"{runs.bucket}/teacher", "eval.kind": "",
+                    "teacher.cache": out, "total_steps": 2, "log_every": 1})
+  with pytest.raises(Exception, match="cache.json is missing"):
+    loop.run(c, f"{runs.bucket}/cache_run_refused")
+  storage.remove(out)
+  r = python("tinyclip_jax.cache_teacher", *args, cwd=runs.cwd, log=tmp_path / "c2.log")
+  assert r.returncode == 0, (tmp_path / "c2.log").read_text()[-3000:]
+  work = f"{runs.bucket}/cache_run"
+  loop.run(c, work)
+  assert [r["step"] for r in metrics.read_jsonl(work)] == [1, 2]
+  assert storage.is_published(f"{work}/final")
+  assert os.listdir(runs.cwd) == []
+
+
+def test_auto_inheritance_stages_on_gcs(runs, monkeypatch):
+  """Masked → pruned stage then a manual stage, all on gs://: structure files, stage
+  markers and both exports land in the bucket."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from tinyclip_jax.train import stages  # pylint: disable=import-outside-toplevel
+  from test_auto_inherit import SMALL, auto_config  # pylint: disable=import-outside-toplevel
+  monkeypatch.chdir(runs.cwd)
+  c = auto_config()
+  c.total_steps, c.masks.prune_step, c.masks.sparsity_warmup = 4, 2, 1
+  c.stages = (ml_collections.ConfigDict({"name": "auto"}),
+              ml_collections.ConfigDict({"name": "manual", "total_steps": 1,
+                                         "masks": {"enabled": False},
+                                         "student": {"init": "inherit", "custom": SMALL}}))
+  work = f"{runs.bucket}/staged"
+  stages.run(c, work)
+  assert storage.listdir(work) == ["0_auto", "1_manual"]
+  for stage in ("0_auto", "1_manual"):
+    assert storage.exists(f"{work}/{stage}/stage_done.json")
+    assert storage.is_published(f"{work}/{stage}/final")
+  structure = storage.listdir(f"{work}/0_auto/structure")
+  assert "pruned_00000002.json" in structure and "pruned_00000002.png" in structure
+  assert storage.read_bytes(f"{work}/0_auto/structure/pruned_00000002.png")[:4] == b"\x89PNG"
+  assert os.listdir(runs.cwd) == []
