@@ -4,7 +4,8 @@ TINYCLIP_FAULT holds comma-separated faults; a process given one acts it out exa
 where the code calls the hook, so a test kills a run at a known point instead of
 racing a timer:
 
-  kill_at_step:N      SIGKILL at step N, after the step ran and before its checkpoint
+  kill_at_step:N      SIGKILL after step N (and its checkpoint, if it saves one; the loop
+                      lets started async saves finish first, so a restart knows its step)
   term_at_step:N      SIGTERM at step N (a preemption notice) — the handler saves
   kill_in_write:NAME  SIGKILL in the middle of the write named NAME (the part written
                       so far stays behind, as after a real crash)
@@ -36,10 +37,14 @@ def _faults() -> list[tuple[str, str]]:
   return out
 
 
-def at_step(step: int) -> None:
-  """Called by the train loop after each step."""
+def at_step(step: int, settle=None) -> None:
+  """Called by the train loop after each step. `settle` (e.g. the checkpoint manager's
+  wait_until_finished) runs before a kill, so the checkpoints started before step N
+  are complete and the test knows exactly which one a restart must resume from."""
   for kind, arg in _faults():
     if kind == "kill_at_step" and int(arg) == step:
+      if settle is not None:
+        settle()
       os.kill(os.getpid(), signal.SIGKILL)
     if kind == "term_at_step" and int(arg) == step:
       os.kill(os.getpid(), signal.SIGTERM)

@@ -181,7 +181,7 @@ def _train(run: _Run, setup, state, start: int, end: int) -> tuple[Any, int, boo
         logging.info("preempted: saved step %d", step)
         window.close(state)
         return state, step, True
-    faults.at_step(step)
+    faults.at_step(step, run.mgr.wait_until_finished)
     run.data_state = data_state
   window.close(state)  # a window that runs past this phase ends with it
   return state, step, False
