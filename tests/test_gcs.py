@@ -143,24 +143,31 @@ def test_convert_evaluate_embed_from_gcs(runs, tmp_path):
   assert os.listdir(runs.cwd) == []
 
 
-@pytest.mark.parametrize("what", ["bucket", "object", "pattern"])
-def test_bad_gcs_input_is_one_sentence_and_exit_2_before_compiling(runs, what, tmp_path):
-  teacher, pattern, work = (f"{runs.bucket}/teacher", f"{runs.bucket}/wds/*.tar",
-                            f"{runs.bucket}/bad_{what}")
-  if what == "bucket":
-    work = "gs://no-such-bucket/run"
-  elif what == "object":
-    teacher = f"{runs.bucket}/no_teacher"
-  else:
-    pattern = f"{runs.bucket}/wds/*.tfrecord"
-  r = python("tinyclip_jax.main", *run_args(work, teacher, pattern), cwd=runs.cwd,
-             log=tmp_path / "bad.log")
+def test_bad_gcs_input_is_one_sentence_and_exit_2_before_compiling(runs, tmp_path, monkeypatch):
+  """A missing bucket through the CLI (exit 2, one `error:` line); a missing object and
+  a pattern matching nothing through the same entry function, in this process."""
+  from tinyclip_jax.train import prepare, stages  # pylint: disable=import-outside-toplevel
+  teacher, pattern = f"{runs.bucket}/teacher", f"{runs.bucket}/wds/*.tar"
+  r = python("tinyclip_jax.main", *run_args("gs://no-such-bucket/run", teacher, pattern),
+             cwd=runs.cwd, log=tmp_path / "bad.log")
   text = (tmp_path / "bad.log").read_text()
   errors = [line for line in text.splitlines() if line.startswith("error:")]
   assert r.returncode == 2 and len(errors) == 1, text[-3000:]
-  named = {"bucket": "gs://no-such-bucket", "object": teacher, "pattern": pattern}[what]
-  assert named in errors[0], errors[0]
-  assert "compiled the train step" not in text
+  assert "gs://no-such-bucket" in errors[0] and "compiled the train step" not in text
+  monkeypatch.chdir(runs.cwd)
+  compiled = []
+  monkeypatch.setattr("tinyclip_jax.train.loop._compile", lambda *a: compiled.append(1))
+  base = {"eval.kind": "", "data.kind": "webdataset", "data.train": pattern,
+          "teacher.checkpoint": teacher}
+  for override, named in (({"teacher.checkpoint": f"{runs.bucket}/no_teacher"},
+                           f"{runs.bucket}/no_teacher"),
+                          ({"data.train": f"{runs.bucket}/wds/*.tfrecord"},
+                           f"{runs.bucket}/wds/*.tfrecord")):
+    with pytest.raises((prepare.SetupError, storage.StorageError)) as e:
+      stages.run(smoke_config({**base, **override}), f"{runs.bucket}/bad")
+    assert named in str(e.value) and "\n" not in str(e.value), str(e.value)
+  assert not compiled and os.listdir(runs.cwd) == []
+  assert storage.listdir(f"{runs.bucket}/bad") == []
 
 
 def test_teacher_cache_on_gcs_and_a_run_reading_it(runs, tmp_path, monkeypatch):

@@ -151,3 +151,26 @@ def test_retries_on_503_and_429_then_403_is_one_sentence(bucket, gcs):  # noqa: 
   finally:
     use_endpoint(gcs.url)
     proxy.close()
+
+
+def test_local_copy_and_staged_output_for_local_only_tools(bucket, tmp_path):
+  """convert's non-flax formats read and write local files: gs:// sources are fetched,
+  gs:// outputs written locally then uploaded (folders published last)."""
+  with storage.staged_output(f"{bucket}/hf", folder=True) as out:
+    os.makedirs(out)
+    with open(os.path.join(out, "config.json"), "w") as f:
+      f.write("{}")
+    assert not storage.exists(f"{bucket}/hf/config.json")  # nothing up before the end
+  assert storage.is_published(f"{bucket}/hf")
+  with storage.staged_output(f"{bucket}/oc/model.bin", folder=False) as out:
+    with open(out, "wb") as f:
+      f.write(b"w")
+    with open(os.path.join(os.path.dirname(out), "open_clip_config.json"), "w") as f:
+      f.write("{}")
+  assert storage.listdir(f"{bucket}/oc") == ["model.bin", "open_clip_config.json"]
+  with storage.local_copy(f"{bucket}/hf") as local:
+    assert sorted(os.listdir(local)) == [storage.MARKER, "config.json"]
+    kept = local
+  assert not os.path.exists(kept)
+  with storage.local_copy(f"{bucket}/oc/model.bin") as local:
+    assert open(local, "rb").read() == b"w"

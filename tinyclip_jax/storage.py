@@ -311,3 +311,49 @@ def walk_files(folder) -> Iterator[str]:
   with _errors(folder, "listing"):
     found = _fs(folder).find(folder.rstrip("/"), withdirs=False)
   yield from sorted(p if "://" in p else f"gs://{p}" for p in found)
+
+
+# -- tools that read or write local files only -------------------------------------
+
+@contextlib.contextmanager
+def local_copy(path: str, keep_url: bool = False) -> Iterator[str]:
+  """A local path holding `path`: itself, or a gs:// file or folder fetched into a
+  temporary folder (removed afterwards). keep_url: URLs pass through unchanged (for
+  readers that take gs:// themselves, e.g. orbax)."""
+  if not is_url(path) or keep_url:
+    yield path
+    return
+  tmp = tempfile.mkdtemp(prefix="tinyclip_fetch_")
+  try:
+    local = os.path.join(tmp, basename(path))
+    if isdir(path):
+      for f in walk_files(path):
+        write_bytes(os.path.join(local, *f[len(path.rstrip("/")) + 1:].split("/")),
+                    read_bytes(f))
+    else:
+      write_bytes(local, read_bytes(path))
+    yield local
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_output(path: str, folder: bool, keep_url: bool = False) -> Iterator[str]:
+  """A local path to write `path` at; for gs:// it is a temporary folder uploaded when
+  the body succeeds: a folder output is then published (marker last); a file output
+  goes up with whatever was written beside it (e.g. a sidecar config)."""
+  if not is_url(path) or keep_url:
+    yield path
+    return
+  tmp = tempfile.mkdtemp(prefix="tinyclip_stage_")
+  try:
+    local = os.path.join(tmp, basename(path))
+    yield local
+    if folder:
+      unpublish(path)
+      copy_local(local, path)
+      publish(path)
+    else:
+      copy_local(tmp, parent(path))
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
