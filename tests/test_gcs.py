@@ -132,8 +132,8 @@ def test_convert_evaluate_embed_from_gcs(runs, tmp_path):
              "--num_examples=32", "--batch_size=32", cwd=runs.cwd, log=tmp_path / "eval.log")
   assert r.returncode == 0, (tmp_path / "eval.log").read_text()[-3000:]
   assert set(storage.read_json(out)) >= {"top1"}
-  texts = tmp_path / "texts.txt"
-  texts.write_text("a red square\na blue circle\n")
+  texts = f"{runs.bucket}/texts.txt"
+  storage.write_text(texts, "a red square\na blue circle\n")
   r = python("tinyclip_jax.embed", f"--checkpoint={final}", f"--texts={texts}",
              f"--output={runs.bucket}/emb.npz", cwd=runs.cwd, log=tmp_path / "embed.log")
   assert r.returncode == 0, (tmp_path / "embed.log").read_text()[-3000:]
