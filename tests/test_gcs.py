@@ -171,50 +171,56 @@ def test_bad_gcs_input_is_one_sentence_and_exit_2_before_compiling(runs, tmp_pat
 
 
 def test_teacher_cache_on_gcs_and_a_run_reading_it(runs, tmp_path, monkeypatch):
-  """`cache_teacher --out=gs://…`, killed once right before its manifest (the commit
-  marker): that cache is refused; built again, a run reads it."""
+  """`cache_teacher --out=gs://…`, then a run reading it; a cache writer killed right
+  before its manifest (the commit marker) leaves a cache that is refused."""
   from tinyclip_jax.train import loop  # pylint: disable=import-outside-toplevel
   monkeypatch.chdir(runs.cwd)
   out = f"{runs.bucket}/cache"
-  args = [f"--config={SMOKE}", f"--out={out}", "--steps=2", "--chunk=1", "--dtype=float32",
-          f"--config.teacher.checkpoint={runs.bucket}/teacher", "--config.eval.kind="]
-  r = python("tinyclip_jax.cache_teacher", *args, cwd=runs.cwd, log=tmp_path / "c1.log",
-             fault="kill_in_write:teacher_cache")
-  assert r.returncode == -9, (tmp_path / "c1.log").read_text()[-3000:]
-  assert storage.listdir(out) == ["p000-000000.safetensors", "p000-000001.safetensors"]
+  r = python("tinyclip_jax.cache_teacher", f"--config={SMOKE}", f"--out={out}", "--steps=2",
+             "--chunk=1", "--dtype=float32", f"--config.teacher.checkpoint={runs.bucket}/teacher",
+             "--config.eval.kind=", cwd=runs.cwd, log=tmp_path / "cache.log")
+  assert r.returncode == 0, (tmp_path / "cache.log").read_text()[-3000:]
+  assert storage.listdir(out) == ["cache.json", "p000-000000.safetensors",
+                                  "p000-000001.safetensors"]
   c = smoke_config({"teacher.checkpoint": f"{runs.bucket}/teacher", "eval.kind": "",
                     "teacher.cache": out, "total_steps": 2, "log_every": 1})
-  with pytest.raises(Exception, match="cache.json is missing"):
-    loop.run(c, f"{runs.bucket}/cache_run_refused")
-  storage.remove(out)
-  r = python("tinyclip_jax.cache_teacher", *args, cwd=runs.cwd, log=tmp_path / "c2.log")
-  assert r.returncode == 0, (tmp_path / "c2.log").read_text()[-3000:]
   work = f"{runs.bucket}/cache_run"
   loop.run(c, work)
   assert [r["step"] for r in metrics.read_jsonl(work)] == [1, 2]
   assert storage.is_published(f"{work}/final")
+  killed = f"{runs.bucket}/cache_killed"
+  script = ("import numpy as np; from tinyclip_jax.data import teacher_cache as t; "
+            f"w = t.Writer({killed!r}, chunk=1, dtype='float32'); "
+            "w.add(np.ones((2, 4), np.float32), np.ones((2, 4), np.float32)); "
+            "w.close({'steps': 1})")
+  r = subprocess.run([sys.executable, "-c", script], cwd=runs.cwd, timeout=300, env=dict(
+      os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
+      TINYCLIP_FAULT="kill_in_write:teacher_cache"), capture_output=True, text=True)
+  assert r.returncode == -9, r.stderr[-3000:]
+  assert storage.listdir(killed) == ["p000-000000.safetensors"]  # rows, but no manifest
+  with pytest.raises(Exception, match="cache.json is missing"):
+    loop.run(smoke_config({"teacher.checkpoint": f"{runs.bucket}/teacher", "eval.kind": "",
+                           "teacher.cache": killed, "total_steps": 2}), f"{runs.bucket}/x")
   assert os.listdir(runs.cwd) == []
 
 
 def test_auto_inheritance_stages_on_gcs(runs, monkeypatch):
-  """Masked → pruned stage then a manual stage, all on gs://: structure files, stage
-  markers and both exports land in the bucket."""
+  """A masked → pruned stage on gs://: structure files, the stage marker and the export
+  land in the bucket, and a second call skips the finished stage."""
   import ml_collections  # pylint: disable=import-outside-toplevel
   from tinyclip_jax.train import stages  # pylint: disable=import-outside-toplevel
-  from test_auto_inherit import SMALL, auto_config  # pylint: disable=import-outside-toplevel
+  from test_auto_inherit import auto_config  # pylint: disable=import-outside-toplevel
   monkeypatch.chdir(runs.cwd)
   c = auto_config()
   c.total_steps, c.masks.prune_step, c.masks.sparsity_warmup = 4, 2, 1
-  c.stages = (ml_collections.ConfigDict({"name": "auto"}),
-              ml_collections.ConfigDict({"name": "manual", "total_steps": 1,
-                                         "masks": {"enabled": False},
-                                         "student": {"init": "inherit", "custom": SMALL}}))
+  c.stages = (ml_collections.ConfigDict({"name": "auto"}),)
   work = f"{runs.bucket}/staged"
   stages.run(c, work)
-  assert storage.listdir(work) == ["0_auto", "1_manual"]
-  for stage in ("0_auto", "1_manual"):
-    assert storage.exists(f"{work}/{stage}/stage_done.json")
-    assert storage.is_published(f"{work}/{stage}/final")
+  assert storage.listdir(work) == ["0_auto"]
+  assert storage.read_json(f"{work}/0_auto/stage_done.json")["step"] == 4
+  assert storage.is_published(f"{work}/0_auto/final")
+  again = stages.run(c, work)  # complete: skipped, read back from its marker
+  assert again["stages"][0]["name"] == "auto"
   structure = storage.listdir(f"{work}/0_auto/structure")
   assert "pruned_00000002.json" in structure and "pruned_00000002.png" in structure
   assert storage.read_bytes(f"{work}/0_auto/structure/pruned_00000002.png")[:4] == b"\x89PNG"

@@ -267,7 +267,13 @@ def check_writable(folder) -> None:
   if not is_url(folder):
     return  # a local folder is created with the first file (a failed setup leaves none)
   probe = join(folder, f".write_probe_{os.getpid()}")
-  write_bytes(probe, b"")
+  try:
+    write_bytes(probe, b"")
+  except StorageError:
+    if not exists(f"gs://{bucket(folder)}"):
+      raise StorageError(f"cannot write {folder}: the bucket gs://{bucket(folder)} does not "
+                         "exist; create it or fix the path.") from None
+    raise
   remove(probe)
 
 
