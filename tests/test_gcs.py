@@ -23,7 +23,6 @@ from tinyclip_jax import checkpoint, metrics, model_io, storage
 from tinyclip_jax.data import make_shards
 from tinyclip_jax.models import CLIP
 from tinyclip_jax.train import defaults
-from gcs_fixtures import gcs  # noqa: F401  pylint: disable=unused-import
 from test_train import ROOT, SMOKE, smoke_config
 
 pytestmark = pytest.mark.xdist_group("gcs")
@@ -65,7 +64,7 @@ def save_teacher(*paths):
 
 
 @pytest.fixture(scope="module")
-def runs(gcs, tmp_path_factory):  # noqa: F811
+def runs(gcs, tmp_path_factory):
   bucket = gcs.make_bucket("tpu-run")
   base = tmp_path_factory.mktemp("gcs_e2e")
   cwd, cache = base / "cwd", base / "jax_cache"

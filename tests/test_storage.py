@@ -13,13 +13,13 @@ import pytest
 
 from tinyclip_jax import metrics, model_io, storage, workdir
 from tinyclip_jax.models import CLIPConfig
-from gcs_fixtures import FaultyProxy, gcs, use_endpoint  # noqa: F401  pylint: disable=unused-import
+from gcs_fixtures import FaultyProxy, use_endpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def bucket(gcs):  # noqa: F811
+def bucket(gcs):
   return gcs.make_bucket("store")
 
 
@@ -133,7 +133,7 @@ def test_metrics_segments_truncate_and_read(bucket):
   assert got == [(4, "loss", 4.0)]
 
 
-def test_retries_on_503_and_429_then_403_is_one_sentence(bucket, gcs):  # noqa: F811
+def test_retries_on_503_and_429_then_403_is_one_sentence(bucket, gcs):
   proxy = FaultyProxy(gcs.url, latency=0.02)
   try:
     use_endpoint(proxy.url)
