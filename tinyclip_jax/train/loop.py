@@ -181,7 +181,8 @@ def _train(run: _Run, setup, state, start: int, end: int) -> tuple[Any, int, boo
         logging.info("preempted: saved step %d", step)
         window.close(state)
         return state, step, True
-    faults.at_step(step, run.mgr.wait_until_finished)
+    # (settling the async save takes barriers: only a single process may do it alone)
+    faults.at_step(step, run.mgr.wait_until_finished if jax.process_count() == 1 else None)
     run.data_state = data_state
   window.close(state)  # a window that runs past this phase ends with it
   return state, step, False
