@@ -118,7 +118,7 @@ def _errors(path: str, doing: str):
                           if path.startswith("gs://") else ".")) from None
   except (OSError, ValueError) as e:
     text = str(e)
-    if "Forbidden" in text or "403" in text or isinstance(e, PermissionError):
+    if text.startswith("Forbidden") or isinstance(e, PermissionError):  # gcsfs: a 403
       where = f"the bucket gs://{bucket(path)}" if path.startswith("gs://") else path
       raise StorageError(f"permission denied on {where} (while {doing} {path}); grant this "
                          "account access to it or choose another path.") from None
