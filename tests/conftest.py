@@ -9,3 +9,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# One fake-gcs-server per test process (session scope), shared by every module that
+# takes the `gcs` fixture (tests/gcs_fixtures.py).
+from gcs_fixtures import gcs  # noqa: E402,F401  pylint: disable=unused-import,wrong-import-position

@@ -40,7 +40,6 @@ def build(config, out: str, steps: int = 0, chunk: int = 100, dtype: str = "bflo
   from tinyclip_jax import paths  # pylint: disable=import-outside-toplevel
   config, out = paths.resolve_config(config), paths.resolve(out)
   import jax  # pylint: disable=import-outside-toplevel
-  from etils import epath  # pylint: disable=import-outside-toplevel
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
   from tinyclip_jax import parallel  # pylint: disable=import-outside-toplevel
   from tinyclip_jax.data import (  # pylint: disable=import-outside-toplevel
@@ -52,8 +51,8 @@ def build(config, out: str, steps: int = 0, chunk: int = 100, dtype: str = "bflo
     raise prepare.SetupError(f"--dtype {dtype!r} is unknown; use one of {teacher_cache.DTYPES}.")
   if steps <= 0 or chunk <= 0:
     raise prepare.SetupError(f"--steps ({steps}) and --chunk ({chunk}) must be positive.")
-  path = epath.Path(out)
-  if path.exists() and any(path.iterdir()):
+  from tinyclip_jax import storage  # pylint: disable=import-outside-toplevel
+  if storage.listdir(out):
     raise prepare.SetupError(f"--out {out} exists and is not empty; give a new folder.")
   with config.unlocked():
     config.teacher.cache = ""
@@ -72,7 +71,8 @@ def build(config, out: str, steps: int = 0, chunk: int = 100, dtype: str = "bflo
   forward = compile_lib.teacher_forward(setup, batch_abs)
   rows = parallel.batch_sharding(setup.mesh, 2)
   cut = text_buckets.Cut(setup.text_lengths)
-  path.mkdir(parents=True, exist_ok=True)
+  storage.makedirs(out)
+  storage.check_writable(out)
   writer = teacher_cache.Writer(out, chunk, dtype)
   t0 = time.time()
   try:
@@ -100,11 +100,12 @@ def main(argv) -> int:
   if len(argv) > 1:
     print(f"error: unexpected arguments {argv[1:]}.", file=sys.stderr)
     return 2
+  from tinyclip_jax import storage  # pylint: disable=import-outside-toplevel
   from tinyclip_jax.train import prepare  # pylint: disable=import-outside-toplevel
   try:
     distributed.initialize(FLAGS)
     build(FLAGS.config, FLAGS.out, FLAGS.steps, FLAGS.chunk, FLAGS.dtype)
-  except (distributed.DistributedError, prepare.SetupError) as e:
+  except (distributed.DistributedError, prepare.SetupError, storage.StorageError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0

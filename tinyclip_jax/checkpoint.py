@@ -4,14 +4,15 @@ changes at the prune step of automatic inheritance). The teacher is frozen data
 and is never saved."""
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import orbax.checkpoint as ocp
 
+from tinyclip_jax import workdir as workdir_lib
+
 
 def manager(workdir: str, keep: int) -> ocp.CheckpointManager:
-  path = os.path.join(workdir, "checkpoints") if "://" not in workdir else workdir + "/checkpoints"
+  path = workdir_lib.checkpoints(workdir)
   # create=False: the folder appears with the first save, so a run that fails its
   # setup (bad mesh, missing teacher, ...) leaves nothing behind.
   return ocp.CheckpointManager(

@@ -20,15 +20,13 @@ Run: python -m tinyclip_jax.main --config=configs/demo.py --workdir=/tmp/demo
 from __future__ import annotations
 
 import copy
-import glob
-import json
-import os
+import io
 import time
 
 import ml_collections
 from absl import logging
 
-from tinyclip_jax import paths
+from tinyclip_jax import paths, storage, workdir as workdir_lib
 from tinyclip_jax.inherit import prune
 from tinyclip_jax.models import CLIPConfig, count_params, param_shapes
 from tinyclip_jax.train import plan as plan_lib, prepare, runner
@@ -66,12 +64,8 @@ def plan(config: ml_collections.ConfigDict, workdir: str) -> list[plan_lib.Phase
 
 def history(stage_dir: str) -> list[dict]:
   """Every evaluation a stage wrote (WORKDIR/evals/step_N.json), by step."""
-  out = []
-  for f in sorted(glob.glob(os.path.join(stage_dir, "evals", "step_*.json"))):
-    with open(f) as fh:
-      ev = json.load(fh)
-    out.append({"step": int(os.path.basename(f)[5:-5]), **ev})
-  return out
+  evals = storage.glob(workdir_lib.eval_result(stage_dir, 0).replace("00000000", "*"))
+  return sorted((storage.read_json(f) for f in evals), key=lambda ev: ev["step"])
 
 
 def _results(phases: list[plan_lib.Phase]) -> dict[str, dict]:
@@ -81,11 +75,10 @@ def _results(phases: list[plan_lib.Phase]) -> dict[str, dict]:
     if not p.export:
       continue
     name = p.stage.split("_", 1)[1]
-    with open(os.path.join(p.workdir, runner.DONE)) as f:
-      done = json.load(f)
+    done = storage.read_json(workdir_lib.stage_done(p.workdir))  # runner.DONE
     hist = history(p.workdir)
     cfg = CLIPConfig.from_dict(done["student_config"])
-    out[name] = {"checkpoint": os.path.join(p.workdir, "final"), "history": hist,
+    out[name] = {"checkpoint": workdir_lib.final(p.workdir), "history": hist,
                  "config": cfg, "step": done["step"], "seconds": done.get("seconds")}
   return out
 
@@ -116,7 +109,9 @@ def _plot(path: str, distilled: list[dict], scratch: list[dict], teacher_top1: f
   ax.set_title("Student zero-shot accuracy on the generated eval split")
   ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=100)
+  storage.write_bytes(path, buf.getvalue())
   plt.close(fig)
 
 
@@ -135,17 +130,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise prepare.SetupError(f"eval.tasks {config.eval.get('tasks')!r}: the demo compares its "
                              "models on the generated zero-shot split; keep 'synthetic' in it.")
   phases = plan(config, workdir)  # checks every stage before the teacher trains for minutes
-  os.makedirs(workdir, exist_ok=True)
   t0 = time.time()
   r = runner.run_plan(phases)
   if r.get("preempted"):
     return r
   results = _results(phases)
-  path = os.path.join(workdir, "summary.json")
-  summary = {}
-  if os.path.exists(path):  # the other demo config's results stay (auto / students)
-    with open(path) as f:
-      summary = json.load(f)
+  path = workdir_lib.summary(workdir)
+  # The other demo config's results stay (auto / students).
+  summary = storage.read_json(path) if storage.exists(path) else {}
   summary.update({name: _final(res) for name, res in results.items()})
   summary["teacher_steps"] = config.demo.teacher_steps
   summary.setdefault("history", {}).update(
@@ -162,10 +154,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     summary["steps"] = config.total_steps
     summary["distilled_reached_scratch_at"] = reached_at(results["distilled"]["history"],
                                                          summary["scratch"]["top1"])
-    _plot(os.path.join(workdir, "top1.png"), results["distilled"]["history"],
+    _plot(workdir_lib.plot(workdir, "top1.png"), results["distilled"]["history"],
           results["scratch"]["history"], summary["teacher"]["top1"])
-  with open(path, "w") as f:
-    json.dump(summary, f, indent=2)
+  storage.write_json(path, summary)
   _print_table(summary)
   if config.demo.get("auto"):
     print(f"auto: masks learned for {config.masks.prune_step} steps, pruned, distilled to step "

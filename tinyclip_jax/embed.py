@@ -108,10 +108,10 @@ def load_texts(path: str) -> list[str]:
 
 
 def write_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
-  from tinyclip_jax.convert.io import atomic_write
+  from tinyclip_jax import storage
   buf = io.BytesIO()
   np.savez(buf, **arrays)
-  atomic_write(path, lambda f: f.write(buf.getvalue()))
+  storage.write_bytes(path, buf.getvalue())  # atomic, local or gs://
 
 
 # --------------------------------------------------------------------------- main
@@ -119,6 +119,16 @@ def write_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
 
 def run(argv: list[str]) -> dict[str, np.ndarray]:
   args = _parser().parse_args(argv)
+  from tinyclip_jax import storage
+  # gs:// images (a folder or .npy) and texts are fetched to a temporary folder first.
+  with storage.local_copy(args.images or "") as images, \
+      storage.local_copy(args.texts or "") as texts:
+    args.images = images if args.images is not None else None
+    args.texts = texts if args.texts is not None else None
+    return _embed(args)
+
+
+def _embed(args) -> dict[str, np.ndarray]:
   if args.images is None and args.texts is None:
     raise UsageError("give --images, --texts or both; there is nothing to embed.")
   if args.batch_size < 1:

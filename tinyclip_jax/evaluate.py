@@ -51,10 +51,8 @@ def _run(args) -> dict:
   metrics = results[names[0]] if len(names) == 1 else results
   print(json.dumps(metrics))
   if args.output:
-    tmp = args.output + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(metrics, f, indent=2)
-    os.replace(tmp, args.output)
+    from tinyclip_jax import storage  # pylint: disable=import-outside-toplevel
+    storage.write_json(args.output, metrics)  # atomic, local or gs://
   return metrics
 
 

@@ -50,6 +50,7 @@ def main(argv) -> int:
   from tinyclip_jax.data import pipeline  # pylint: disable=import-outside-toplevel
   from tinyclip_jax.train import loop, prepare, runner  # pylint: disable=import-outside-toplevel
   from tinyclip_jax.parallel import ReplicationError  # pylint: disable=import-outside-toplevel
+  from tinyclip_jax import storage  # pylint: disable=import-outside-toplevel
   jax.config.update("jax_threefry_partitionable", True)
   _hide_accelerators_from_tf()
   logging.get_absl_logger().addFilter(_QuietLibraries())
@@ -63,7 +64,7 @@ def main(argv) -> int:
     else:
       runner.run(config, FLAGS.workdir)
   except (prepare.SetupError, ReplicationError, loop.NonFiniteError,
-          pipeline.InputStalled) as e:
+          pipeline.InputStalled, storage.StorageError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0

@@ -5,11 +5,13 @@
   model_config.json   CLIPConfig.to_json(), so the folder defines its own model
   extra.json          optional free-form JSON (e.g. where the weights came from)
 
-Folders are built under a temporary name next to the destination and renamed
-when complete, so a crash never leaves a half-written checkpoint in place.
-Paths go through etils.epath, so gs:// works wherever orbax supports it. Saving
-is for a single process (conversion, export); multi-host training checkpoints
-are tinyclip_jax.checkpoint's job.
+Local folders are built under a temporary name next to the destination and renamed
+when complete. GCS has no rename: there the old folder's commit marker is removed,
+the files written in place, and the marker (storage.publish) written last; a reader
+of a gs:// folder trusts it only when the marker is there. All I/O goes through
+tinyclip_jax.storage (orbax/tensorstore for the arrays). Saving is for a single
+process (conversion, export); multi-host training checkpoints are
+tinyclip_jax.checkpoint's job.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import jax
 import numpy as np
 from etils import epath
 
+from tinyclip_jax import faults, storage
 from tinyclip_jax.models.config import CLIPConfig, ConfigError
 from tinyclip_jax.models.params import CheckpointError, check_params
 
@@ -44,19 +47,24 @@ def _listing(path: epath.Path) -> str:
 
 @contextlib.contextmanager
 def staging_dir(directory, overwrite: bool = False) -> Iterator[epath.Path]:
-  """Yields an empty folder next to `directory`; on success it replaces `directory`.
+  """Yields an empty folder to write into; on success it becomes `directory`.
 
   Refuses (CheckpointError) when `directory` is a file, or a non-empty folder and
-  overwrite is False. On failure the staging folder is removed and `directory` is
-  left as it was.
+  overwrite is False. Local: a staging folder next to `directory`, renamed over it
+  (on failure removed, `directory` left as it was). gs://: `directory` itself,
+  unpublished first and published by the caller's `storage.publish` at the end.
   """
   dest = _path(directory)
+  if storage.is_url(str(dest)):
+    _check_destination(dest, overwrite, storage.listdir(str(dest)))
+    storage.unpublish(str(dest))  # first: a half-replaced folder is never trusted
+    storage.remove(str(dest))
+    yield dest
+    return
   if dest.exists():
     if not dest.is_dir():
       raise CheckpointError(f"{dest} is a file; give a folder path for the checkpoint.")
-    if any(dest.iterdir()) and not overwrite:
-      raise CheckpointError(f"{dest} already exists and is not empty; pass overwrite=True "
-                            "(--overwrite) to replace it.")
+    _check_destination(dest, overwrite, list(dest.iterdir()))
   dest.parent.mkdir(parents=True, exist_ok=True)
   tmp = dest.parent / f"{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
   tmp.mkdir()
@@ -67,6 +75,12 @@ def staging_dir(directory, overwrite: bool = False) -> Iterator[epath.Path]:
     if tmp.exists():
       tmp.rmtree()
     raise
+
+
+def _check_destination(dest, overwrite: bool, found: list) -> None:
+  if found and not overwrite:
+    raise CheckpointError(f"{dest} already exists and is not empty; pass overwrite=True "
+                          "(--overwrite) to replace it.")
 
 
 def _replace(tmp: epath.Path, dest: epath.Path) -> None:
@@ -103,9 +117,12 @@ def save_model(directory, params: Mapping[str, Any], config: CLIPConfig,
   with staging_dir(directory, overwrite) as tmp:
     ocp.PyTreeCheckpointer().save(tmp / PARAMS, _savable(params)) if jax.process_count() == 1 \
         else _this_process_only().save(tmp / PARAMS, _savable(params))
-    (tmp / CONFIG).write_text(config.to_json())
+    faults.in_write("export")
+    storage.write_text(str(tmp / CONFIG), config.to_json())
     if extra is not None:
-      (tmp / EXTRA).write_text(json.dumps(extra, indent=2, sort_keys=True, default=str))
+      storage.write_text(str(tmp / EXTRA), json.dumps(extra, indent=2, sort_keys=True,
+                                                      default=str))
+    storage.publish(str(tmp))
   return _path(directory)
 
 
@@ -115,6 +132,9 @@ def _require_checkpoint(path: epath.Path) -> None:
   if not path.is_dir():
     raise CheckpointError(f"{path} is a file, but a model checkpoint folder (params/ + "
                           f"{CONFIG}) was expected.")
+  if storage.is_url(str(path)) and not storage.is_published(str(path)):
+    raise CheckpointError(f"{path} is incomplete (no {storage.MARKER} marker: its writer "
+                          "stopped before the end); write it again.")
   for name in (CONFIG, PARAMS):
     if not (path / name).exists():
       raise CheckpointError(f"{path} is not a model checkpoint: it has no {name} (found: "
@@ -125,7 +145,7 @@ def load_config(directory) -> CLIPConfig:
   path = _path(directory)
   _require_checkpoint(path)
   try:
-    return CLIPConfig.from_json((path / CONFIG).read_text())
+    return CLIPConfig.from_json(storage.read_text(str(path / CONFIG)))
   except (ConfigError, ValueError) as e:
     raise CheckpointError(f"{path / CONFIG} does not describe a model ({e}).") from None
 
@@ -158,4 +178,4 @@ def load_model(directory) -> tuple[dict, CLIPConfig]:
 def load_extra(directory) -> dict:
   """The checkpoint's extra.json ({} when it has none)."""
   path = _path(directory) / EXTRA
-  return json.loads(path.read_text()) if path.exists() else {}
+  return storage.read_json(str(path)) if storage.exists(str(path)) else {}

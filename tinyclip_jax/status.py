@@ -23,9 +23,9 @@ def _define_flags() -> None:  # at run time: a library import must not define fl
 
 def phases_status(config, workdir: str) -> list[tuple[str, str]]:
   """(phase name, state) for every phase of the run's plan."""
-  from etils import epath  # pylint: disable=import-outside-toplevel
-  from tinyclip_jax import checkpoint, paths  # pylint: disable=import-outside-toplevel
-  from tinyclip_jax.train import plan as plan_lib, runner  # pylint: disable=import-outside-toplevel
+  from tinyclip_jax import checkpoint, paths, storage  # pylint: disable=import-outside-toplevel
+  from tinyclip_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+  from tinyclip_jax.train import plan as plan_lib  # pylint: disable=import-outside-toplevel
   config, workdir = paths.resolve_config(config), paths.resolve(workdir)
   out, latest = [], {}
   for p in plan_lib.plan(config, workdir):
@@ -34,8 +34,8 @@ def phases_status(config, workdir: str) -> list[tuple[str, str]]:
       latest[p.workdir] = mgr.latest_step()
       mgr.close()
     step = latest[p.workdir]
-    stage_done = p.stage and (epath.Path(p.workdir) / runner.DONE).exists()
-    exported = (epath.Path(p.workdir) / "final").exists()
+    stage_done = p.stage and storage.exists(workdir_lib.stage_done(p.workdir))
+    exported = storage.exists(workdir_lib.final(p.workdir))
     if stage_done or (p.export and exported and step is not None and step >= p.last_step):
       state = "done"
     elif step is not None and step >= p.last_step and not p.export:

@@ -34,7 +34,7 @@ import sys
 
 from absl import logging
 
-from tinyclip_jax import cli, paths
+from tinyclip_jax import cli, paths, storage
 from tinyclip_jax.cli import UsageError
 from tinyclip_jax.models.config import ACTIVATIONS, CLIP_EOT, CLIPConfig
 from tinyclip_jax.preprocess import CLIP_MEAN, CLIP_STD
@@ -312,10 +312,12 @@ def run(argv: list[str]) -> None:
   dst_kind, dst = parse_location(args.dst, "dst", DESTINATIONS)
   check_destination(dst_kind, dst, args.overwrite)
   print(f"reading {src_kind} checkpoint {src}", flush=True)
-  params, config = read_source(src_kind, src, args)
+  with storage.local_copy(src, keep_url=src_kind == "flax") as local_src:  # gs://: fetched
+    params, config = read_source(src_kind, local_src, args)
   print(f"model: {describe(config)}", flush=True)
   note = padding_note(dst_kind, config)  # refuses what cannot be padded, before writing
-  write_destination(dst_kind, dst, params, config, args.overwrite, args.src)
+  with storage.staged_output(dst, folder=dst_kind == "hf", keep_url=dst_kind == "flax") as out:
+    write_destination(dst_kind, out, params, config, args.overwrite, args.src)
   if note:  # after writing: a refused write prints its one sentence only
     print(note, file=sys.stderr, flush=True)
   print(f"wrote {dst_kind} checkpoint {dst}", flush=True)

@@ -5,8 +5,9 @@ bad data.
 A record whose `reason` is not 0 is a bad sample: it travels through the pipeline
 as a marker so that it is counted (`skipped/<reason>`) at the exact position where
 it was read, then dropped. The readers are Python generators (run by
-`tf.data.Dataset.from_generator`); they open files with `tf.io.gfile`, so shards may
-live on `gs://`.
+`tf.data.Dataset.from_generator`, several shards read in parallel); they open files
+through tinyclip_jax.storage, so shards may live on `gs://` (tf.data's own file
+reading could not be pointed at a GCS emulator or another endpoint).
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ import warnings
 import numpy as np
 import tensorflow as tf
 from PIL import Image
+
+from tinyclip_jax import storage
 
 # Why a sample was dropped (or, for bad_utf8, repaired). Code = index + 1; 0 = good.
 REASONS = ("corrupt_image", "missing_image", "empty_caption", "missing_caption", "bad_utf8",
@@ -61,7 +64,7 @@ def resolve(pattern: str, what: str = "data.train") -> list[str]:
   for part in (p for p in pattern.split("::") if p):  # several patterns joined by '::'
     for name in expand_braces(part):
       if any(c in name for c in "*?["):
-        matched = tf.io.gfile.glob(name)
+        matched = storage.glob(name)
         if not matched:
           raise DataError(f"{what} pattern {name!r} matches no file; check the path.")
         files.extend(matched)
@@ -72,7 +75,7 @@ def resolve(pattern: str, what: str = "data.train") -> list[str]:
   for name in named:
     folder, base = posixpath.split(name)
     if folder not in listed:
-      listed[folder] = set(tf.io.gfile.listdir(folder)) if tf.io.gfile.isdir(folder) else set()
+      listed[folder] = set(storage.listdir(folder))
     (files if base in listed[folder] else missing).append(name)
   if missing:
     more = f" (and {len(missing) - 1} more of {len(named)})" if len(missing) > 1 else ""
@@ -150,7 +153,7 @@ def read_tar(path, min_size, max_pixels, caption_key=DEFAULT_CAPTION_KEY):
   path, caption_key = _text(path), _text(caption_key)
   key, parts = None, {}
   try:
-    with tf.io.gfile.GFile(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+    with storage.open_read(path) as f, tarfile.open(fileobj=f, mode="r|") as tar:
       for member in tar:
         if not member.isfile():
           continue
@@ -178,7 +181,9 @@ def read_tfrecord(path, min_size, max_pixels, caption_key=DEFAULT_CAPTION_KEY):
   path, caption_key = _text(path), _text(caption_key)
   count = 0
   try:
-    for raw in tf.compat.v1.io.tf_record_iterator(path):
+    records = (_url_records(path) if storage.is_url(path)
+               else tf.compat.v1.io.tf_record_iterator(path))
+    for raw in records:
       feats = tf.train.Example.FromString(raw).features.feature
       parts = {k: v.bytes_list.value[0] for k, v in feats.items() if v.bytes_list.value}
       key = parts.pop("key", f"{path}:{count}".encode())
@@ -191,6 +196,24 @@ def read_tfrecord(path, min_size, max_pixels, caption_key=DEFAULT_CAPTION_KEY):
   except Exception as e:  # noqa: BLE001
     yield _record(path, None, None, CODE["unreadable_shard"])
     tf.get_logger().warning("cannot read shard %s: %s", path, e)
+
+
+def _url_records(path: str):
+  """TFRecord payloads of a gs:// file read through storage (TF's reader would use its
+  own GCS client); lengths are checked, CRCs are not (GCS checksums the object)."""
+  import struct  # pylint: disable=import-outside-toplevel
+  with storage.open_read(path) as f:
+    while True:
+      head = f.read(12)
+      if not head:
+        return
+      if len(head) < 12:
+        raise tf.errors.DataLossError(None, None, "truncated record header")
+      (n,) = struct.unpack("<Q", head[:8])
+      body = f.read(n + 4)
+      if len(body) < n + 4:
+        raise tf.errors.DataLossError(None, None, "truncated record")
+      yield body[:n]
 
 
 READERS = {"webdataset": read_tar, "tfrecord": read_tfrecord}

@@ -25,8 +25,8 @@ from typing import Any, Mapping
 import jax
 import ml_dtypes
 import numpy as np
-from etils import epath
 
+from tinyclip_jax import faults, storage
 from tinyclip_jax.data import decode as image_decode
 
 MANIFEST = "cache.json"
@@ -89,7 +89,7 @@ class Writer:
   chunk, and process 0 the manifest once everything is written."""
 
   def __init__(self, path: str, chunk: int, dtype: str = "bfloat16"):
-    self.path = epath.Path(path)
+    self.path = path
     self.chunk = chunk
     self.dtype = dtype
     self.rows: list[tuple[np.ndarray, np.ndarray]] = []
@@ -107,24 +107,25 @@ class Writer:
     blob = save({"image": np.concatenate([r[0] for r in self.rows]),
                  "text": np.concatenate([r[1] for r in self.rows])})
     name = f"p{jax.process_index():03d}-{self.index:06d}.safetensors"
-    (self.path / name).write_bytes(blob)
+    storage.write_bytes(storage.join(self.path, name), blob)
     self.rows, self.index = [], self.index + 1
 
   def close(self, manifest: dict) -> None:
     self._flush()
     from tinyclip_jax import parallel  # pylint: disable=import-outside-toplevel
     parallel.barrier("teacher_cache")
-    if jax.process_index() == 0:
-      (self.path / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    if jax.process_index() == 0:  # the manifest is the commit marker: written last
+      faults.in_write("teacher_cache")
+      storage.write_json(storage.join(self.path, MANIFEST), manifest, sort_keys=True)
 
 
 def load_manifest(path: str) -> dict:
-  p = epath.Path(path) / MANIFEST
-  if not p.exists():
+  p = storage.join(path, MANIFEST)
+  if not storage.exists(p):
     raise CacheError(f"teacher.cache {path} holds no complete cache ({MANIFEST} is missing); "
                      "build one with `python -m tinyclip_jax.cache_teacher --config=... "
                      f"--out={path}`.")
-  return json.loads(p.read_text())
+  return storage.read_json(p)
 
 
 def check(manifest: dict, expected: dict, steps: int, path: str) -> None:
@@ -153,7 +154,7 @@ class Reader:
   """This process's cached rows of step s (1-based), chunk by chunk."""
 
   def __init__(self, path: str, manifest: dict):
-    self.path = epath.Path(path)
+    self.path = path
     self.chunk = int(manifest["chunk"])
     self.rows = int(manifest["batch_size"]) // int(manifest["process_count"])
     self.loaded: tuple[int, dict] | None = None
@@ -163,7 +164,7 @@ class Reader:
     c, i = divmod(s - 1, self.chunk)
     if self.loaded is None or self.loaded[0] != c:
       name = f"p{jax.process_index():03d}-{c:06d}.safetensors"
-      self.loaded = (c, load((self.path / name).read_bytes()))
+      self.loaded = (c, load(storage.read_bytes(storage.join(self.path, name))))
     arrays = self.loaded[1]
     sl = slice(i * self.rows, (i + 1) * self.rows)
     return decode(arrays["image"][sl]), decode(arrays["text"][sl])

@@ -13,6 +13,7 @@ import os
 
 import jax
 
+from tinyclip_jax import storage, workdir as workdir_lib
 from tinyclip_jax.eval import encode, metadata, retrieval, zeroshot
 
 
@@ -76,15 +77,6 @@ def write_result(workdir: str, step: int, metrics: dict) -> str | None:
   if jax.process_index() != 0:
     return None
   text = json.dumps({"step": step, **metrics}, indent=2)
-  folder = f"{workdir}/evals"
-  path = f"{folder}/step_{step:08d}.json"
-  if "://" in workdir:
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
-    with tf.io.gfile.GFile(path, "w") as f:
-      f.write(text)
-    return path
-  os.makedirs(folder, exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    f.write(text)
-  os.replace(path + ".tmp", path)
+  path = workdir_lib.eval_result(workdir, step)
+  storage.write_text(path, text)  # one object / temp + rename: never half-written
   return path

@@ -94,7 +94,7 @@ def compile_train_steps(config, setup, abstracts: dict[int, dict] | None = None,
   for n, batch_abs in abstracts.items():
     t0 = time.time()
     compiled[n] = jitted.lower(setup.abstract_state, teacher_params, batch_abs).compile()
-    log_compiled(compiled[n], f"the train step for {n} text tokens, compiled in "
+    log_compiled(compiled[n], f"compiled the train step for {n} text tokens in "
                  f"{time.time() - t0:.1f} s")
   return compiled
 

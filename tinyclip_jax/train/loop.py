@@ -16,7 +16,7 @@ import ml_collections
 from absl import logging
 from clu import periodic_actions
 
-from tinyclip_jax import checkpoint, faults, parallel
+from tinyclip_jax import checkpoint, faults, parallel, workdir as workdir_lib
 from tinyclip_jax.data import pipeline, teacher_cache, text_buckets
 from tinyclip_jax.eval import suite as eval_suite
 from tinyclip_jax.models import count_params, merge_stats
@@ -127,6 +127,7 @@ def train_phase(phase: Phase, setup, start: Start, out: Outputs) -> Result:
       monitor.check(pipeline.gather_state(batches.peek()[1]))
     writer = out.writer(start.step)
     if start.save:  # a transition's result: a resume must find it
+      writer.checkpoint(step)
       checkpoint.save(out.mgr, step, state, pipeline.gather_state(data_state or {}),
                       out.config_json, setup.student_config.to_dict())
     compiled = compile_lib.compile_train_steps(config, setup, abstracts)
@@ -179,8 +180,11 @@ def train_phase(phase: Phase, setup, start: Start, out: Outputs) -> Result:
           last.update({f"eval/{k}": v for k, v in ev.items()})
         writer.write_scalars(step, last)
       if do_save:
+        writer.checkpoint(step)  # the metrics up to this step are stored before it
         checkpoint.save(out.mgr, step, state, gathered, out.config_json, model_json)
-      faults.at_step(step, phase.name, out.mgr.wait_until_finished, kinds=("kill_at_step",))
+      # orbax's wait takes barriers: only a single process may settle alone.
+      faults.at_step(step, phase.name, out.mgr.wait_until_finished
+                     if jax.process_count() == 1 else None, kinds=("kill_at_step",))
       if preempt:
         out.mgr.wait_until_finished()
         logging.info("preempted: saved step %d", step)
@@ -197,7 +201,7 @@ def train_phase(phase: Phase, setup, start: Start, out: Outputs) -> Result:
 def export(workdir: str, weights, config) -> str:
   """WORKDIR/final: gathered on every process; process 0 writes, the others wait."""
   from tinyclip_jax import model_io  # pylint: disable=import-outside-toplevel
-  path = f"{workdir.rstrip('/')}/final"
+  path = workdir_lib.final(workdir)
   host = parallel.host_gather(weights)
   if jax.process_index() == 0:
     model_io.save_model(path, host, config, overwrite=True)

@@ -8,8 +8,7 @@ and training goes on with the smaller model, a fresh optimizer and no masks.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
+import io
 from typing import Any, Callable
 
 import jax
@@ -17,7 +16,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from tinyclip_jax import parallel
+from tinyclip_jax import parallel, storage, workdir as workdir_lib
 from tinyclip_jax.inherit import masks as masks_lib
 from tinyclip_jax.inherit import prune as prune_lib
 from tinyclip_jax.models import CLIPConfig, count_params, param_shapes
@@ -147,12 +146,9 @@ def write_structure(workdir: str,
   each tower (of the model the gates would prune to, when given)."""
   if jax.process_index() != 0:
     return ""
-  folder = os.path.join(workdir, "structure")
-  os.makedirs(folder, exist_ok=True)
-  base = os.path.join(folder, f"{tag}_{step:08d}")
+  base = workdir_lib.structure(workdir, tag, step)
   kept = prune_lib.structure(config, gates)
-  with open(base + ".json", "w") as f:
-    json.dump({"step": step, "kept": kept, "params": params}, f, indent=2)
+  storage.write_json(base + ".json", {"step": step, "kept": kept, "params": params})
   _plot(base + ".png", config, kept, f"{tag} at step {step}")
   return base
 
@@ -176,5 +172,7 @@ def _plot(path: str, config: CLIPConfig, kept: dict, title: str) -> None:
   axes[0][0].legend(fontsize=8)
   fig.suptitle(title)
   fig.tight_layout()
-  fig.savefig(path, dpi=80)
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=80)
+  storage.write_bytes(path, buf.getvalue())
   plt.close(fig)

@@ -9,11 +9,13 @@ would cut the window short.
 """
 from __future__ import annotations
 
-import os
+import tempfile
 
 import jax
 import ml_collections
 from absl import logging
+
+from tinyclip_jax import storage, workdir as workdir_lib
 
 
 def check(config: ml_collections.ConfigDict, error) -> None:
@@ -28,7 +30,7 @@ def check(config: ml_collections.ConfigDict, error) -> None:
 
 
 def trace_dir(workdir: str) -> str:
-  return os.path.join(workdir, "profile")
+  return workdir_lib.profile(workdir)
 
 
 class StepWindow:
@@ -42,10 +44,14 @@ class StepWindow:
     self.last = p.start_step + p.num_steps - 1 if enabled else None
     self.workdir = workdir
     self.active = False
+    self._local = None  # gs://: traced into a local folder, copied at close
 
   def before(self, step: int) -> None:
     if self.first is not None and self.first <= step <= self.last and not self.active:
-      jax.profiler.start_trace(trace_dir(self.workdir))
+      out = trace_dir(self.workdir)
+      if storage.is_url(out):  # the profiler writes through TF's file system, not ours
+        self._local = tempfile.mkdtemp(prefix="tinyclip_profile_")
+      jax.profiler.start_trace(self._local or out)
       self.active = True
       logging.info("profiling steps %d-%d into %s", step, self.last, trace_dir(self.workdir))
 
@@ -58,4 +64,8 @@ class StepWindow:
       jax.block_until_ready(outputs)
       jax.profiler.stop_trace()
       self.active = False
+      if self._local is not None:
+        storage.copy_local(self._local, trace_dir(self.workdir))
+        storage.remove(self._local)
+        self._local = None
       logging.info("wrote the profile to %s", trace_dir(self.workdir))

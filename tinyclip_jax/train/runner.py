@@ -8,21 +8,20 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import time
 from typing import Any
 
 import jax
 import ml_collections
 from absl import logging
-from etils import epath
 
-from tinyclip_jax import checkpoint, metrics as metrics_lib, paths
+from tinyclip_jax import checkpoint, metrics as metrics_lib, paths, storage
+from tinyclip_jax import workdir as workdir_lib
 from tinyclip_jax.models import CLIPConfig, count_params
 from tinyclip_jax.train import checks, loop, masking, plan as plan_lib, prepare, preemption
 from tinyclip_jax.train import teacher as teacher_lib
 
-DONE = "stage_done.json"  # a finished stage's summary; the stage is skipped on restart
+DONE = workdir_lib.STAGE_DONE  # a finished stage's summary; the stage is skipped on restart
 
 
 class _Teachers:
@@ -117,10 +116,9 @@ def _stage(phases: list[plan_lib.Phase], teachers: _Teachers, meshes: dict,
 
 
 def _open_writer(config, workdir: str, start: int):
-  if "://" not in workdir:
-    os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
   if start and jax.process_index() == 0:
-    metrics_lib.truncate_jsonl(os.path.join(workdir, "metrics.jsonl"), start)
+    metrics_lib.truncate(workdir, start)  # the restart logs those steps again
   writer = metrics_lib.create_writer(workdir)
   if start == 0:
     writer.write_hparams({k: str(v) for k, v in config.to_dict().items()})
@@ -130,15 +128,17 @@ def _open_writer(config, workdir: str, start: int):
 def run_plan(phases: list[plan_lib.Phase]) -> dict[str, Any]:
   """Every phase in order; a stage whose done marker exists is skipped."""
   logging.info("run plan:\n%s", plan_lib.describe(phases))
+  for root in dict.fromkeys(p.workdir for p in phases):  # a missing or read-only bucket:
+    storage.check_writable(root)                        # found before any work
   teachers, meshes, result = _Teachers(), {}, {"stages": []}
   with preemption.Notice() as notice:
     for stage, group in itertools.groupby(phases, key=lambda p: (p.stage, p.workdir)):
       group = list(group)
       name, workdir = stage
-      done = epath.Path(workdir) / DONE
-      if name and done.exists():
+      done = workdir_lib.stage_done(workdir)
+      if name and storage.exists(done):
         logging.info("stage %s is complete in %s; skipping it", name, workdir)
-        result["stages"].append(json.loads(done.read_text()))
+        result["stages"].append(storage.read_json(done))
         continue
       t0 = time.time()
       r = _stage(group, teachers, meshes, notice)
@@ -151,7 +151,7 @@ def run_plan(phases: list[plan_lib.Phase]) -> dict[str, Any]:
                    "evals": r["evals"][-1:] if r["evals"] else [],
                    "seconds": round(time.time() - t0, 1)}
         if jax.process_index() == 0:
-          done.write_text(json.dumps(summary, indent=2))
+          storage.write_json(done, summary)  # the stage's commit marker, written last
         result["stages"].append(summary)
   return result
 
