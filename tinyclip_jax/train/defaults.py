@@ -131,6 +131,9 @@ def base_config() -> ml_collections.ConfigDict:
       "threads": 0,                 # tf.data private thread pool; 0 = shared default
       "min_image_size": 16,         # shorter side below this: skipped as tiny_image
       "max_image_pixels": 50_000_000,  # more pixels: skipped as huge_image (never decoded)
+      # Opt-in, changes pixels: decode a JPEG at 1/r of its size (r in 2, 4, 8, at most
+      # this) where its crop stays >= r × the image size; 1 = the exact decoding rule.
+      "jpeg_scale": 1,
       # open_clip's train augmentation: RandomResizedCrop(scale, ratio), bicubic.
       "crop_scale_min": 0.9, "crop_scale_max": 1.0,
       "crop_ratio_min": 3 / 4, "crop_ratio_max": 4 / 3,
