@@ -115,8 +115,9 @@ def compile_step(c, setup, batch: int, remat: bool = False, cached: bool = False
   dim = setup.teacher_config.embed_dim if cached else 0
   batch_abs = prepare.batch_abstract(c, setup.student_config, setup.mesh, dim)
   teacher_params = None if cached else setup.teacher_params
-  step = make_train_step(CLIP(setup.student_config, remat=remat, dtype=setup.dtype),
-                         None if cached else CLIP(setup.teacher_config, dtype=setup.dtype),
+  step = make_train_step(CLIP(setup.student_config, remat=remat, **setup.policy.student_kw),
+                         None if cached else CLIP(setup.teacher_config,
+                                                  **setup.policy.teacher_kw),
                          c.loss, setup.mesh, setup.tx, setup.lr_fn, batch, c.microbatch_size)
   t0 = time.time()
   compiled = jax.jit(step, donate_argnums=(0,)).lower(

@@ -44,7 +44,6 @@ def build(config, out: str, steps: int = 0, chunk: int = 100, dtype: str = "bflo
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
   from tinyclip_jax import parallel  # pylint: disable=import-outside-toplevel
   from tinyclip_jax.data import pipeline, teacher_cache  # pylint: disable=import-outside-toplevel
-  from tinyclip_jax.models import CLIP  # pylint: disable=import-outside-toplevel
   from tinyclip_jax.train import loop, prepare  # pylint: disable=import-outside-toplevel
 
   steps = int(steps or config.total_steps)
@@ -67,7 +66,7 @@ def build(config, out: str, steps: int = 0, chunk: int = 100, dtype: str = "bflo
   data = pipeline.make_train_input(config.data, cfg.vision.image_size, cfg.text.context_length,
                                    config.batch_size)
   batch_abs = prepare.batch_abstract(config, cfg, setup.mesh)
-  teacher = CLIP(setup.teacher_config, dtype=setup.dtype)
+  teacher = prepare.step_models(config, setup)[1]
   rows = parallel.batch_sharding(setup.mesh, 2)
   forward = jax.jit(
       lambda p, b: teacher.apply({"params": p}, b["images"], b["tokens"]),
@@ -89,7 +88,7 @@ def build(config, out: str, steps: int = 0, chunk: int = 100, dtype: str = "bflo
     pipeline.close_source(data)  # before exit: see ShardedPairs.close
   manifest = dict(teacher_cache.describe(config, setup.teacher_config, digest),
                   format=teacher_cache.FORMAT, steps=steps, chunk=chunk,
-                  embed_dim=setup.teacher_config.embed_dim, precision=config.precision,
+                  embed_dim=setup.teacher_config.embed_dim, precision=setup.policy.name,
                   dtype=dtype)
   writer.close(manifest)
   logging.info("wrote the teacher cache to %s", out)

@@ -20,8 +20,8 @@ from clu import periodic_actions
 from tinyclip_jax import checkpoint, evaluate, metrics as metrics_lib, parallel
 from tinyclip_jax.data import pipeline, teacher_cache
 from tinyclip_jax.eval import tasks as eval_tasks
-from tinyclip_jax.models import CLIP, CLIPConfig, count_params, merge_stats
-from tinyclip_jax.train import masking, prepare, profiling
+from tinyclip_jax.models import CLIPConfig, count_params, merge_stats
+from tinyclip_jax.train import masking, preflight, prepare, profiling
 from tinyclip_jax.train.step import make_train_step
 
 
@@ -34,7 +34,7 @@ def _global_batch(local: dict[str, np.ndarray], abstract: dict) -> dict[str, jax
           for k, v in local.items()}
 
 
-def _log_compiled(compiled) -> None:
+def _log_compiled(compiled, config, setup) -> None:
   try:
     mem = compiled.memory_analysis()
     if mem is not None:
@@ -43,6 +43,7 @@ def _log_compiled(compiled) -> None:
                    mem.output_size_in_bytes / 2**20)
   except Exception:  # noqa: BLE001 - not every backend reports memory
     logging.info("compiled step: memory analysis unavailable on this backend")
+  preflight.check_step(compiled, config, setup)  # refuses a step that cannot fit
 
 
 def _export(workdir: str, params, config) -> str:
@@ -79,10 +80,8 @@ def _batch_abstract(config, setup):
 
 
 def _compile(config, setup):
-  student_cfg, mesh = setup.student_config, setup.mesh
-  student = CLIP(student_cfg, remat=config.remat, dtype=setup.dtype)
-  teacher = (CLIP(setup.teacher_config, dtype=setup.dtype)
-             if setup.teacher_config and not setup.teacher_cache else None)
+  mesh = setup.mesh
+  student, teacher = prepare.step_models(config, setup)
   step_fn = make_train_step(student, teacher, config.loss, mesh, setup.tx, setup.lr_fn,
                             config.batch_size, config.microbatch_size, setup.masking)
   batch_abs = _batch_abstract(config, setup)
@@ -93,7 +92,7 @@ def _compile(config, setup):
   t0 = time.time()
   compiled = jit_step.lower(setup.abstract_state, setup.teacher_params, batch_abs).compile()
   logging.info("compiled the train step in %.1f s", time.time() - t0)
-  _log_compiled(compiled)
+  _log_compiled(compiled, config, setup)
   return compiled
 
 
