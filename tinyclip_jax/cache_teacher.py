@@ -45,7 +45,6 @@ def build(config, out: str, steps: int = 0, chunk: int = 100, dtype: str = "bflo
   from tinyclip_jax import parallel  # pylint: disable=import-outside-toplevel
   from tinyclip_jax.data import (  # pylint: disable=import-outside-toplevel
       pipeline, teacher_cache, text_buckets)
-  from tinyclip_jax.models import CLIP  # pylint: disable=import-outside-toplevel
   from tinyclip_jax.train import loop, prepare  # pylint: disable=import-outside-toplevel
 
   steps = int(steps or config.total_steps)
@@ -70,7 +69,7 @@ def build(config, out: str, steps: int = 0, chunk: int = 100, dtype: str = "bflo
   # Tokens cut to the text buckets as training cuts them (exact), one forward each.
   batch_abs = {n: prepare.batch_abstract(config, cfg, setup.mesh, text_length=n)
                for n in setup.text_lengths}
-  teacher = CLIP(setup.teacher_config, dtype=setup.dtype)
+  teacher = prepare.step_models(config, setup)[1]
   rows = parallel.batch_sharding(setup.mesh, 2)
   forward = {n: jax.jit(
       lambda p, b: teacher.apply({"params": p}, b["images"], b["tokens"]),
@@ -96,7 +95,7 @@ def build(config, out: str, steps: int = 0, chunk: int = 100, dtype: str = "bflo
     pipeline.close_source(data)  # before exit: see ShardedPairs.close
   manifest = dict(teacher_cache.describe(config, setup.teacher_config, digest),
                   format=teacher_cache.FORMAT, steps=steps, chunk=chunk,
-                  embed_dim=setup.teacher_config.embed_dim, precision=config.precision,
+                  embed_dim=setup.teacher_config.embed_dim, precision=setup.policy.name,
                   dtype=dtype)
   writer.close(manifest)
   logging.info("wrote the teacher cache to %s", out)

@@ -20,8 +20,8 @@ from clu import periodic_actions
 from tinyclip_jax import checkpoint, evaluate, metrics as metrics_lib, parallel
 from tinyclip_jax.data import pipeline, teacher_cache, text_buckets
 from tinyclip_jax.eval import tasks as eval_tasks
-from tinyclip_jax.models import CLIP, CLIPConfig, count_params, merge_stats
-from tinyclip_jax.train import masking, prepare, profiling
+from tinyclip_jax.models import CLIPConfig, count_params, merge_stats
+from tinyclip_jax.train import masking, preflight, prepare, profiling
 from tinyclip_jax.train.step import make_train_step
 
 
@@ -34,7 +34,7 @@ def _global_batch(local: dict[str, np.ndarray], abstract: dict) -> dict[str, jax
           for k, v in local.items()}
 
 
-def _log_compiled(compiled) -> None:
+def _log_compiled(compiled, config, setup) -> None:
   try:
     mem = compiled.memory_analysis()
     if mem is not None:
@@ -43,6 +43,7 @@ def _log_compiled(compiled) -> None:
                    mem.output_size_in_bytes / 2**20)
   except Exception:  # noqa: BLE001 - not every backend reports memory
     logging.info("compiled step: memory analysis unavailable on this backend")
+  preflight.check_step(compiled, config, setup)  # refuses a step that cannot fit
 
 
 def _export(workdir: str, params, config) -> str:
@@ -82,10 +83,8 @@ def _batch_abstracts(config, setup) -> dict[int, dict]:
 
 def _compile(config, setup) -> dict[int, Any]:
   """The train step compiled ahead for every text bucket: {token length: executable}."""
-  student_cfg, mesh = setup.student_config, setup.mesh
-  student = CLIP(student_cfg, remat=config.remat, dtype=setup.dtype)
-  teacher = (CLIP(setup.teacher_config, dtype=setup.dtype)
-             if setup.teacher_config and not setup.teacher_cache else None)
+  mesh = setup.mesh
+  student, teacher = prepare.step_models(config, setup)
   step_fn = make_train_step(student, teacher, config.loss, mesh, setup.tx, setup.lr_fn,
                             config.batch_size, config.microbatch_size, setup.masking)
   compiled = {}
@@ -97,7 +96,7 @@ def _compile(config, setup) -> dict[int, Any]:
     t0 = time.time()
     compiled[n] = jit_step.lower(setup.abstract_state, setup.teacher_params, batch_abs).compile()
     logging.info("compiled the train step for %d text tokens in %.1f s", n, time.time() - t0)
-    _log_compiled(compiled[n])
+    _log_compiled(compiled[n], config, setup)  # each bucket pre-flight checked
   return compiled
 
 
@@ -125,11 +124,13 @@ def _train(run: _Run, setup, state, start: int, end: int) -> tuple[Any, int, boo
   """Steps start+1 … end of one phase → (state, last step, preempted)."""
   config = run.config
   compiled = _compile(config, setup)
-  flops_per_pair = prepare.model_flops_per_pair(setup.student_config, setup.teacher_config)
+  # Model FLOPs per pair at each bucket's text length, summed over the steps logged.
+  flops_per_pair = {n: prepare.model_flops_per_pair(setup.student_config, setup.teacher_config,
+                                                    n) for n in setup.text_lengths}
   progress = periodic_actions.ReportProgress(num_train_steps=config.total_steps,
                                              every_steps=config.log_every, every_secs=None)
   model_json = setup.student_config.to_dict()
-  prev_metrics, t_log, step_log, step = None, time.time(), start, start
+  prev_metrics, t_log, step_log, step, flops_log = None, time.time(), start, start, 0.0
   window = profiling.StepWindow(config, run.workdir)
   sharded_input = config.data.kind != "synthetic"
   for step in range(start + 1, end + 1):
@@ -137,6 +138,7 @@ def _train(run: _Run, setup, state, start: int, end: int) -> tuple[Any, int, boo
     window.before(step)
     text_length = batch["tokens"].shape[1]  # the bucket every process agreed on
     state, m = compiled[text_length](state, setup.teacher_params, batch)
+    flops_log += flops_per_pair[text_length] * config.batch_size
     window.after(step, m)
     # Check the previous step's count while this one runs (no per-step sync).
     if prev_metrics is not None and int(prev_metrics["nonfinite_in_a_row"]) >= config.max_nonfinite:
@@ -160,13 +162,14 @@ def _train(run: _Run, setup, state, start: int, end: int) -> tuple[Any, int, boo
     if do_log:
       m = jax.device_get(m)
       now = time.time()
-      pairs_s = (step - step_log) * config.batch_size / max(now - t_log, 1e-9)
+      seconds = max(now - t_log, 1e-9)
+      pairs_s = (step - step_log) * config.batch_size / seconds
       run.last = {k: float(v) for k, v in m.items()}
-      run.last.update(pairs_per_s=pairs_s, model_flops_per_s=pairs_s * flops_per_pair,
+      run.last.update(pairs_per_s=pairs_s, model_flops_per_s=flops_log / seconds,
                       text_bucket=text_length)
       if sharded_input:
         run.last.update(pipeline.skipped_metrics(gathered))
-      t_log, step_log = now, step
+      t_log, step_log, flops_log = now, step, 0.0
       if do_eval:
         ev = _evaluate(run, setup, state, step)
         run.evals.append({"step": step, **ev})

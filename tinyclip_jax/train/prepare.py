@@ -19,12 +19,13 @@ from tinyclip_jax import parallel
 from tinyclip_jax.data import pipeline, text_buckets
 from tinyclip_jax.eval import tasks as eval_tasks
 from tinyclip_jax.inherit import manual
-from tinyclip_jax.models import CLIPConfig, ConfigError, init_params, param_shapes, split_stats
+from tinyclip_jax.models import (CLIP, CLIPConfig, ConfigError, init_params, param_shapes,
+                                 split_stats)
 from tinyclip_jax.models.clip import logical_axes
+from tinyclip_jax.models.precision import PRECISIONS, Policy, policy_for
 from tinyclip_jax.train import defaults, masking, profiling, state as state_lib
 from tinyclip_jax.train.step import uses_batch_norm
 
-PRECISIONS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 INITS = ("inherit", "scratch", "checkpoint")
 
 
@@ -35,7 +36,7 @@ class SetupError(ValueError):
 @dataclasses.dataclass
 class Setup:
   mesh: Any
-  dtype: Any
+  policy: Policy                 # dtypes of the step (models/precision.py)
   student_config: CLIPConfig
   teacher_config: CLIPConfig | None
   teacher_params: Any            # on device, sharded; None without a teacher
@@ -49,11 +50,17 @@ class Setup:
   teacher_cache: tuple[str, dict] | None = None  # (path, manifest) with teacher.cache
   text_lengths: tuple[int, ...] = ()  # the text buckets: one compiled step each
 
+  @property
+  def dtype(self):
+    """The student's compute dtype."""
+    return self.policy.compute_dtype
+
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Field-level checks that need no devices or files."""
   if config.precision not in PRECISIONS:
-    raise SetupError(f"precision {config.precision!r} is unknown; use 'float32' or 'bfloat16'.")
+    raise SetupError(f"precision {config.precision!r} is unknown; use 'auto', 'float32' or "
+                     "'bfloat16'.")
   if config.student.init not in INITS:
     raise SetupError(f"student.init {config.student.init!r} is unknown; use one of {INITS}.")
   for f in ("total_steps", "batch_size", "log_every", "checkpoint_every"):
@@ -208,7 +215,7 @@ def build(config: ml_collections.ConfigDict, restoring: bool,
       raise SetupError(str(e)) from e
   warmup = config.masks.prune_step if config.masks.enabled else None
 
-  dtype = PRECISIONS[config.precision]
+  policy = policy_for(config.precision, mesh.devices.flat[0].platform)
   # Student weights = params + BatchNorm running statistics (ResNets); the state keeps
   # them apart so the optimizer sees the params alone.
   w_shard, w_shapes = _shardings(student_cfg, mesh)
@@ -245,7 +252,7 @@ def build(config: ml_collections.ConfigDict, restoring: bool,
     if config.teacher.cache:
       cache = _check_cache(config, teacher_cfg, teacher_host, t_params)
   # With a cache the step never sees the teacher's weights (only inheritance below does).
-  setup = Setup(mesh, dtype, student_cfg, teacher_cfg, None if cache else t_params, s_shard,
+  setup = Setup(mesh, policy, student_cfg, teacher_cfg, None if cache else t_params, s_shard,
                 None if cache else t_shard, tx, lr_fn, state_shard, abstract, mask_training, cache,
                 text_lengths)
   if restoring:
@@ -270,6 +277,18 @@ def build(config: ml_collections.ConfigDict, restoring: bool,
   state = jax.jit(lambda p, m, b: state_lib.init_state(p, tx, m, mask_tx, batch_stats=b),
                   out_shardings=state_shard)(params, mask_state, batch_stats)
   return setup, state
+
+
+def step_models(config, setup: Setup) -> tuple[CLIP, CLIP | None]:
+  """(student, teacher or None) as the train step runs them: dtypes and attention from
+  the precision policy, remat for the student, scan_layers for both; no teacher when
+  its embeddings come from a cache."""
+  student = CLIP(setup.student_config, remat=config.remat, scan_layers=config.scan_layers,
+                 **setup.policy.student_kw)
+  teacher = (CLIP(setup.teacher_config, scan_layers=config.scan_layers,
+                  **setup.policy.teacher_kw)
+             if setup.teacher_config and not setup.teacher_cache else None)
+  return student, teacher
 
 
 def batch_abstract(config, student_cfg: CLIPConfig, mesh, teacher_embed_dim: int = 0,
@@ -305,15 +324,19 @@ def _check_cache(config, teacher_cfg, teacher_host, t_params) -> tuple[str, dict
   return path, manifest
 
 
-def model_flops_per_pair(student: CLIPConfig, teacher: CLIPConfig | None) -> float:
+def model_flops_per_pair(student: CLIPConfig, teacher: CLIPConfig | None,
+                         text_length: int = 0) -> float:
   """Training FLOPs per image–text pair: 6·N·tokens for the student (fwd+bwd),
-  2·N·tokens for the teacher forward (matmul params only; attention ignored)."""
+  2·N·tokens for the teacher forward (matmul params only; attention ignored);
+  text_length: the tokens the text towers run (the batch's text bucket; 0 = the
+  context length)."""
   def tower(cfg, tokens):
     w = cfg.width
     per_layer = [4 * h * cfg.head_dim * w + 2 * m * w for h, m in zip(cfg.heads, cfg.mlp)]
     return sum(per_layer) * tokens
   def model(cfg):
-    return tower(cfg.vision, cfg.vision.grid ** 2 + 1) + tower(cfg.text, cfg.text.context_length)
+    return (tower(cfg.vision, cfg.vision.grid ** 2 + 1) +
+            tower(cfg.text, text_length or cfg.text.context_length))
   return 6.0 * model(student) + (2.0 * model(teacher) if teacher else 0.0)
 
 
