@@ -67,7 +67,8 @@ def sharded(tmp_path_factory):
   hlo, setups = [], []
   log_compiled, build = loop._log_compiled, prepare.build
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(loop, "_log_compiled", lambda c: (hlo.append(c.as_text()), log_compiled(c)))
+    mp.setattr(loop, "_log_compiled",
+               lambda c, *a: (hlo.append(c.as_text()), log_compiled(c, *a)))
     mp.setattr(prepare, "build", lambda *a, **k: setups.append(build(*a, **k)) or setups[-1])
     # Steps 2–3 are profiled: that costs the run no compile and tests the profile window.
     result = loop.run(smoke_config({"mesh.data": 4, "mesh.fsdp": 2, "profile.start_step": 2,
