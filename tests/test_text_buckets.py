@@ -27,9 +27,8 @@ import pytest
 
 from tinyclip_jax import parallel
 from tinyclip_jax.data import text_buckets
-from tinyclip_jax.metrics import read_jsonl
 from tinyclip_jax.models import CLIP, param_shapes
-from tinyclip_jax.train import defaults, loop, prepare
+from tinyclip_jax.train import defaults, prepare
 from tinyclip_jax.train.step import make_grad_fn
 from test_multihost import free_port
 from test_train import ROOT, CompileCounter, assert_one_sentence, run_main, smoke_config
@@ -142,34 +141,6 @@ def test_cut_gradients_equal_the_full_length_step_in_every_bucket(setup, micro):
       batch = {k: jax.device_put(v, a[k].sharding) for k, v in h.items()}
       out.append(jax.device_get(fn(params, teacher_params, batch)))
     _assert_same(*out)
-
-
-def flops_per_pair(cfg, passes: int, text_length: int) -> float:
-  """passes (6: trained, 2: forward) × tokens × the matmul weights of the transformer
-  layers, counted from the model's own parameter tree."""
-  shapes = jax.tree_util.tree_leaves_with_path(param_shapes(cfg))
-  def weights(tower):
-    return sum(x.size for path, x in shapes if path[0].key == tower and
-               path[1].key.startswith("layers_") and path[-1].key.endswith("kernel"))
-  v = cfg.vision
-  return passes * (weights("visual") * ((v.image_size // v.patch_size) ** 2 + 1) +
-                   weights("text") * text_length)
-
-
-def test_logged_model_flops_count_the_bucket_length(setup, tmp_path):
-  """The smoke data's captions need 28–31 positions: with buckets (30, 32) the steps
-  run both, and each logged model_flops_per_s counts its step's text length."""
-  c, _, (student, teacher), _ = setup
-  c = c.copy_and_resolve_references()
-  c.update_from_flattened_dict({"text_buckets": (30, 32), "total_steps": 4, "log_every": 1,
-                                "checkpoint_every": 4, "eval.kind": ""})
-  loop.run(c, str(tmp_path))
-  rows = read_jsonl(tmp_path / "metrics.jsonl")
-  assert {r["text_bucket"] for r in rows} == {30, 32}
-  for r in rows:
-    n = r["text_bucket"]
-    want = flops_per_pair(student, 6, n) + flops_per_pair(teacher, 2, n)
-    assert r["model_flops_per_s"] == pytest.approx(want * r["pairs_per_s"], rel=1e-9), r
 
 
 @pytest.mark.parametrize("buckets, words", [
