@@ -3,7 +3,11 @@ augmented (RandomResizedCrop + bicubic + normalize), tokenized and batched by th
 same `ShardedPairs` the trainer uses.
 
 python -m benchmarks.input_pipeline --image=224 --batch=64 --batches=30
+    [--jpeg_scale=2] [--shorter_side=256] [--data=FOLDER] [--source_image=384]
 python -m benchmarks.input_pipeline --gcs_latency_ms=30   # also from gs:// (see below)
+
+--jpeg_scale sets data.jpeg_scale; --shorter_side first rewrites the shards with
+tinyclip_jax.data.resize_shards (untimed) and reads those. Both change pixels.
 
 Prints one JSON line per configuration: images/s (wall clock) and images per
 CPU-second (user + system time of this process, so a figure that does not depend on
@@ -17,6 +21,8 @@ proxy, which delays every request by N ms — what a real bucket answers in.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import resource
@@ -39,7 +45,8 @@ def measure(args, pattern: str, threads: int) -> dict:
       shards_per_window=args.shards_per_window,
       shuffle_buffer=args.shuffle_buffer,
       threads=threads,
-      num_parallel_calls=threads or -1)
+      num_parallel_calls=threads or -1,
+      jpeg_scale=args.jpeg_scale)
   src = sharded.ShardedPairs(cfg, args.image, 77, args.batch)
   try:
     for _ in range(args.warmup):
@@ -58,6 +65,8 @@ def measure(args, pattern: str, threads: int) -> dict:
       "host_cores": os.cpu_count(),
       "image": args.image,
       "source_image": args.source_image,
+      "shorter_side": args.shorter_side or None,
+      "jpeg_scale": args.jpeg_scale,
       "batch": args.batch,
       "images": n,
       "images_per_s": round(n / wall, 1),
@@ -82,6 +91,10 @@ def main(argv=None) -> int:
   p.add_argument("--threads", default="1,0", help="tf.data threads to try; 0 = TF's default")
   p.add_argument("--gcs_latency_ms", type=float, default=-1,
                  help="also read the shards from gs:// with this latency per request")
+  p.add_argument("--jpeg_scale", type=int, default=1, help="data.jpeg_scale (opt-in, 1 = exact)")
+  p.add_argument("--shorter_side", type=int, default=0,
+                 help="read pre-resized shards: the data first rewritten by "
+                 "tinyclip_jax.data.resize_shards to this shorter side (untimed); 0 = as is")
   args = p.parse_args(argv)
   with tempfile.TemporaryDirectory() as tmp:
     data = args.data
@@ -90,6 +103,13 @@ def main(argv=None) -> int:
       data = tmp
       make_shards.write_shards(tmp, args.shards, args.per_shard, args.source_image)
     pattern = os.path.join(data, "*.tar")
+    if args.shorter_side:
+      from tinyclip_jax.data import resize_shards  # pylint: disable=import-outside-toplevel
+      resized = os.path.join(tmp, f"resized{args.shorter_side}")
+      with contextlib.redirect_stdout(io.StringIO()):  # its summary line: not a result
+        resize_shards.run([f"--src={pattern}", f"--out={resized}",
+                           f"--shorter_side={args.shorter_side}"])
+      pattern = os.path.join(resized, "*.tar")
     for threads in (int(t) for t in args.threads.split(",")):
       print(json.dumps(measure(args, pattern, threads)), flush=True)
     if args.gcs_latency_ms >= 0:

@@ -3,9 +3,11 @@
 Reference: the one-shot gradient of the same loss (itself checked against PyTorch in
 test_losses.py / test_convert_maps.py). Tolerance (float32, highest matmul precision): every loss term within 1e-6 of the loss;
 the whole gradient within 1e-6 relative in norm (‖g_micro − g‖₂ ≤ 1e-6·‖g‖₂), and
-every leaf within 3e-6. Only float32 rounding differs: XLA's matmuls round an example
+every leaf within 4e-6. Only float32 rounding differs: XLA's matmuls round an example
 differently inside a batch of 8 than alone (loss terms move by ~4e-7), and a few bias
-leaves that sum hundreds of token rows amplify that to 2.1e-6 (measured worst).
+leaves that sum hundreds of token rows amplify that to 2.9e-6 (measured worst, with
+attention through jax.nn.dot_product_attention; 2.2e-6 with the former hand-written
+attention).
 """
 import json
 import os
@@ -71,7 +73,7 @@ def _assert_same(one_shot, cached, rel=2.5e-6):
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g0), jax.tree.leaves(g1)):
     a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
     d, n = np.sum((a64 - b64) ** 2), np.sum(a64 ** 2)
-    assert d <= (3e-6) ** 2 * n, (jax.tree_util.keystr(path), np.sqrt(d / n))
+    assert d <= (4e-6) ** 2 * n, (jax.tree_util.keystr(path), np.sqrt(d / n))
     num, den = num + d, den + n
   assert 0 < num <= rel ** 2 * den, np.sqrt(num / den)  # > 0: really different sums
 

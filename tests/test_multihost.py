@@ -4,9 +4,9 @@ gloo), 4 simulated devices each, against one process with 8 devices.
 Checks: the 2-process run logs the same losses as the 1-process run (same global
 batch, same math; float32 rounding only), with text buckets on (the processes agree
 on each batch's bucket though their own rows pick different ones) against full-length
-text; only process 0 writes metrics, its final checkpoint resumes in a 1-process run
-with the same params, and a coordinator that is not there is one sentence after the
-timeout, not a hang.
+text, and logs model FLOPs at each step's bucket length; only process 0 writes
+metrics, its final checkpoint resumes in a 1-process run with the same params, and a
+coordinator that is not there is one sentence after the timeout, not a hang.
 """
 from __future__ import annotations
 
@@ -16,12 +16,14 @@ import socket
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
 from tinyclip_jax import model_io
 from tinyclip_jax.metrics import read_jsonl
-from tinyclip_jax.train import loop, runner
+from tinyclip_jax.models import param_shapes
+from tinyclip_jax.train import defaults, loop, runner
 from test_train import ROOT, SMOKE, smoke_config
 
 pytestmark = pytest.mark.xdist_group("multihost")
@@ -121,6 +123,30 @@ def test_two_processes_agree_on_the_text_bucket(two_hosts, one_host):
   assert set(agreed) == set(BUCKETS)
   assert [r["text_bucket"] for r in read_jsonl(two_hosts[0] / "metrics.jsonl")] == agreed
   assert {r["text_bucket"] for r in read_jsonl(one_host / "metrics.jsonl")} == {32}  # off
+
+
+def flops_per_pair(cfg, passes: int, text_length: int) -> float:
+  """passes (6: trained, 2: forward) × tokens × the matmul weights of the transformer
+  layers, counted from the model's own parameter tree."""
+  shapes = jax.tree_util.tree_leaves_with_path(param_shapes(cfg))
+  def weights(tower):
+    return sum(x.size for path, x in shapes if path[0].key == tower and
+               path[1].key.startswith("layers_") and path[-1].key.endswith("kernel"))
+  v = cfg.vision
+  return passes * (weights("visual") * ((v.image_size // v.patch_size) ** 2 + 1) +
+                   weights("text") * text_length)
+
+
+def test_logged_model_flops_count_the_bucket_length(two_hosts):
+  """Each logged model_flops_per_s counts its step's text bucket (28 or 32 tokens,
+  both present: the test above), not the full context."""
+  c = smoke_config()
+  student, teacher = (defaults.build_model_config(m, "model") for m in (c.student, c.teacher))
+  rows = read_jsonl(two_hosts / "metrics.jsonl")
+  for r in rows:
+    n = r["text_bucket"]
+    want = flops_per_pair(student, 6, n) + flops_per_pair(teacher, 2, n)
+    assert r["model_flops_per_s"] == pytest.approx(want * r["pairs_per_s"], rel=1e-9), r
 
 
 def test_a_two_process_checkpoint_resumes_in_one_process(two_hosts, tmp_path):

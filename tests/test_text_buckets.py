@@ -65,6 +65,19 @@ def test_needed_length_and_bucket_by_hand():
   assert text_buckets.lengths((16, 77), 77) == (16, 77)
 
 
+def test_the_default_buckets_follow_the_context_length():
+  """None (the default): 16, 24, 32, 48, 77 below the context, then the context."""
+  assert defaults.base_config().text_buckets is None
+  assert text_buckets.lengths(None, 77) == (16, 24, 32, 48, 77)
+  assert text_buckets.lengths(None, 40) == (16, 24, 32, 40)
+  assert text_buckets.lengths(None, 32) == (16, 24, 32)
+  assert text_buckets.lengths(None, 16) == (16,)
+  assert text_buckets.lengths(None, 8) == (8,)
+  setup_, _ = prepare.build(smoke_config({"text_buckets": None}), restoring=True)
+  assert setup_.student_config.text.context_length == 32
+  assert setup_.text_lengths == (16, 24, 32)
+
+
 def random_params(cfg, mesh, seed: int):
   """Weights drawn on the host (no init to compile): LayerNorm scales near 1, matmul
   kernels with std 1/sqrt(fan-in), embeddings and biases small; replicated."""

@@ -68,7 +68,7 @@ def build(config, out: str, steps: int = 0, chunk: int = 100, dtype: str = "bflo
   # Tokens cut to the text buckets as training cuts them (exact), one forward each.
   batch_abs = {n: compile_lib.batch_abstract(config, cfg, setup.mesh, text_length=n)
                for n in setup.text_lengths}
-  forward = compile_lib.teacher_forward(setup, batch_abs)
+  forward = compile_lib.teacher_forward(config, setup, batch_abs)
   rows = parallel.batch_sharding(setup.mesh, 2)
   cut = text_buckets.Cut(setup.text_lengths)
   storage.makedirs(out)
@@ -89,7 +89,7 @@ def build(config, out: str, steps: int = 0, chunk: int = 100, dtype: str = "bflo
     pipeline.close_source(data)  # before exit: see ShardedPairs.close
   manifest = dict(teacher_cache.describe(config, setup.teacher_config, digest),
                   format=teacher_cache.FORMAT, steps=steps, chunk=chunk,
-                  embed_dim=setup.teacher_config.embed_dim, precision=config.precision,
+                  embed_dim=setup.teacher_config.embed_dim, precision=setup.policy.name,
                   dtype=dtype)
   writer.close(manifest)
   logging.info("wrote the teacher cache to %s", out)

@@ -17,6 +17,7 @@ import tensorflow as tf
 from PIL import Image
 
 from tinyclip_jax import preprocess
+from tinyclip_jax.data import decode
 
 ATTEMPTS = 10
 
@@ -66,15 +67,71 @@ def resize(image, size: int):
 
 
 def normalize(image):
-  """float [0, 255] → CLIP mean/std normalized float32."""
-  mean = tf.constant(preprocess.CLIP_MEAN, tf.float32)
-  std = tf.constant(preprocess.CLIP_STD, tf.float32)
-  return (image / 255.0 - mean) / std
+  """float [0, 255] (h, w, 3) → CLIP mean/std normalized float32. With a static width the
+  mean and std are tiled along rows of w·3 values: the same float32 operations, so the
+  same bits, but broadcasting over a 3-wide innermost axis cost 2.5× as much."""
+  w = image.shape[-2]
+  if w is None or image.shape.rank != 3 or image.shape[-1] != 3:
+    mean = tf.constant(preprocess.CLIP_MEAN, tf.float32)
+    std = tf.constant(preprocess.CLIP_STD, tf.float32)
+    return (image / 255.0 - mean) / std
+  mean = tf.constant(np.tile(np.float32(preprocess.CLIP_MEAN), w))
+  std = tf.constant(np.tile(np.float32(preprocess.CLIP_STD), w))
+  rows = tf.reshape(image, [-1, w * 3])
+  out = tf.reshape((rows / 255.0 - mean) / std, tf.shape(image))
+  out.set_shape(image.shape)
+  return out
+
+
+def resize_crop(crop, size: int):
+  """uint8 crop → normalized float32 (size, size, 3)."""
+  return normalize(tf.cast(resize(crop, size), tf.float32))
 
 
 def random_resized_crop(image, seed, size: int, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3)):
   """uint8 HWC → normalized float32 (size, size, 3)."""
   shape = tf.shape(image)
   top, left, ch, cw = tf.unstack(crop_box(seed, shape[0], shape[1], scale, ratio))
-  crop = image[top:top + ch, left:left + cw]  # crop, then resize: edges clamp at the crop
-  return normalize(tf.cast(resize(crop, size), tf.float32))
+  return resize_crop(image[top:top + ch, left:left + cw], size)  # edges clamp at the crop
+
+
+def jpeg_ratio(box, size: int, jpeg_scale: int):
+  """The DCT scaling r for a crop box: the largest of decode.JPEG_SCALES up to
+  `jpeg_scale` that leaves the crop at least `size` on its shorter side, so that the
+  bicubic resize still only shrinks."""
+  scales = tf.constant(decode.JPEG_SCALES, tf.int32)
+  short = tf.minimum(box[2], box[3])
+  fits = tf.logical_and(scales <= jpeg_scale, short >= scales * size)
+  return tf.reduce_max(tf.where(fits, scales, 1))
+
+
+def scale_box(box, ratio):
+  """A full-size crop box → the box covering it in the image decoded at 1/ratio
+  (libjpeg's ceil(h/ratio) × ceil(w/ratio)): start rounded down, end up."""
+  top, left, ch, cw = tf.unstack(box)
+  up = lambda x: -(-x // ratio)
+  return tf.stack([top // ratio, left // ratio, up(top + ch) - top // ratio,
+                   up(left + cw) - left // ratio])
+
+
+def decode_for_crop(encoded, seed, size: int, jpeg_scale: int, scale=(0.9, 1.0),
+                    ratio=(3 / 4, 4 / 3)):
+  """data.jpeg_scale > 1: (uint8 pixels, crop box in them, full height, full width).
+  The crop box is drawn for the full-size image (as `random_resized_crop` draws it);
+  a 1/3-component JPEG is then decoded at 1/r (`jpeg_ratio`, from its header's size)
+  and the box scaled to match, so decoding and the resize work on up to r² fewer
+  pixels. Other files decode at full size."""
+
+  def by_header():
+    hw = tf.io.extract_jpeg_shape(encoded)
+    box = crop_box(seed, hw[0], hw[1], scale, ratio)
+    r = jpeg_ratio(box, size, jpeg_scale)
+    return decode.jpeg_tf(encoded, r), scale_box(box, r), hw[0], hw[1]
+
+  def by_pil():
+    image = decode.pil_tf(encoded)
+    shape = tf.shape(image)
+    return image, crop_box(seed, shape[0], shape[1], scale, ratio), shape[0], shape[1]
+
+  image, box, h, w = tf.cond(decode.decodes_in_tf(encoded), by_header, by_pil)
+  return tf.ensure_shape(image, [None, None, 3]), box, h, w

@@ -22,6 +22,14 @@ with the accurate integer DCT where it gives PIL's pixels (baseline or progressi
 JPEGs with 1 or 3 components, any subsampling: both are libjpeg-turbo's ISLOW IDCT
 with fancy upsampling; tests/test_decode.py checks it), PIL through
 `tf.numpy_function` for everything else.
+
+One opt-in exception, training only, off by default: `data.jpeg_scale` r > 1 lets
+such JPEGs decode at 1/2, 1/4 or 1/8 of their size by libjpeg's DCT scaling where the
+crop stays at least r times the image size (`jpeg_tf`, tinyclip_jax/data/augment.py
+`decode_for_crop`): PIL's pixels after `Image.draft`, not the rule's. Teacher caches
+record it and refuse a run with another value. (TF's `decode_and_crop_jpeg` is not
+used: with subsampled chroma it differs from decode-then-crop at the crop's right
+edge, by up to 42 levels measured.)
 """
 from __future__ import annotations
 
@@ -33,6 +41,7 @@ import numpy as np
 from PIL import Image
 
 DECODE_VERSION = 2
+JPEG_SCALES = (1, 2, 4, 8)  # libjpeg's DCT scalings that data.jpeg_scale may use
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")  # PIL opens MPO files as JPEG
 _SIXTEEN_BIT = ("I", "I;16", "I;16L", "I;16B", "I;16N")
 
@@ -66,18 +75,50 @@ def decode(encoded: bytes | np.ndarray) -> np.ndarray:
   return np.asarray(open_rgb(bytes(encoded)))
 
 
-def decode_tf(encoded):
-  """A scalar string tensor → uint8 (h, w, 3) tensor, PIL's pixels (see above)."""
+def decodes_in_tf(encoded):
+  """Whether `decode_tf` decodes this file with TF's JPEG decoder (a JPEG with 1 or 3
+  components) rather than PIL; a scalar bool tensor."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
-
-  def accurate_jpeg():
-    return tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE")
-
-  def by_pil():
-    return tf.numpy_function(decode, [encoded], tf.uint8, stateful=False)
 
   def components_ok():  # CMYK/YCCK (4) and other counts go to PIL
     return tf.reduce_any(tf.equal(tf.io.extract_jpeg_shape(encoded)[2], [1, 3]))
 
-  fast = tf.cond(tf.io.is_jpeg(encoded), components_ok, lambda: tf.constant(False))
-  return tf.ensure_shape(tf.cond(fast, accurate_jpeg, by_pil), [None, None, 3])
+  return tf.cond(tf.io.is_jpeg(encoded), components_ok, lambda: tf.constant(False))
+
+
+def jpeg_tf(encoded, ratio=1):
+  """A 1/3-component JPEG → uint8 (h, w, 3) tensor with the accurate integer DCT: PIL's
+  pixels. `ratio` (an int tensor in JPEG_SCALES) decodes at 1/ratio by libjpeg's DCT
+  scaling, ceil(h/ratio) × ceil(w/ratio): PIL's pixels after
+  `Image.draft("RGB", (w // ratio, h // ratio))`, not the rule's."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+  def at(r):
+    return lambda: tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE", ratio=r)
+
+  if isinstance(ratio, int) and ratio == 1:
+    return at(1)()
+  index = tf.argmax(tf.cast(tf.equal(tf.constant(JPEG_SCALES, tf.int32), ratio), tf.int32))
+  return tf.switch_case(tf.cast(index, tf.int32), [at(r) for r in JPEG_SCALES])
+
+
+def pil_tf(encoded):
+  """Any supported file → uint8 (h, w, 3) tensor by `decode` (PIL), off the graph."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  return tf.ensure_shape(tf.numpy_function(decode, [encoded], tf.uint8, stateful=False),
+                         [None, None, 3])
+
+
+def decode_tf(encoded):
+  """A scalar string tensor → uint8 (h, w, 3) tensor, PIL's pixels (see above)."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  image = tf.cond(decodes_in_tf(encoded), lambda: jpeg_tf(encoded), lambda: pil_tf(encoded))
+  return tf.ensure_shape(image, [None, None, 3])
+
+
+def check_jpeg_scale(value) -> int:
+  """data.jpeg_scale as an int, or a ValueError naming the allowed values."""
+  if isinstance(value, bool) or value not in JPEG_SCALES:
+    raise ValueError(f"data.jpeg_scale is {value!r} but must be one of {JPEG_SCALES} "
+                     "(1 = decode at full size, the exact rule).")
+  return int(value)

@@ -110,7 +110,8 @@ def check(cfg: ml_collections.ConfigDict) -> None:
   if not 0 < cfg.crop_ratio_min <= cfg.crop_ratio_max:
     raise ValueError(f"data.crop_ratio_min/max ({cfg.crop_ratio_min}, {cfg.crop_ratio_max}) "
                      "must satisfy 0 < min <= max.")
-  from tinyclip_jax.data import shards, tfds_input  # pylint: disable=import-outside-toplevel
+  from tinyclip_jax.data import decode, shards, tfds_input  # pylint: disable=import-outside-toplevel
+  decode.check_jpeg_scale(cfg.get("jpeg_scale", 1))
   if cfg.kind == "tfds":
     tfds_input.split_files(tfds_input.builder(cfg.tfds_name, cfg.data_dir), cfg.tfds_split)
   else:

@@ -71,6 +71,7 @@ class ShardedPairs:
                              "processes; every process needs at least one shard.")
     self.reader = reader  # (path tensor) → dataset of raw records; None = shards.READERS
     self.image_size, self.context_length = image_size, context_length
+    self.jpeg_scale = decode.check_jpeg_scale(cfg.get("jpeg_scale", 1))
     self.local_batch = global_batch // process_count
     self.process_index, self.process_count = process_index, process_count
     self.state = {"epoch": 0, "window": 0, "offset": 0, "used": 0,
@@ -100,10 +101,10 @@ class ShardedPairs:
       return self.reader(path)
     fn = shards.READERS[self.kind]
     return tf.data.Dataset.from_generator(
-        fn,
-        output_signature=shards.RECORD_SIGNATURE,
+        lambda *args: shards.in_chunks(fn, *args),
+        output_signature=shards.CHUNK_SIGNATURE,
         args=(path, int(self.cfg.min_image_size), int(self.cfg.max_image_pixels),
-              str(self.cfg.caption_key)))
+              str(self.cfg.caption_key))).unbatch()
 
   def _window(self, epoch, window, paths, skip):
     per = int(self.cfg.shards_per_window)
@@ -168,20 +169,25 @@ class ShardedPairs:
     return tf.cond(tf.equal(r["reason"], _BEAT), blank, lambda: dict(r, **self._decode(r)))
 
   def _decode(self, r):
-    image = decode.decode_tf(r["image"])  # PIL's pixels, as evaluation decodes them
-    h, w = tf.shape(image)[0], tf.shape(image)[1]
+    seed = tf.stack([_fingerprint(self.cfg.seed, r["epoch"], r["window"]), r["index"]])
+    scale = (float(self.cfg.crop_scale_min), float(self.cfg.crop_scale_max))
+    ratio = (float(self.cfg.crop_ratio_min), float(self.cfg.crop_ratio_max))
+    if self.jpeg_scale == 1:  # the rule: PIL's pixels, as evaluation decodes them
+      image = decode.decode_tf(r["image"])
+      h, w = tf.shape(image)[0], tf.shape(image)[1]
+      crop = lambda: augment.random_resized_crop(image, seed, self.image_size, scale, ratio)
+    else:  # opt-in: JPEGs decoded at reduced DCT scale (augment.decode_for_crop)
+      pixels, box, h, w = augment.decode_for_crop(r["image"], seed, self.image_size,
+                                                   self.jpeg_scale, scale, ratio)
+      crop = lambda: augment.resize_crop(
+          pixels[box[0]:box[0] + box[2], box[1]:box[1] + box[3]], self.image_size)
     reason = tf.where(
         tf.minimum(h, w) < self.cfg.min_image_size, shards.CODE["tiny_image"],
         tf.where(
             tf.cast(h, tf.int64) * tf.cast(w, tf.int64) > self.cfg.max_image_pixels,
             shards.CODE["huge_image"], 0))
-    seed = tf.stack([_fingerprint(self.cfg.seed, r["epoch"], r["window"]), r["index"]])
-    scale = (float(self.cfg.crop_scale_min), float(self.cfg.crop_scale_max))
-    ratio = (float(self.cfg.crop_ratio_min), float(self.cfg.crop_ratio_max))
     image = tf.cond(
-        tf.equal(reason, 0),
-        lambda: augment.random_resized_crop(image, seed, self.image_size, scale, ratio),
-        lambda: tf.zeros([self.image_size] * 2 + [3], tf.float32))
+        tf.equal(reason, 0), crop, lambda: tf.zeros([self.image_size] * 2 + [3], tf.float32))
     out = {k: r[k] for k in ("key", "caption", "epoch", "window", "index", "counts", "n_ok")}
     return dict(out, image=image, reason=reason)
 

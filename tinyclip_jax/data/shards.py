@@ -219,6 +219,19 @@ def _url_records(path: str):
 READERS = {"webdataset": read_tar, "tfrecord": read_tfrecord}
 RECORD_SIGNATURE = (tf.TensorSpec((), tf.string), tf.TensorSpec(
     (), tf.string), tf.TensorSpec((), tf.string), tf.TensorSpec((), tf.int32))
+CHUNK_SIGNATURE = tuple(tf.TensorSpec((None,), s.dtype) for s in RECORD_SIGNATURE)
+CHUNK = 16  # records per call into Python: the per-call cost was ~45% of reading
+
+
+def in_chunks(reader, *args, size: int = CHUNK):
+  """A reader's records in order, `size` at a time as four lists (CHUNK_SIGNATURE), so
+  that tf.data's `from_generator` crosses into Python once per chunk, not per record."""
+  records = reader(*args)
+  while True:
+    chunk = list(itertools.islice(records, size))
+    if not chunk:
+      return
+    yield tuple(list(field) for field in zip(*chunk))
 
 
 def windows(units: list,

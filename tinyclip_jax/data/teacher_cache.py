@@ -7,9 +7,9 @@ The input pipeline is a pure function of its config and seed (augmentation
 included), so batch s of a run is batch s of the run that built the cache: the
 cache is indexed by step. A manifest records what the embeddings depend on — the
 teacher (config and a digest of its weights), the data config with its seed, the
-image decoding rule's version (tinyclip_jax.data.decode), the global batch, image
-size, context length and process count — and a run whose own values differ is
-refused, naming both.
+image decoding rule's version (tinyclip_jax.data.decode) and data.jpeg_scale, the
+global batch, image size, context length and process count — and a run whose own
+values differ is refused, naming both.
 
 Layout: PATH/cache.json (written last: its presence means complete) and
 PATH/p{process:03d}-{chunk:06d}.safetensors, each holding `chunk` steps of that
@@ -51,11 +51,15 @@ def teacher_digest(params: Mapping[str, Any]) -> str:
 
 
 def describe(config, teacher_config, digest: str) -> dict:
-  """What the cached embeddings depend on, for the manifest and for comparing."""
-  data = {k: v for k, v in config.data.to_dict().items() if k not in NEUTRAL_DATA_FIELDS}
+  """What the cached embeddings depend on, for the manifest and for comparing. The
+  decoding is the rule's version and data.jpeg_scale (reduced-DCT JPEG decoding, 1 =
+  off), kept out of "data" so that caches from before the field match runs at 1."""
+  data = {k: v for k, v in config.data.to_dict().items()
+          if k not in NEUTRAL_DATA_FIELDS and k != "jpeg_scale"}
   return {"teacher": {"config": teacher_config.to_dict(), "digest": digest},
           "data": json.loads(json.dumps(data, default=str)),
           "decode_version": image_decode.DECODE_VERSION,
+          "jpeg_scale": int(config.data.get("jpeg_scale", 1)),
           "batch_size": int(config.batch_size),
           "process_count": jax.process_count()}
 
@@ -140,6 +144,12 @@ def check(manifest: dict, expected: dict, steps: int, path: str) -> None:
     raise CacheError(f"teacher.cache {path} was built from images decoded by rule version "
                      f"{built} but this run decodes them by rule version {now} "
                      "(tinyclip_jax/data/decode.py); rebuild the cache.")
+  built, now = manifest.get("jpeg_scale", 1), expected.get("jpeg_scale", 1)
+  if built != now:
+    raise CacheError(f"teacher.cache {path} was built from JPEGs decoded with "
+                     f"data.jpeg_scale={built} but this run sets data.jpeg_scale={now}, which "
+                     "decodes other pixels; rebuild the cache or set "
+                     f"data.jpeg_scale={built}.")
   for key in ("teacher", "data", "batch_size", "process_count"):
     diff = _first_difference(expected[key], manifest.get(key), key)
     if diff:

@@ -6,9 +6,11 @@ position after a row's EOT changes neither its pooled output nor any gradient; c
 every position after the batch's last EOT changes nothing but float rounding. The
 lengths are few and static so that the loop compiles one step per length, ahead.
 
-The rule (`lengths`): text_buckets is () (off: every batch at the context length)
-or strictly increasing positive lengths, none above the model's text context length
-and the last equal to it (the bucket of a caption that fills the context).
+The rule (`lengths`): text_buckets is None (the default: `DEFAULT`'s lengths below the
+model's text context length, then the context length itself), () (off: every batch at
+the context length) or strictly increasing positive lengths, none above the model's
+text context length and the last equal to it (the bucket of a caption that fills the
+context).
 
 Several processes: each makes only its rows of the global batch, but all must build
 the same shapes (a process that ran another bucket's step would leave the others
@@ -29,9 +31,15 @@ from typing import Sequence
 
 import numpy as np
 
+# The default's lengths for CLIP's 77-token context; shorter contexts keep those below.
+DEFAULT = (16, 24, 32, 48, 77)
 
-def check(buckets: Sequence[int]) -> tuple[int, ...]:
-  """The lengths alone: () or strictly increasing positive ints; ValueError if not."""
+
+def check(buckets: Sequence[int] | None) -> tuple[int, ...] | None:
+  """The lengths alone: None (the default), () or strictly increasing positive ints;
+  ValueError if not."""
+  if buckets is None:
+    return None
   buckets = tuple(buckets)
   if (any(not isinstance(b, int) or isinstance(b, bool) or b <= 0 for b in buckets) or
       any(a >= b for a, b in zip(buckets, buckets[1:]))):
@@ -40,9 +48,12 @@ def check(buckets: Sequence[int]) -> tuple[int, ...]:
   return buckets
 
 
-def lengths(buckets: Sequence[int], context_length: int) -> tuple[int, ...]:
-  """The bucket lengths for a model with this context; ValueError naming the fault."""
+def lengths(buckets: Sequence[int] | None, context_length: int) -> tuple[int, ...]:
+  """The bucket lengths for a model with this context; ValueError naming the fault of
+  an explicit list (the default, None, fits any context)."""
   buckets = check(buckets)
+  if buckets is None:
+    return tuple(b for b in DEFAULT if b < context_length) + (int(context_length),)
   if not buckets:
     return (int(context_length),)
   if buckets[-1] > context_length:

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from tinyclip_jax.models.config import CLIPConfig, TextConfig, VisionConfig
 from tinyclip_jax.models.layers import LayerNorm, normal, transformer
+from tinyclip_jax.models.precision import OUTPUT_DTYPE
 from tinyclip_jax.models.resnet import BN_STATS, ModifiedResNet
 
 Dtype = Any
@@ -47,6 +48,11 @@ class VisionTransformer(nn.Module):
   remat: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention: str | None = None   # see models/precision.py
+  scan_layers: bool = False      # see layers.transformer
+
+  def _stack_kw(self) -> dict:
+    return dict(attention=self.attention, scan_layers=self.scan_layers, module=self)
 
   @nn.compact
   def __call__(self, images, train: bool = False, gates=None):  # train: no BatchNorm here
@@ -75,11 +81,12 @@ class VisionTransformer(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = LayerNorm(name="ln_pre", **kw)(x, keep)
     x = transformer(x, c.heads, c.mlp, c.head_dim, self.activation, causal=False,
-                    remat=self.remat, pool_index=jnp.zeros((b,), jnp.int32), gates=gates, **kw)
+                    remat=self.remat, pool_index=jnp.zeros((b,), jnp.int32), gates=gates,
+                    **self._stack_kw(), **kw)
     x = LayerNorm(name="ln_post", **kw)(x, keep)  # the class token
     proj = self.param("proj", normal(scale, ("embed", "proj")), (c.width, self.embed_dim),
                       self.param_dtype)
-    return jnp.dot(x, proj.astype(self.dtype)).astype(jnp.float32)
+    return jnp.dot(x, proj.astype(self.dtype)).astype(OUTPUT_DTYPE)
 
 
 class TextTransformer(nn.Module):
@@ -93,6 +100,11 @@ class TextTransformer(nn.Module):
   remat: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention: str | None = None   # see models/precision.py
+  scan_layers: bool = False      # see layers.transformer
+
+  def _stack_kw(self) -> dict:
+    return dict(attention=self.attention, scan_layers=self.scan_layers, module=self)
 
   @nn.compact
   def __call__(self, tokens, gates=None):
@@ -111,15 +123,15 @@ class TextTransformer(nn.Module):
     # argmax of a boolean row: its first True (0 if none). LayerNorm is per token: pool first.
     eot = jnp.argmax(tokens == c.eot_token_id, axis=-1)
     x = transformer(x, c.heads, c.mlp, c.head_dim, self.activation, causal=True,
-                    remat=self.remat, pool_index=eot, gates=gates, **kw)
+                    remat=self.remat, pool_index=eot, gates=gates, **self._stack_kw(), **kw)
     x = LayerNorm(name="ln_final", **kw)(x, keep)
     proj = self.param("text_projection", normal(c.width ** -0.5, ("embed", "proj")),
                       (c.width, self.embed_dim), self.param_dtype)
-    return jnp.dot(x, proj.astype(self.dtype)).astype(jnp.float32)
+    return jnp.dot(x, proj.astype(self.dtype)).astype(OUTPUT_DTYPE)
 
 
 def l2_normalize(x, eps: float = 0.0):
-  x = x.astype(jnp.float32)
+  x = x.astype(OUTPUT_DTYPE)
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps or 1e-12)
 
 
@@ -131,13 +143,16 @@ class CLIP(nn.Module):
   """
   config: CLIPConfig
   remat: bool = False
-  dtype: Dtype = jnp.float32
+  dtype: Dtype = jnp.float32          # compute (models/precision.py)
   param_dtype: Dtype = jnp.float32
+  attention: str | None = None        # dot_product_attention's implementation
+  scan_layers: bool = False           # runs of identical layers as one lax.scan
 
   def setup(self):
     c = self.config
     kw = dict(activation=c.activation, remat=self.remat, dtype=self.dtype,
-              param_dtype=self.param_dtype)
+              param_dtype=self.param_dtype, attention=self.attention,
+              scan_layers=self.scan_layers)
     if c.vision.kind == "resnet":
       self.visual = ModifiedResNet(c.vision, c.embed_dim, remat=self.remat, dtype=self.dtype,
                                    param_dtype=self.param_dtype)
@@ -169,7 +184,7 @@ class CLIP(nn.Module):
     gates = gates or {}
     return {"image_embeds": l2_normalize(self._visual(images, train, gates.get("visual"))),
             "text_embeds": l2_normalize(self.text(tokens, gates.get("text"))),
-            "logit_scale": jnp.exp(self.logit_scale.astype(jnp.float32))}
+            "logit_scale": jnp.exp(self.logit_scale.astype(OUTPUT_DTYPE))}
 
 
 def dummy_inputs(config: CLIPConfig, batch: int = 1):

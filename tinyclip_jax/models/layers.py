@@ -7,12 +7,12 @@ before the matmul: XLA on CPU differentiates 3-D batched dots slowly, and the
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from absl import logging
 
 Dtype = Any
 LN_EPS = 1e-5  # OpenAI CLIP, open_clip and HF all use 1e-5.
@@ -97,6 +97,33 @@ class Dense(nn.Module):
     return dense_2d(x, kernel, bias, self.dtype)
 
 
+_fallbacks: set[str] = set()  # why cuDNN attention was not used, logged once each
+
+
+def dot_product_attention(q, k, v, causal: bool, kv_lengths=None, implementation=None):
+  """q (b, t, h, d), k and v (b, s, h, d) → (b, t, h, d), through
+  jax.nn.dot_product_attention (logits and softmax in float32 whatever the inputs).
+  kv_lengths (b,): row i attends to its first kv_lengths[i] keys only (one query per
+  row at that position, causal). implementation "cudnn": the fused kernel where it
+  takes these shapes and dtypes; where it does not (or on a machine without cuDNN)
+  the same call through XLA, decided while tracing."""
+  # q scaled first, in the compute dtype, as torch does (and as this model always has).
+  q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+  kw = dict(scale=1.0, is_causal=causal and kv_lengths is None,
+            key_value_seq_lengths=kv_lengths)
+  if implementation == "cudnn":
+    try:
+      return jax.nn.dot_product_attention(q, k, v, implementation="cudnn", **kw)
+    except (NotImplementedError, RuntimeError, ValueError) as e:
+      if str(e) not in _fallbacks:
+        _fallbacks.add(str(e))
+        logging.info("attention %s x %s through XLA, not cuDNN: %s", q.shape, k.shape, e)
+  elif implementation not in (None, "xla"):
+    raise ValueError(f"attention implementation {implementation!r} is unknown; use None, "
+                     "'xla' or 'cudnn'.")
+  return jax.nn.dot_product_attention(q, k, v, implementation=None, **kw)
+
+
 class Attention(nn.Module):
   """Multi-head self-attention with a fused qkv projection.
 
@@ -110,6 +137,7 @@ class Attention(nn.Module):
   out_std: float
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  implementation: str | None = None  # of dot_product_attention (models/precision.py)
 
   @nn.compact
   def __call__(self, x, query_index=None, head_gate=None):
@@ -125,29 +153,23 @@ class Attention(nn.Module):
                        (h, d, width), self.param_dtype)
     b_out = self.param("out_proj_bias", zeros(("embed",)), (width,), self.param_dtype)
 
-    key_pos = jnp.arange(n)
+    kv_lengths = None
     if query_index is None:
       qkv = dense_2d(x, w_in.reshape(width, 3 * h * d), b_in.reshape(-1), self.dtype)
-      # (3, b, h, n, d): batch dims leading, which XLA's CPU batched dot runs ~4x
-      # faster than the "bqhd" einsum layout (benchmarks/README.md).
-      q, k, v = qkv.reshape(b, n, 3, h, d).transpose(2, 0, 3, 1, 4)
-      query_pos = key_pos[:, None]
+      qkv = qkv.reshape(b, n, 3, h, d)
+      q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     else:  # one query per row: project q for that token only
       xq = x[jnp.arange(b), query_index]
       q = dense_2d(xq, w_in[:, 0].reshape(width, h * d), b_in[0].reshape(-1), self.dtype)
-      q = q.reshape(b, 1, h, d).transpose(0, 2, 1, 3)
+      q = q.reshape(b, 1, h, d)
       kv = dense_2d(x, w_in[:, 1:].reshape(width, 2 * h * d), b_in[1:].reshape(-1), self.dtype)
-      k, v = kv.reshape(b, n, 2, h, d).transpose(2, 0, 3, 1, 4)
-      query_pos = query_index[:, None, None, None]
-    q = q * jnp.asarray(1.0 / math.sqrt(d), self.dtype)  # scale q first, as torch does
-    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32)
-    if self.causal:
-      logits = jnp.where(key_pos <= query_pos, logits, -jnp.inf)
-    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = jnp.einsum("bhqk,bhkd->bhqd", probs, v)
+      kv = kv.reshape(b, n, 2, h, d)
+      k, v = kv[:, :, 0], kv[:, :, 1]
+      if self.causal:  # the query at position i sees keys 0 … i
+        kv_lengths = query_index.astype(jnp.int32) + 1
+    out = dot_product_attention(q, k, v, self.causal, kv_lengths, self.implementation)
     if head_gate is not None:
-      out = out * head_gate.astype(self.dtype)[None, :, None, None]
-    out = out.transpose(0, 2, 1, 3)
+      out = out * head_gate.astype(self.dtype)[None, None, :, None]
     out = out.reshape(b, -1, h * d)
     out = dense_2d(out, w_out.reshape(h * d, width), b_out, self.dtype)
     return out if query_index is None else out[:, 0]
@@ -182,6 +204,7 @@ class ResidualBlock(nn.Module):
   num_layers: int  # of the tower, for OpenAI's depth-scaled init
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention: str | None = None  # implementation of dot_product_attention
 
   @nn.compact
   def __call__(self, x, query_index=None, gates=None):
@@ -209,7 +232,7 @@ class ResidualBlock(nn.Module):
     if self.heads:
       y = LayerNorm(name="ln_1", **kw)(x, keep)
       y = Attention(self.heads, self.head_dim, self.causal, attn_std, proj_std, name="attn",
-                    **kw)(y, query_index, gates.get("heads"))
+                    implementation=self.attention, **kw)(y, query_index, gates.get("heads"))
       out = out + gated(y, gates.get("mha"))
     if self.mlp:
       y = LayerNorm(name="ln_2", **kw)(out, keep)
@@ -219,8 +242,9 @@ class ResidualBlock(nn.Module):
     return out
 
 
-def layer_gates(gates, i: int, heads: int, mlp: int):
-  """Layer i's slice of a tower's gates (rows are padded to the widest layer)."""
+def layer_gates(gates, i: int | slice, heads: int, mlp: int):
+  """Layer i's slice of a tower's gates (rows are padded to the widest layer); with a
+  slice, those layers' gates stacked (hidden, shared by all layers, as it is)."""
   if not gates:
     return None
   out = {}
@@ -236,19 +260,65 @@ def layer_gates(gates, i: int, heads: int, mlp: int):
   return out
 
 
+def layer_runs(heads, mlp, last_alone: bool) -> list[tuple[int, int]]:
+  """[(start, stop)]: maximal runs of consecutive layers with the same (heads, mlp),
+  so the same parameter shapes; with last_alone the last layer is a run of its own
+  (it computes the pooled token only)."""
+  runs = []
+  for i, shape in enumerate(zip(heads, mlp)):
+    alone = last_alone and i == len(heads) - 1
+    if runs and not alone and shape == (heads[runs[-1][0]], mlp[runs[-1][0]]):
+      runs[-1] = (runs[-1][0], i + 1)
+    else:
+      runs.append((i, i + 1))
+  return runs
+
+
+def _scan_blocks(module, x, block: ResidualBlock, start: int, stop: int, gates, remat: bool):
+  """Layers start … stop-1 (identical shapes) as one lax.scan over their parameters,
+  stacked here from the stored per-layer subtrees layers_i (storage stays per layer:
+  conversion, inheritance and masks read that layout). Same math as the unrolled loop."""
+  params = module.variables["params"]
+  stacked = jax.tree.map(lambda *a: jnp.stack(a),
+                         *[nn.meta.unbox(params[f"layers_{i}"]) for i in range(start, stop)])
+  g = layer_gates(gates, slice(start, stop), block.heads, block.mlp) or {}
+  hidden = g.pop("hidden", None)
+
+  def body(h, xs):
+    p, g_i = xs
+    if hidden is not None:
+      g_i = dict(g_i, hidden=hidden)
+    return block.apply({"params": p}, h, None, g_i or None), None
+  if remat:  # as nn.remat on each block: keep only the carry between layers
+    body = jax.checkpoint(body, prevent_cse=False)
+  return jax.lax.scan(body, x, (stacked, g))[0]
+
+
 def transformer(x, heads, mlp, head_dim, activation, causal, remat=False, dtype=jnp.float32,
-                param_dtype=jnp.float32, pool_index=None, gates=None):
+                param_dtype=jnp.float32, pool_index=None, gates=None, attention=None,
+                scan_layers=False, module=None):
   """Residual blocks layers_0 … layers_{L-1}; call inside a tower's compact method so
   the blocks sit directly under the tower (the canonical flat layout).
 
   With pool_index (b,), returns only that token's features (b, W): the last block
-  then computes one query and one MLP row per example instead of n (exact, cheaper)."""
+  then computes one query and one MLP row per example instead of n (exact, cheaper).
+  With scan_layers (and `module`, the tower), each run of two or more identical
+  layers is one lax.scan, compiled once however deep the run (benchmarks/README.md:
+  compile time). Initialization always creates the layers one by one (the stored
+  layout)."""
   block_cls = nn.remat(ResidualBlock) if remat else ResidualBlock
   last = len(heads) - 1
   if pool_index is not None and last < 0:
     return x[jnp.arange(x.shape[0]), pool_index]
-  for i, (h, m) in enumerate(zip(heads, mlp)):
-    x = block_cls(h, m, head_dim, activation, causal, len(heads), dtype=dtype,
-                  param_dtype=param_dtype, name=f"layers_{i}")(
-                      x, pool_index if i == last else None, layer_gates(gates, i, h, m))
+  kw = dict(dtype=dtype, param_dtype=param_dtype, attention=attention)
+  scan = scan_layers and module is not None and not module.is_initializing()
+  for start, stop in layer_runs(heads, mlp, pool_index is not None):
+    h, m = heads[start], mlp[start]
+    if scan and stop - start > 1:
+      block = ResidualBlock(h, m, head_dim, activation, causal, len(heads), parent=None, **kw)
+      x = _scan_blocks(module, x, block, start, stop, gates, remat)
+      continue
+    for i in range(start, stop):
+      x = block_cls(h, m, head_dim, activation, causal, len(heads), name=f"layers_{i}", **kw)(
+          x, pool_index if i == last else None, layer_gates(gates, i, h, m))
   return x

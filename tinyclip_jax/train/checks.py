@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 
-import jax.numpy as jnp
 import ml_collections
 
 from tinyclip_jax import parallel
@@ -13,9 +12,9 @@ from tinyclip_jax.data import pipeline, text_buckets
 from tinyclip_jax.eval import suite as eval_suite
 from tinyclip_jax.models import CLIPConfig, ConfigError, param_shapes
 from tinyclip_jax.models.clip import logical_axes
+from tinyclip_jax.models.precision import PRECISIONS
 from tinyclip_jax.train import defaults, masking, profiling
 
-PRECISIONS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 INITS = ("inherit", "scratch", "checkpoint")
 
 
@@ -26,7 +25,8 @@ class SetupError(ValueError):
 def validate(config: ml_collections.ConfigDict) -> None:
   """Field-level checks that need no devices or files."""
   if config.precision not in PRECISIONS:
-    raise SetupError(f"precision {config.precision!r} is unknown; use 'float32' or 'bfloat16'.")
+    raise SetupError(f"precision {config.precision!r} is unknown; use 'auto', 'float32' or "
+                     "'bfloat16'.")
   if config.student.init not in INITS:
     raise SetupError(f"student.init {config.student.init!r} is unknown; use one of {INITS}.")
   for f in ("total_steps", "batch_size", "log_every", "checkpoint_every"):

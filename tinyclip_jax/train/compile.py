@@ -16,6 +16,7 @@ from absl import logging
 
 from tinyclip_jax import parallel
 from tinyclip_jax.models import CLIP, CLIPConfig
+from tinyclip_jax.train import preflight
 from tinyclip_jax.train.step import make_train_step
 
 
@@ -68,15 +69,23 @@ def log_compiled(compiled, what: str) -> None:
     logging.info("%s: %.1f MiB of device memory", what, mb)
 
 
+def step_models(config, setup, remat: bool | None = None) -> tuple[CLIP, CLIP | None]:
+  """(student, teacher or None) as the train step runs them: dtypes and attention from
+  the precision policy, remat for the student, scan_layers for both."""
+  student = CLIP(setup.student_config, remat=config.remat if remat is None else remat,
+                 scan_layers=config.scan_layers, **setup.policy.student_kw)
+  teacher = (CLIP(setup.teacher_config, scan_layers=config.scan_layers,
+                  **setup.policy.teacher_kw) if setup.teacher_config else None)
+  return student, teacher
+
+
 def train_step(config, setup, *, remat: bool | None = None, cached: bool | None = None,
                batch_size: int | None = None):
   """The jitted (not yet compiled) step: (state, teacher params, batch) → (state, metrics),
   the state donated. `cached`: the teacher's embeddings come with the batch."""
   cached = bool(setup.teacher_cache) if cached is None else cached
-  student = CLIP(setup.student_config, remat=config.remat if remat is None else remat,
-                 dtype=setup.dtype)
-  teacher = (CLIP(setup.teacher_config, dtype=setup.dtype)
-             if setup.teacher_config and not cached else None)
+  student, teacher = step_models(config, setup, remat)
+  teacher = None if cached else teacher
   fn = make_train_step(student, teacher, setup.loss, setup.mesh, setup.tx, setup.lr_fn,
                        batch_size or config.batch_size, config.microbatch_size, setup.masking)
   return jax.jit(fn, out_shardings=(setup.state_shardings, parallel.replicated(setup.mesh)),
@@ -84,8 +93,10 @@ def train_step(config, setup, *, remat: bool | None = None, cached: bool | None 
 
 
 def compile_train_steps(config, setup, abstracts: dict[int, dict] | None = None,
-                        **kwargs) -> dict[int, Any]:
-  """The step compiled ahead for every text bucket: {token length: executable}."""
+                        preflight_check: bool = True, **kwargs) -> dict[int, Any]:
+  """The step compiled ahead for every text bucket: {token length: executable}, each
+  checked against the devices' memory (train/preflight.py) unless `preflight_check` is
+  off (benchmarks that measure the largest batch that fits)."""
   abstracts = batch_abstracts(config, setup) if abstracts is None else abstracts
   teacher_params = None if kwargs.get("cached", bool(setup.teacher_cache)) else \
       setup.teacher_params
@@ -96,13 +107,15 @@ def compile_train_steps(config, setup, abstracts: dict[int, dict] | None = None,
     compiled[n] = jitted.lower(setup.abstract_state, teacher_params, batch_abs).compile()
     log_compiled(compiled[n], f"compiled the train step for {n} text tokens in "
                  f"{time.time() - t0:.1f} s")
+    if preflight_check:
+      preflight.check_step(compiled[n], config, setup)  # refuses a step that cannot fit
   return compiled
 
 
-def teacher_forward(setup, abstracts: dict[int, dict]) -> dict[int, Any]:
+def teacher_forward(config, setup, abstracts: dict[int, dict]) -> dict[int, Any]:
   """The teacher's embeddings of a global batch, compiled per text bucket (the teacher
   cache builder): rows stay sharded as the batch is."""
-  teacher = CLIP(setup.teacher_config, dtype=setup.dtype)
+  teacher = step_models(config, setup)[1]
   rows = parallel.batch_sharding(setup.mesh, 2)
   out = {"image_embeds": rows, "text_embeds": rows,
          "logit_scale": parallel.replicated(setup.mesh)}

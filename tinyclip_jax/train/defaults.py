@@ -62,9 +62,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.microbatch_size = 0
   # Text lengths the steps are compiled for: each batch's tokens are cut to the
   # smallest that holds its longest caption (exact: the text towers attend causally
-  # and pool at the end-of-text token). Strictly increasing, the last equal to the
-  # model's text context length; () = off (every batch at the context length).
-  c.text_buckets = (16, 24, 32, 48, 77)
+  # and pool at the end-of-text token). None = (16, 24, 32, 48, 77) cut to the model's
+  # text context length, which is always the last; a list: strictly increasing, the
+  # last equal to the context length; () = off (every batch at the context length).
+  c.text_buckets = ml_collections.FieldReference(None, field_type=tuple)
   c.seed = 0
   c.log_every = 50
   c.eval_every = 2000
@@ -113,8 +114,15 @@ def base_config() -> ml_collections.ConfigDict:
       "max_replicated_fraction": 0.05,
       "replication": "warn",
   })
-  c.precision = "float32"      # compute dtype: "float32" or "bfloat16"
+  # The towers' compute dtype (models/precision.py): "auto" = bfloat16 on GPU/TPU and
+  # float32 on CPU, or "float32" / "bfloat16" anywhere. Parameters, optimizer state,
+  # embeddings and the loss are float32 whatever this says.
+  c.precision = "auto"
   c.remat = False
+  # Each run of identical layers (uniform towers) runs as one lax.scan, so compile time
+  # stops growing with depth (L/14 teachers: ~2x faster to compile); stored parameters
+  # stay per layer. Same values as unrolled (benchmarks/README.md: compile time).
+  c.scan_layers = False
 
   c.data = ml_collections.ConfigDict({
       # "synthetic" (the embedded generated dataset), "webdataset" (tar shards),
@@ -145,6 +153,9 @@ def base_config() -> ml_collections.ConfigDict:
       "threads": 0,                 # tf.data private thread pool; 0 = shared default
       "min_image_size": 16,         # shorter side below this: skipped as tiny_image
       "max_image_pixels": 50_000_000,  # more pixels: skipped as huge_image (never decoded)
+      # Opt-in, changes pixels: decode a JPEG at 1/r of its size (r in 2, 4, 8, at most
+      # this) where its crop stays >= r × the image size; 1 = the exact decoding rule.
+      "jpeg_scale": 1,
       # open_clip's train augmentation: RandomResizedCrop(scale, ratio), bicubic.
       "crop_scale_min": 0.9, "crop_scale_max": 1.0,
       "crop_ratio_min": 3 / 4, "crop_ratio_max": 4 / 3,
@@ -207,7 +218,7 @@ def paper_recipe(teacher: str, student: str, *, batch_size: int, total_steps: in
                      grad_clip=5.0)
   c.batch_size = batch_size
   c.total_steps = total_steps
-  c.precision = "bfloat16"
+  c.precision = "auto"        # bfloat16 on the accelerators these recipes are for
   c.log_every = 100
   c.eval_every = 2000
   c.checkpoint_every = 1000

@@ -131,17 +131,21 @@ def train_phase(phase: Phase, setup, start: Start, out: Outputs) -> Result:
       checkpoint.save(out.mgr, step, state, pipeline.gather_state(data_state or {}),
                       out.config_json, setup.student_config.to_dict())
     compiled = compile_lib.compile_train_steps(config, setup, abstracts)
-    flops_per_pair = prepare.model_flops_per_pair(setup.student_config, setup.teacher_config)
+    # Model FLOPs per pair at each bucket's text length, summed over the steps logged.
+    flops_per_pair = {n: prepare.model_flops_per_pair(setup.student_config,
+                                                      setup.teacher_config, n)
+                      for n in setup.text_lengths}
     progress = periodic_actions.ReportProgress(num_train_steps=config.total_steps,
                                                every_steps=config.log_every, every_secs=None)
     model_json = setup.student_config.to_dict()
-    prev, t_log, step_log = None, time.time(), step
+    prev, t_log, step_log, flops_log = None, time.time(), step, 0.0
     window = profiling.StepWindow(config, workdir)
     for step in range(start.step + 1, phase.last_step + 1):
       batch, data_state = next(batches)
       window.before(step)
       text_length = batch["tokens"].shape[1]  # the bucket every process agreed on
       state, m = compiled[text_length](state, setup.teacher_params, batch)
+      flops_log += flops_per_pair[text_length] * config.batch_size
       window.after(step, m)
       # Check the previous step's count while this one runs (no per-step sync).
       if prev is not None and int(prev["nonfinite_in_a_row"]) >= config.max_nonfinite:
@@ -167,13 +171,14 @@ def train_phase(phase: Phase, setup, start: Start, out: Outputs) -> Result:
       if do_log:
         m = jax.device_get(m)
         now = time.time()
-        pairs_s = (step - step_log) * config.batch_size / max(now - t_log, 1e-9)
+        seconds = max(now - t_log, 1e-9)
+        pairs_s = (step - step_log) * config.batch_size / seconds
         last = {k: float(v) for k, v in m.items()}
-        last.update(pairs_per_s=pairs_s, model_flops_per_s=pairs_s * flops_per_pair,
+        last.update(pairs_per_s=pairs_s, model_flops_per_s=flops_log / seconds,
                     text_bucket=text_length)
         if sharded_input:
           last.update(pipeline.skipped_metrics(gathered))
-        t_log, step_log = now, step
+        t_log, step_log, flops_log = now, step, 0.0
         if do_eval:
           ev = _evaluate(suite, setup, state, step)
           evals.append({"step": step, **ev})

@@ -16,6 +16,7 @@ from tinyclip_jax import parallel
 from tinyclip_jax.data import text_buckets
 from tinyclip_jax.inherit import manual
 from tinyclip_jax.models import CLIPConfig, init_params, param_shapes, split_stats
+from tinyclip_jax.models.precision import Policy, policy_for
 from tinyclip_jax.train import checks, masking, state as state_lib, teacher as teacher_lib
 from tinyclip_jax.train.checks import SetupError, validate  # noqa: F401 - the public names
 from tinyclip_jax.train.step import LossSettings, uses_batch_norm
@@ -24,7 +25,7 @@ from tinyclip_jax.train.step import LossSettings, uses_batch_norm
 @dataclasses.dataclass
 class Setup:
   mesh: Any
-  dtype: Any
+  policy: Policy                 # dtypes of the step (models/precision.py)
   student_config: CLIPConfig
   teacher_config: CLIPConfig | None
   teacher_params: Any            # on device, sharded; None without a teacher or with a cache
@@ -40,6 +41,11 @@ class Setup:
   mask_state: Any = None          # initial mask logits / multipliers (masked phase)
   mask_tx: Any = None
   loss: LossSettings | None = None  # config.loss, typed
+
+  @property
+  def dtype(self):
+    """The student's compute dtype."""
+    return self.policy.compute_dtype
 
 
 def student_config(config, teacher: teacher_lib.Teacher | None):
@@ -117,7 +123,8 @@ def setup(config, mesh, teacher: teacher_lib.Teacher | None, student_cfg: CLIPCo
   # With a cache the step never sees the teacher's weights (only inheritance does).
   t_params = teacher.params if teacher is not None and not cache else None
   t_shard = teacher.shardings if teacher is not None and not cache else None
-  return Setup(mesh, checks.PRECISIONS[config.precision], student_cfg,
+  policy = policy_for(config.precision, mesh.devices.flat[0].platform)
+  return Setup(mesh, policy, student_cfg,
                teacher.config if teacher else None, t_params, w_shard, t_shard, tx, lr_fn,
                state_shard, abstract, mask_training, cache, lengths, mask_state, mask_tx,
                LossSettings.from_config(config.loss))
@@ -176,15 +183,19 @@ def build(config: ml_collections.ConfigDict, restoring: bool = False,
   return s, init_state(config, s, student_params(config, s, teacher, host))
 
 
-def model_flops_per_pair(student: CLIPConfig, teacher: CLIPConfig | None) -> float:
+def model_flops_per_pair(student: CLIPConfig, teacher: CLIPConfig | None,
+                         text_length: int = 0) -> float:
   """Training FLOPs per image–text pair: 6·N·tokens for the student (fwd+bwd),
-  2·N·tokens for the teacher forward (matmul params only; attention ignored)."""
+  2·N·tokens for the teacher forward (matmul params only; attention ignored);
+  text_length: the tokens the text towers run (the batch's text bucket; 0 = the
+  context length)."""
   def tower(cfg, tokens):
     w = cfg.width
     per_layer = [4 * h * cfg.head_dim * w + 2 * m * w for h, m in zip(cfg.heads, cfg.mlp)]
     return sum(per_layer) * tokens
   def model(cfg):
-    return tower(cfg.vision, cfg.vision.grid ** 2 + 1) + tower(cfg.text, cfg.text.context_length)
+    return (tower(cfg.vision, cfg.vision.grid ** 2 + 1) +
+            tower(cfg.text, text_length or cfg.text.context_length))
   return 6.0 * model(student) + (2.0 * model(teacher) if teacher else 0.0)
 
 
