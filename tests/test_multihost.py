@@ -142,7 +142,7 @@ def test_logged_model_flops_count_the_bucket_length(two_hosts):
   both present: the test above), not the full context."""
   c = smoke_config()
   student, teacher = (defaults.build_model_config(m, "model") for m in (c.student, c.teacher))
-  rows = read_jsonl(two_hosts / "metrics.jsonl")
+  rows = read_jsonl(two_hosts[0] / "metrics.jsonl")
   for r in rows:
     n = r["text_bucket"]
     want = flops_per_pair(student, 6, n) + flops_per_pair(teacher, 2, n)
