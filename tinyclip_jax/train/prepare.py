@@ -48,29 +48,51 @@ class Setup:
     return self.policy.compute_dtype
 
 
-def student_config(config, teacher: teacher_lib.Teacher | None):
+def student_config(config, teacher_cfg: CLIPConfig | None):
   """(host weights or None, model config) of the student `config.student` names."""
   if config.student.init == "checkpoint":
     return checks.load_checkpoint(config.student.checkpoint, "student.checkpoint")
   cfg = checks.model_config(config.student, "student")
-  if teacher is not None and teacher.config.text.vocab_size == cfg.text.vocab_size:
+  if teacher_cfg is not None and teacher_cfg.text.vocab_size == cfg.text.vocab_size:
     # A student built from sizes reads the teacher's tokens: it pools where the teacher does.
-    cfg = cfg.replace(text=dataclasses.replace(cfg.text, eot_token_id=teacher.config.text.eot_token_id))
+    cfg = cfg.replace(text=dataclasses.replace(cfg.text,
+                                               eot_token_id=teacher_cfg.text.eot_token_id))
   return None, cfg
 
 
-def inherit_source(config, teacher: teacher_lib.Teacher | None, student_cfg: CLIPConfig):
-  """(weights, model config) a manual-inheritance student is cut from, shape-checked."""
+def inherit_source(config, teacher: teacher_lib.Teacher | None, student_cfg: CLIPConfig,
+                   teacher_cfg: CLIPConfig | None = None):
+  """(weights, model config) a manual-inheritance student is cut from, shape-checked;
+  with only `teacher_cfg` (no teacher on device yet) the check alone (weights None)."""
   if config.student.inherit_from:
     weights, cfg = checks.load_checkpoint(config.student.inherit_from, "student.inherit_from")
     checks.compatible(cfg, student_cfg)
-  else:
+  elif teacher is not None:
     weights, cfg = teacher.params, teacher.config
+  else:
+    weights, cfg = None, teacher_cfg
   try:  # shape-only dry run: a student wider than its source fails here
     jax.eval_shape(lambda p: manual.inherit(p, cfg, student_cfg), param_shapes(cfg))
   except manual.InheritError as e:
     raise SetupError(str(e)) from e
   return weights, cfg
+
+
+def check(config, teacher_cfg: CLIPConfig | None, student_cfg: CLIPConfig,
+          start: str) -> None:
+  """Every check of a phase that needs only model configs: before anything compiles."""
+  if config.microbatch_size and uses_batch_norm(student_cfg):
+    raise SetupError(f"microbatch_size {config.microbatch_size} (gradient caching) cannot train "
+                     "a BatchNorm (ResNet) student, whose statistics must come from the whole "
+                     "batch; set microbatch_size=0.")
+  if teacher_cfg is not None:
+    checks.compatible(teacher_cfg, student_cfg)
+  try:
+    text_buckets.lengths(config.text_buckets, student_cfg.text.context_length)
+  except ValueError as e:
+    raise SetupError(str(e)) from e
+  if start == "inherit":
+    inherit_source(config, None, student_cfg, teacher_cfg)
 
 
 def setup(config, mesh, teacher: teacher_lib.Teacher | None, student_cfg: CLIPConfig,
@@ -164,6 +186,11 @@ def build(config: ml_collections.ConfigDict, restoring: bool = False,
   use it for other sizes); the teacher then has random weights."""
   validate(config)
   mesh = checks.mesh(config)
+  if model_configs is None:  # every check before the teacher's weights are made
+    named = teacher_lib.spec(config)
+    host, student_cfg = student_config(config, named[0] if named else None)
+    check(config, named[0] if named else None, student_cfg,
+          config.student.init if not restoring else "")
   if model_configs is not None:
     teacher_cfg, student_cfg = model_configs
     teacher, host = None, None
@@ -173,10 +200,7 @@ def build(config: ml_collections.ConfigDict, restoring: bool = False,
           lambda r: init_params(teacher_cfg, r), out_shardings=shardings)(
               jax.random.split(jax.random.key(config.seed))[0]), shardings)
   else:
-    teacher = teacher_lib.load(config, mesh)
-    host, student_cfg = student_config(config, teacher)
-  if config.student.init == "inherit" and not restoring:
-    inherit_source(config, teacher, student_cfg)
+    teacher = teacher_lib.load(config, mesh, named)
   s = setup(config, mesh, teacher, student_cfg, masks=config.masks.enabled)
   if restoring:
     return s, None

@@ -29,18 +29,34 @@ class _Teachers:
   this run trained and exported is taken from memory, not read back."""
 
   def __init__(self):
+    self.named: dict[tuple, Any] = {}
     self.loaded: dict[tuple, Any] = {}
     self.exported: dict[str, tuple[Any, CLIPConfig]] = {}
+
+  def _exported(self, config):
+    path = config.teacher.checkpoint.rstrip("/")
+    return self.exported.get(path) if not config.teacher.cache else None
+
+  def config(self, config) -> CLIPConfig | None:
+    """The teacher's model config, read without touching a device."""
+    if self._exported(config) is not None:
+      return self._exported(config)[1]
+    key = teacher_lib.key(config)
+    if key in self.loaded:
+      return self.loaded[key].config if self.loaded[key] else None
+    if key not in self.named:
+      self.named[key] = teacher_lib.spec(config)
+    return self.named[key][0] if self.named[key] else None
 
   def get(self, config, mesh):
     key = teacher_lib.key(config)
     if key not in self.loaded:
-      path = config.teacher.checkpoint.rstrip("/")
-      if path in self.exported and not config.teacher.cache:
-        self.loaded[key] = teacher_lib.from_params(*self.exported[path][::-1], mesh,
+      if self._exported(config) is not None:
+        self.loaded[key] = teacher_lib.from_params(*self._exported(config)[::-1], mesh,
                                                     config.mesh)
       else:
-        self.loaded[key] = teacher_lib.load(config, mesh)
+        self.config(config)
+        self.loaded[key] = teacher_lib.load(config, mesh, self.named.pop(key))
     return self.loaded[key]
 
 
@@ -58,9 +74,13 @@ def _stage(phases: list[plan_lib.Phase], teachers: _Teachers, meshes: dict,
   if mesh_key not in meshes:
     meshes[mesh_key] = checks.mesh(config)
   mesh = meshes[mesh_key]
-  teacher = teachers.get(config, mesh)
   mgr = checkpoint.manager(workdir, config.keep_checkpoints)
   latest, latest_model = _resume_point(mgr)
+  teacher_cfg, named = teachers.config(config), None
+  if latest is None:  # a fresh stage: every check before its teacher's weights are made
+    named = prepare.student_config(config, teacher_cfg)
+    prepare.check(config, teacher_cfg, named[1], first.start)
+  teacher = teachers.get(config, mesh)
   out = loop.Outputs(mgr, notice, json.loads(config.to_json_best_effort()),
                      lambda start: _open_writer(config, workdir, start))
   result, carry = None, None
@@ -75,8 +95,8 @@ def _stage(phases: list[plan_lib.Phase], teachers: _Teachers, meshes: dict,
                                 "workdir.")
       if phase.start == "prune":
         cfg, host = ((CLIPConfig.from_dict(latest_model), None) if resuming else carry[:2])
-      else:
-        host, cfg = prepare.student_config(config, teacher)
+      else:  # the stage's first phase
+        host, cfg = named or prepare.student_config(config, teacher_cfg)
       if phase.start == "prune":  # the replication guard, with the fix that applies here
         masking.check_pruned(config, cfg, mesh)
       setup = prepare.setup(config, mesh, teacher, cfg, masks=phase.masks,

@@ -35,15 +35,25 @@ def key(config) -> tuple:
           config.seed, config.precision, str(config.mesh.to_dict()))
 
 
-def load(config, mesh) -> Teacher | None:
-  """The teacher `config.teacher` names on `mesh`, or None when there is none."""
-  host = None
+def spec(config) -> tuple[CLIPConfig, Any] | None:
+  """(model config, host weights or None for random ones) of the teacher `config.teacher`
+  names, read without touching a device (so every check runs before any compile);
+  None when there is no teacher."""
   if config.teacher.checkpoint:
     host, cfg = checks.load_checkpoint(config.teacher.checkpoint, "teacher.checkpoint")
-  elif defaults.has_model(config.teacher):
-    cfg = checks.model_config(config.teacher, "teacher")
-  else:
+    return cfg, host
+  if defaults.has_model(config.teacher):
+    return checks.model_config(config.teacher, "teacher"), None
+  return None
+
+
+def load(config, mesh, named: tuple[CLIPConfig, Any] | None = None) -> Teacher | None:
+  """The teacher `config.teacher` names (or `named`, its spec) on `mesh`; None when
+  there is none."""
+  named = spec(config) if named is None else named
+  if named is None:
     return None
+  cfg, host = named
   shardings = checks.shardings(cfg, mesh, config.mesh, "teacher")
   if host is None:
     logging.warning("the teacher has random weights (teacher.checkpoint is empty); for a "
