@@ -78,11 +78,15 @@ def _assert_same(one_shot, cached, rel=2.5e-6):
   assert 0 < num <= rel ** 2 * den, np.sqrt(num / den)  # > 0: really different sums
 
 
-@pytest.mark.parametrize("name", sorted(LOSSES))
-@pytest.mark.parametrize("mesh,batch,micros", [
-    ({"data": 1, "fsdp": 1, "tensor": 1}, 8, (1, 2)),     # one device
-    ({"data": 4, "fsdp": 2, "tensor": 1}, 16, (1,)),      # 8 devices, 2 rows each
-])
+ONE_DEVICE = ({"data": 1, "fsdp": 1, "tensor": 1}, 8, (1, 2))
+EIGHT_DEVICES = ({"data": 4, "fsdp": 2, "tensor": 1}, 16, (1,))  # 2 rows each
+
+
+# Every loss on the sharded mesh (where the loss all-gathers); the one-device mesh with
+# two microbatch sizes on the loss with every term (the suite's time is counted).
+@pytest.mark.parametrize("name,mesh,batch,micros",
+                         [(name, *EIGHT_DEVICES) for name in sorted(LOSSES)] +
+                         [("all terms", *ONE_DEVICE)])
 def test_microbatched_gradients_equal_one_shot(name, mesh, batch, micros, monkeypatch):
   if mesh["data"] == 1:  # a one-device mesh inside the 8-device test process
     real = parallel.make_mesh
