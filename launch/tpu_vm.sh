@@ -127,6 +127,8 @@ waits for the run to end before deleting the slice"
 [[ "${COMMAND}" != relaunch || "${DETACH}" != 1 ]] || die "--detach does not go with \
 relaunch, which watches the run to relaunch it"
 [[ "${ATTEMPTS}" =~ ^[1-9][0-9]*$ ]] || die "--attempts=${ATTEMPTS} is not a positive count"
+[[ "${COMMAND}" != relaunch || "${WORK}" == gs://* ]] || die "relaunch needs a gs:// \
+--workdir: a slice's local disk goes with the slice, so every relaunch would start over"
 [[ "${WORKER}" =~ ^[0-9]+$ ]] || die "--worker=${WORKER} is not a worker index (0, 1, ...)"
 
 WHERE=(--zone="${ZONE}")
@@ -197,16 +199,28 @@ relaunch() {
   # A Spot slice is taken back with a SIGTERM to every worker: the run saves a
   # checkpoint and exits 0 before its run finished, or the slice vanishes mid-step and
   # the run resumes from the newest complete checkpoint. Either way the next slice
-  # resumes from the workdir; the run is done when its export final/ is committed.
-  local attempt
+  # resumes from the workdir; the run is done when `status` says so (its exports
+  # committed). Exit 2 (the run or status refused the config or a path) stops the loop:
+  # another slice would be refused the same way.
+  local attempt rc
   for ((attempt = 1; attempt <= ATTEMPTS; attempt++)); do
     echo "# relaunch: attempt ${attempt} of ${ATTEMPTS}" >&2
     create || { delete || true; continue; }   # no capacity now: try again
-    if setup && run && finished; then
-      delete
-      return 0
+    rc=0
+    { setup && run; } || rc=$?
+    if ((rc == 0)); then
+      finished || rc=$?
+      if ((rc == 0)); then
+        delete
+        return 0
+      fi
     fi
     delete || true
+    if ((rc == 2)); then
+      echo "error: the run refused its config or a path (exit 2; see its log above); fix it \
+and relaunch" >&2
+      return 2
+    fi
     if [[ "${DRY_RUN}" == 1 ]]; then
       echo "# relaunch: until final/ is committed in ${WORK}, again from create (at most \
 ${ATTEMPTS} slices)"
@@ -217,7 +231,7 @@ ${ATTEMPTS} slices)"
   return 1
 }
 
-finished() {  # the run exported its student (a preempted run exits 0 without)
+finished() {  # status: 0 finished, 1 not yet (a preempted run exits 0 unfinished), 2 error
   if [[ "${DRY_RUN}" == 1 ]]; then
     x python3 -m tinyclip_jax.status --config="${CONFIG_FILE}" --workdir="${WORK}" \
       "${MAIN_ARGS[@]}"

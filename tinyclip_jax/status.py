@@ -3,22 +3,15 @@
 Prints one line per phase of the run's plan (done, resumable from step N, or not
 started) and exits 0 when the run is finished (every stage exported), 1 when it is
 not (launch/tpu_vm.sh relaunch uses this to decide whether to take another slice),
-2 on bad input.
+2 on bad input (one sentence, as the trainer's CLI).
 """
 from __future__ import annotations
 
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-
-
-def _define_flags() -> None:  # at run time: a library import must not define flags
-  flags.DEFINE_string("workdir", None, "The run's workdir (local or gs://).")
-  config_flags.DEFINE_config_file("config", None, "The run's config file.", lock_config=True)
-  flags.mark_flags_as_required(["config", "workdir"])
 
 
 def phases_status(config, workdir: str) -> list[tuple[str, str]]:
@@ -35,7 +28,11 @@ def phases_status(config, workdir: str) -> list[tuple[str, str]]:
       mgr.close()
     step = latest[p.workdir]
     stage_done = p.stage and storage.exists(workdir_lib.stage_done(p.workdir))
-    exported = storage.exists(workdir_lib.final(p.workdir))
+    final = workdir_lib.final(p.workdir)
+    # A gs:// export is trusted only with its commit marker (a local one is renamed
+    # into place whole).
+    exported = storage.exists(final) and (not storage.is_url(final) or
+                                          storage.is_published(final))
     if stage_done or (p.export and exported and step is not None and step >= p.last_step):
       state = "done"
     elif step is not None and step >= p.last_step and not p.export:
@@ -52,10 +49,11 @@ def main(argv) -> int:
   if len(argv) > 1:
     print(f"error: unexpected arguments {argv[1:]}.", file=sys.stderr)
     return 2
+  from tinyclip_jax import storage  # pylint: disable=import-outside-toplevel
   from tinyclip_jax.train import checks  # pylint: disable=import-outside-toplevel
   try:
     rows = phases_status(FLAGS.config, FLAGS.workdir)
-  except checks.SetupError as e:
+  except (checks.SetupError, storage.StorageError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   for name, state in rows:
@@ -64,5 +62,7 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-  _define_flags()
-  app.run(lambda argv: sys.exit(main(argv)))
+  # The trainer's --config/--workdir flags and its parsing: a bad flag or config field
+  # is one sentence and exit 2 here too.
+  from tinyclip_jax import main as main_lib  # pylint: disable=import-outside-toplevel
+  app.run(lambda argv: sys.exit(main(argv)), flags_parser=main_lib.parse_flags)

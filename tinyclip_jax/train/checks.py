@@ -7,7 +7,7 @@ import os
 
 import ml_collections
 
-from tinyclip_jax import parallel
+from tinyclip_jax import parallel, storage
 from tinyclip_jax.data import pipeline, text_buckets
 from tinyclip_jax.eval import suite as eval_suite
 from tinyclip_jax.models import CLIPConfig, ConfigError, param_shapes
@@ -48,9 +48,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
                      "teacher.checkpoint, or use student.init='scratch'.")
   try:  # the input's fields, and its shards or TFDS dataset exist (listed, not read)
     pipeline.check(config.data)
-    eval_suite.check(config.eval)
+    tasks = eval_suite.check(config.eval)
   except ValueError as e:
     raise SetupError(str(e)) from e
+  for t in tasks:
+    if t.startswith("folder:") and not storage.isdir(t[len("folder:"):]):
+      raise SetupError(f"eval task {t}: the folder {t[len('folder:'):]} does not exist; give "
+                       "a folder of images and labels.json (see the README's Evaluation).")
   if config.student.init == "checkpoint" and not config.student.checkpoint:
     raise SetupError("student.init='checkpoint' but student.checkpoint is empty; give the "
                      "folder of a flax model checkpoint.")

@@ -110,6 +110,18 @@ def _evaluate(suite, setup, state, step: int) -> dict:
   return suite.run(cfg, params, setup.mesh, step)
 
 
+def _noticed(out: Outputs, start: Start) -> bool:
+  """A preemption notice before the first step (one process: the handler's flag; several
+  processes agree at a step, in the loop): stop without compiling or stepping further.
+  The phase's start is already saved, unless it is the run's very beginning."""
+  if jax.process_count() > 1 or not out.notice.received:
+    return False
+  out.mgr.wait_until_finished()
+  logging.info("preempted before step %d; the checkpoint of step %d stands", start.step + 1,
+               start.step)
+  return True
+
+
 def train_phase(phase: Phase, setup, start: Start, out: Outputs) -> Result:
   """Steps start.step+1 … phase.last_step of `phase`."""
   config, workdir = phase.config, phase.workdir
@@ -130,7 +142,11 @@ def train_phase(phase: Phase, setup, start: Start, out: Outputs) -> Result:
       writer.checkpoint(step)
       checkpoint.save(out.mgr, step, state, pipeline.gather_state(data_state or {}),
                       out.config_json, setup.student_config.to_dict())
+    if _noticed(out, start):  # a SIGTERM before this phase compiled: stop now
+      return Result(state, step, data_state, {}, [], preempted=True)
     compiled = compile_lib.compile_train_steps(config, setup, abstracts)
+    if _noticed(out, start):
+      return Result(state, step, data_state, {}, [], preempted=True)
     # Model FLOPs per pair at each bucket's text length, summed over the steps logged.
     flops_per_pair = {n: prepare.model_flops_per_pair(setup.student_config,
                                                       setup.teacher_config, n)

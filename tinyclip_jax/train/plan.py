@@ -96,15 +96,22 @@ def stages(config: ml_collections.ConfigDict, workdir: str) -> list[tuple[str, A
     teacher = int(stage.get("teacher_from_stage", -1))
     for what, value in (("starts from", source), ("takes its teacher from", teacher)):
       if not -1 <= value < k:
+        choice = (f"one of -1 … {k - 1} (-1: as the base config says)" if k else
+                  "-1 (the first stage starts as the base config says)")
         raise prepare.SetupError(
             f"stages[{k}] ({name}) {what} stage {value}, which does not come before it; set "
-            f"from_stage / teacher_from_stage to one of -1 … {k - 1} (-1: as the base config "
-            "says).")
+            f"from_stage / teacher_from_stage to {choice}.")
     if source >= 0:
       previous = f"{out[source][2]}/final"
-      if c.student.init == "inherit" and "student" in stage and "init" in stage["student"]:
+      student = dict(stage.get("student", {}))
+      if c.student.init == "inherit" and "init" in student:
         c.student.inherit_from = previous  # manual: cut a smaller model from it
       else:
+        if {"custom", "model"} & set(student):
+          raise prepare.SetupError(
+              f"stages[{k}] ({name}) sets student.{sorted({'custom', 'model'} & set(student))[0]}"
+              f" but continues stage {source}'s student as it is; add student.init='inherit' "
+              "to cut that model from it, or drop the field.")
         c.student.init, c.student.checkpoint = "checkpoint", previous
     if teacher >= 0:
       c.teacher.checkpoint = f"{out[teacher][2]}/final"

@@ -97,6 +97,11 @@ def _stage(phases: list[plan_lib.Phase], teachers: _Teachers, meshes: dict,
         cfg, host = ((CLIPConfig.from_dict(latest_model), None) if resuming else carry[:2])
       else:  # the stage's first phase
         host, cfg = named or prepare.student_config(config, teacher_cfg)
+        if resuming and latest_model is not None and CLIPConfig.from_dict(latest_model) != cfg:
+          raise checks.SetupError(
+              f"the checkpoint of step {latest} in {workdir} holds another student model than "
+              "this config names; resume with the config the run was started with, or give a "
+              "new workdir.")
       if phase.start == "prune":  # the replication guard, with the fix that applies here
         masking.check_pruned(config, cfg, mesh)
       setup = prepare.setup(config, mesh, teacher, cfg, masks=phase.masks,
@@ -150,6 +155,9 @@ def run_plan(phases: list[plan_lib.Phase]) -> dict[str, Any]:
   logging.info("run plan:\n%s", plan_lib.describe(phases))
   for root in dict.fromkeys(p.workdir for p in phases):  # a missing or read-only bucket:
     storage.check_writable(root)                        # found before any work
+    if storage.exists(root) and not storage.isdir(root):
+      raise checks.SetupError(f"the workdir {root} is a file; give a folder (new or one a "
+                              "run of this config wrote).")
   teachers, meshes, result = _Teachers(), {}, {"stages": []}
   with preemption.Notice() as notice:
     for stage, group in itertools.groupby(phases, key=lambda p: (p.stage, p.workdir)):
