@@ -133,6 +133,12 @@ def test_tpu_relaunch_dry_run_shows_the_loop():
   assert out[-1][:2] == ["#", "relaunch:"] and "3" in out[-1]
 
 
+def test_tpu_relaunch_needs_a_gcs_workdir():
+  r = bash(TPU, "--dry-run", "relaunch", *BASE, *CREATE, "--config=configs/vit39m.py",
+           "--workdir=/tmp/run")
+  assert r.returncode == 2 and r.stderr.startswith("error: relaunch needs a gs:// --workdir")
+
+
 def test_tpu_options_from_environment_project_spot_and_repo():
   env = {
       "TPU_NAME": "tc",

@@ -11,7 +11,7 @@ import textwrap
 import ml_collections
 import pytest
 
-from tinyclip_jax.train import plan as plan_lib, prepare
+from tinyclip_jax.train import plan as plan_lib, prepare, runner
 from tinyclip_jax import demo, status
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -188,3 +188,20 @@ def test_demo_resumes_after_a_kill(tmp_path):
   summary = json.loads((workdir / "summary.json").read_text())
   assert set(summary["seconds"]) >= {"teacher", "distilled", "scratch"}
   check_demo_artefacts(workdir, 4)
+
+
+def test_bad_run_input_is_one_sentence_before_anything_runs(tmp_path):
+  (tmp_path / "afile").write_text("")
+  with pytest.raises(prepare.SetupError, match=r"the workdir .*afile is a file; give a folder"):
+    runner.run(smoke_config(), str(tmp_path / "afile"))
+  with pytest.raises(prepare.SetupError, match=r"folder /nonexistent does not exist"):
+    runner.run(smoke_config({"eval.tasks": "folder:/nonexistent"}), str(tmp_path / "w"))
+  c = smoke_config()
+  c.stages = ({"name": "a"}, {"name": "b", "student": {"custom": {"vision_width": 16}}})
+  with pytest.raises(prepare.SetupError, match=r"stages\[1\] \(b\) sets student.custom but "
+                                               r"continues stage 0's student as it is"):
+    runner.run(c, str(tmp_path / "w"))
+  c.stages = ({"name": "a", "from_stage": 0},)
+  with pytest.raises(prepare.SetupError, match=r"to -1 \(the first stage starts as the base"):
+    runner.run(c, str(tmp_path / "w"))
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # nothing written
