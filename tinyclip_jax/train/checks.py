@@ -3,6 +3,7 @@ mesh and batch split, model specs, checkpoint folders, teacher/student compatibi
 Every failure is a `SetupError` with one sentence naming the thing and the fix."""
 from __future__ import annotations
 
+import difflib
 import os
 
 import ml_collections
@@ -22,8 +23,35 @@ class SetupError(ValueError):
   """A config, checkpoint or mesh problem the user must fix."""
 
 
+def _unknown_fields(config, base, where: str = "") -> list[tuple[str, list[str]]]:
+  """(dotted field, the fields it sits beside) of every field `base` does not have."""
+  out = []
+  for key, value in config.items():
+    if key not in base:
+      out.append((where + key, list(base.keys())))
+    elif isinstance(value, ml_collections.ConfigDict) and isinstance(
+        base[key], ml_collections.ConfigDict):
+      out += _unknown_fields(value, base[key], f"{where}{key}.")
+  return out
+
+
+def check_fields(config: ml_collections.ConfigDict) -> None:
+  """A field a config file sets that the defaults do not have is a typo (`c.totl_steps =
+  3` would otherwise train the default number of steps without a word)."""
+  extra = [(f, near) for f, near in _unknown_fields(config, defaults.base_config())
+           # the demo configs' own section; eval.kind: the retired field's own sentence
+           if f not in ("demo", "eval.kind")]
+  if extra:
+    field, near = extra[0]
+    hint = difflib.get_close_matches(field.rsplit(".", 1)[-1], near, n=1)
+    fix = f"did you mean {hint[0]!r}?" if hint else "check the spelling"
+    raise SetupError(f"the config sets {field}, which is not a field ({fix}); every field and "
+                     "its default is in tinyclip_jax/train/defaults.py.")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Field-level checks that need no devices or files."""
+  check_fields(config)
   if config.precision not in PRECISIONS:
     raise SetupError(f"precision {config.precision!r} is unknown; use 'auto', 'float32' or "
                      "'bfloat16'.")
