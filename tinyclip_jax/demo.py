@@ -64,7 +64,7 @@ def plan(config: ml_collections.ConfigDict, workdir: str) -> list[plan_lib.Phase
 
 def history(stage_dir: str) -> list[dict]:
   """Every evaluation a stage wrote (WORKDIR/evals/step_N.json), by step."""
-  evals = storage.glob(workdir_lib.eval_result(stage_dir, 0).replace("00000000", "*"))
+  evals = storage.glob(workdir_lib.eval_results(stage_dir))
   return sorted((storage.read_json(f) for f in evals), key=lambda ev: ev["step"])
 
 

@@ -57,6 +57,11 @@ def eval_result(root: str, step: int) -> str:
   return storage.join(root, EVALS, f"step_{step:08d}.json")
 
 
+def eval_results(root: str) -> str:
+  """The glob pattern of every eval_result of a run."""
+  return storage.join(root, EVALS, "step_*.json")
+
+
 def structure(root: str, tag: str, step: int) -> str:
   """Base path (no extension) of the structure files of `tag` at `step`."""
   return storage.join(root, STRUCTURE, f"{tag}_{step:08d}")

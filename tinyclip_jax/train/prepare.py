@@ -100,16 +100,10 @@ def setup(config, mesh, teacher: teacher_lib.Teacher | None, student_cfg: CLIPCo
   """One phase's optimizer, schedule, shardings and abstract train state. `guard`: check
   the student's shardings against silent replication (off where the caller already
   did, e.g. masking.check_pruned at the prune step)."""
-  if config.microbatch_size and uses_batch_norm(student_cfg):
-    raise SetupError(f"microbatch_size {config.microbatch_size} (gradient caching) cannot train "
-                     "a BatchNorm (ResNet) student, whose statistics must come from the whole "
-                     "batch; set microbatch_size=0.")
-  if teacher is not None:
-    checks.compatible(teacher.config, student_cfg)
-  try:
-    lengths = text_buckets.lengths(config.text_buckets, student_cfg.text.context_length)
-  except ValueError as e:
-    raise SetupError(str(e)) from e
+  # The checks `check` runs before anything compiles; again here for callers that
+  # reach this phase another way (the pruned student, a resumed run).
+  check(config, teacher.config if teacher else None, student_cfg, start="")
+  lengths = text_buckets.lengths(config.text_buckets, student_cfg.text.context_length)
   mask_training = mask_state = mask_tx = None
   if masks:
     mask_tx = state_lib.make_mask_optimizer(config.masks, config.optimizer)
