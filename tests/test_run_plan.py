@@ -45,10 +45,10 @@ def test_plan_of_each_kind_of_run():
       ("1_manual/train", "inherit", 0, 2, "/w/1_manual")]
   assert staged[2].config.student.inherit_from == "/w/0_auto/final"  # cut from stage 0
   d = demo.plan(demo_config.get_config(), "/d")
-  assert [(p.name, p.start) for p in d] == [
-      ("0_teacher/train", "scratch"), ("1_distilled/train", "inherit"),
-      ("2_scratch/train", "scratch")]
-  teacher, distilled, scratch = (p.config for p in d)
+  assert [(p.name, p.start) for p in d][:3] == [
+      ("0_teacher/train", "scratch"), ("1_distilled_s0/train", "inherit"),
+      ("2_scratch_s0/train", "scratch")]
+  teacher, distilled, scratch = (p.config for p in d[:3])
   assert teacher.loss.alpha == 0 and not teacher.teacher.checkpoint
   assert distilled.teacher.checkpoint == "/d/0_teacher/final" and distilled.loss.alpha == 1
   assert scratch.loss.alpha == 0 and not scratch.teacher.checkpoint
@@ -169,11 +169,15 @@ def test_stages_resume_after_a_kill_in_every_phase(tmp_path):
 
 @pytest.mark.xdist_group("plan_kill_demo")
 def test_demo_resumes_after_a_kill(tmp_path):
-  """Killed in the distilled stage, whose teacher the first attempt held in memory from
-  the teacher stage: the restart reads it back from the teacher's export. (Each stage is
-  one phase of the same kind the staged test kills; one kill keeps the suite short.)"""
+  """Killed in the first distilled stage, whose teacher the first attempt held in memory
+  from the teacher stage: the restart reads it back from the teacher's export. (Each
+  stage is one phase of the same kind the staged test kills; one kill keeps the suite
+  short.) Two seeds and the ablation row; the long scratch row is the same stage kind."""
   workdir = tmp_path / "demo"
   args = ["--config=configs/demo.py", f"--workdir={workdir}", "--config.demo.teacher_steps=4",
+          "--config.demo.teacher_eval_every=2", "--config.demo.seeds=2",
+          "--config.demo.scratch_long=False", "--config.demo.grid=4",
+          "--config.demo.affinity=3",
           "--config.total_steps=4", "--config.batch_size=16", "--config.log_every=1",
           "--config.eval_every=2", "--config.checkpoint_every=2",
           "--config.eval.num_examples=32", "--config.eval.batch_size=32",
@@ -181,13 +185,14 @@ def test_demo_resumes_after_a_kill(tmp_path):
           "--config.teacher.custom.vision_layers=2", "--config.teacher.custom.text_layers=2",
           "--config.student.custom.vision_width=32", "--config.student.custom.text_width=32",
           "--config.student.custom.vision_layers=1", "--config.student.custom.text_layers=1"]
-  _kill_and_resume(args, str(workdir),
-                   ["kill_at_step:3@distilled"],
-                   {f"{k}_{n}": [1, 2, 3, 4]
-                    for k, n in enumerate(("teacher", "distilled", "scratch"))})
-  summary = json.loads((workdir / "summary.json").read_text())
-  assert set(summary["seconds"]) >= {"teacher", "distilled", "scratch"}
-  check_demo_artefacts(workdir, 4)
+  stages = ("teacher", "distilled_s0", "scratch_s0", "distilled_s1", "scratch_s1",
+            "inherit_clip_s0")
+  _kill_and_resume(args, str(workdir), ["kill_at_step:3@distilled_s0"],
+                   {f"{k}_{n}": [1, 2, 3, 4] for k, n in enumerate(stages)})
+  check_demo_artefacts(workdir, 4, seeds=2, ablation=True)
+  # The same folder with another student config is refused, naming the field.
+  r = _run([*args, "--config.optimizer.lr=0.01"], "", 2)
+  assert "stage 1_distilled_s0 in" in r.stderr and "optimizer.lr=0.002" in r.stderr
 
 
 def test_bad_run_input_is_one_sentence_before_anything_runs(tmp_path):

@@ -28,6 +28,7 @@ STRUCTURE = "structure"
 PROFILE = "profile"
 FINAL = "final"
 STAGE_DONE = "stage_done.json"
+STAGE_CONFIG = "stage_config.json"
 SUMMARY = "summary.json"
 
 
@@ -77,6 +78,11 @@ def stage(root: str, k: int, name: str) -> str:
 
 def stage_done(stage_root: str) -> str:
   return storage.join(stage_root, STAGE_DONE)
+
+
+def stage_config(stage_root: str) -> str:
+  """What a stage was started with (train/runner.py: a resume with another is refused)."""
+  return storage.join(stage_root, STAGE_CONFIG)
 
 
 def final(root: str) -> str:

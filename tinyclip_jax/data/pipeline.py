@@ -40,7 +40,8 @@ class SyntheticPairs:
       raise ValueError(f"batch_size {global_batch} is not divisible by the {process_count} "
                        "processes; make it a multiple of the process count.")
     self.spec = synthetic.SyntheticSpec(
-        image_size=image_size, seed=cfg.seed, max_objects=cfg.max_objects)
+        image_size=image_size, seed=cfg.seed, max_objects=cfg.max_objects,
+        captions=cfg.get("captions", "full"), **synthetic.appearance(cfg))
     self.context_length = context_length
     self.global_batch = global_batch
     self.local_batch = global_batch // process_count

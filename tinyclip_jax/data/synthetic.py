@@ -75,6 +75,18 @@ class SyntheticSpec:
   max_objects: int = 2  # 1..4 for 'train'/'eval'; 'zeroshot' always has 1
   single_object_prob: float = 0.5
   colour_jitter: float = 20.0  # +- per RGB channel
+  # Object radii are _SIZE_RANGE × image_size × object_scale. Above 1, shapes near the
+  # edge cells are clipped by the image border, so it suits one object per image (the
+  # demo: max_objects=1, where a shape must span enough pixels to be told apart).
+  object_scale: float = 1.0
+  # "full": captions name each object's size, colour, shape and position, and the
+  # background; "objects": only size, colour and shape (the demo: a batch's captions
+  # then differ only in what the zero-shot classes ask, so a model must learn shape
+  # instead of telling pairs apart by position and background).
+  captions: str = "full"
+  # The backgrounds drawn from (a subset of BACKGROUNDS); the textured ones (striped,
+  # checkered, noisy) have edges at the scale of small objects.
+  backgrounds: tuple[str, ...] = BACKGROUNDS
 
   def __post_init__(self):
     if not 16 <= self.image_size <= 1024:
@@ -83,11 +95,31 @@ class SyntheticSpec:
       raise ValueError(f"max_objects must be in [1, 4], got {self.max_objects}")
     if not 0.0 <= self.single_object_prob <= 1.0:
       raise ValueError(f"single_object_prob must be in [0, 1], got {self.single_object_prob}")
+    if not self.backgrounds or set(self.backgrounds) - set(BACKGROUNDS):
+      raise ValueError(f"backgrounds {self.backgrounds!r} must be a non-empty subset of "
+                       f"{BACKGROUNDS}")
+    if self.captions not in ("full", "objects"):
+      raise ValueError(f"captions must be 'full' or 'objects', got {self.captions!r}")
+    if not 0.5 <= self.object_scale <= 2.0:
+      raise ValueError(f"object_scale must be in [0.5, 2], got {self.object_scale}")
+
+
+def appearance(data_cfg) -> dict:
+  """The fields of a data config (data.*) that change how the images look, so that the
+  zero-shot split is drawn as the training data is (eval/zeroshot.synthetic_task)."""
+  return {"object_scale": float(data_cfg.get("object_scale", 1.0)),
+          "backgrounds": tuple(data_cfg.get("backgrounds", BACKGROUNDS))}
 
 
 def zeroshot_classes(spec: SyntheticSpec | None = None) -> list[str]:
   """Class names 'colour shape'; label = colour_index * len(SHAPES) + shape_index."""
   return [f"{c} {s}" for c in COLOUR_NAMES for s in SHAPES]
+
+
+def zeroshot_factors(spec: SyntheticSpec | None = None) -> dict[str, np.ndarray]:
+  """Each class's colour and shape index (label = colour * len(SHAPES) + shape)."""
+  labels = np.arange(len(COLOUR_NAMES) * len(SHAPES))
+  return {"colour": labels // len(SHAPES), "shape": labels % len(SHAPES)}
 
 
 _PROMPTS = ("a photo of {}.", "a picture of {}.", "an image of {}.", "a drawing of {}.",
@@ -127,7 +159,7 @@ def _sample(spec, split, index):
   else:
     n = 2 + min(int(u[1] * (spec.max_objects - 1)), spec.max_objects - 2)
   cells = _pick(u[2], _LAYOUTS[n])
-  bg = _pick(u[8], BACKGROUNDS)
+  bg = _pick(u[8], spec.backgrounds)
   b = u[9:16]
   level = {"black": 10 + 30 * b[0], "white": 215 + 35 * b[0]}.get(bg, 90 + 80 * b[0])
   bgp = {
@@ -161,7 +193,7 @@ def _sample(spec, split, index):
         "position": _POS_NAMES[(row, col)],
         "center": (float(S * (_GRID[col] + _JITTER * (2 * v[6] - 1))),
                    float(S * (_GRID[row] + _JITTER * (2 * v[7] - 1)))),
-        "radius": float(S * (lo + (hi - lo) * v[8])),
+        "radius": float(S * spec.object_scale * (lo + (hi - lo) * v[8])),
         "angle": float(np.pi / 6 * (v[9] - 0.5)),
         "rgb": rgb,
         "_u": v[10:14]
@@ -189,10 +221,19 @@ _IMG_TEMPLATES = ("{objs}, on a {bg} background.", "a {bg} background with {objs
                   "a picture of {objs} over a {bg} background.", "a {bg} scene showing {objs}.")
 
 
-def _caption(attrs, u):
+# The zero-shot prompts' own frames (_PROMPTS), so that they are in the captions' distribution.
+_OBJECT_TEMPLATES = ("a photo of {objs}.", "a picture of {objs}.", "an image of {objs}.",
+                     "a drawing of {objs}.", "a rendering of {objs}.", "{objs}.")
+
+
+def _caption(attrs, u, kind="full"):
   phrases = []
   for o in attrs["objects"]:
     w = o["_u"]
+    if kind == "objects":  # the size word half of the time, as in the zero-shot prompts
+      size = _pick(w[0], _SIZE_WORDS[o["size"]]) + " " if w[3] < 0.5 else ""
+      phrases.append(_a(f"{size}{o['colour']} {o['shape']}"))
+      continue
     pos = o["position"]
     key = "corner" if " " in pos else pos
     fields = {
@@ -205,6 +246,8 @@ def _caption(attrs, u):
   if u[0] < 0.5:  # caption order need not be drawing order
     phrases = phrases[::-1]
   objs = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+  if kind == "objects":
+    return _pick(u[1], _OBJECT_TEMPLATES).format(objs=objs)
   return _pick(u[1], _IMG_TEMPLATES).format(objs=objs, bg=attrs["background"])
 
 
@@ -269,7 +312,7 @@ def _render(samples, S):
   cover = np.zeros((len(samples), S, S), np.float32)  # summed alpha (objects never overlap)
   paint = np.zeros((len(samples), S, S, 3), np.float32)  # summed alpha * colour
   # Each object is drawn in a B x B box; shapes reach < 1.2 radius from their centre.
-  B = min(S, int(np.ceil(2.4 * _SIZE_RANGE["large"][1] * S)) + 4)
+  B = min(S, int(np.ceil(2.4 * max(o["radius"] for a, _, _ in samples for o in a["objects"]))) + 4)
   ar = np.arange(B)
   for slot in range(max(len(a["objects"]) for a, _, _ in samples)):
     objs = [
@@ -309,7 +352,7 @@ def make_batch(spec: SyntheticSpec, split: str, start: int, count: int) -> dict:
   samples = [_sample(spec, split, i) for i in range(start, start + count)]
   return {
       "images": _render(samples, spec.image_size),
-      "captions": [_caption(a, u) for a, _, u in samples],
+      "captions": [_caption(a, u, spec.captions) for a, _, u in samples],
       "attributes": [_public(a) for a, _, _ in samples]
   }
 

@@ -30,11 +30,15 @@ def check(config) -> list[str]:
 class Suite:
   """The tasks of one run's `eval` section; embedded tasks are loaded once, here."""
 
-  def __init__(self, config, image_size: int, workdir: str | None = None):
+  def __init__(self, config, image_size: int, workdir: str | None = None,
+               appearance: dict | None = None):
+    """appearance: the generated training data's (synthetic.appearance(config.data)), so
+    that the synthetic task draws its images as the model saw them."""
     self.config = config
     self.tasks = check(config)
     self.workdir = workdir
-    self._loaded = {t: zeroshot.load_task(t, image_size, config.num_examples)
+    self._loaded = {t: zeroshot.load_task(t, image_size, config.num_examples,
+                                          **(appearance or {}))
                     for t in self.tasks if tasks_lib.parse(t)[0] == "embedded"}
 
   def run(self, model_config, params, mesh=None, step: int | None = None) -> dict:

@@ -24,6 +24,10 @@ class Task(NamedTuple):
   labels: np.ndarray
   classes: list[str]
   prompts: Callable[[str], Sequence[str]]
+  # Optional factors of the class label, e.g. {"shape": (num_classes,) int}: the top-1
+  # guess counts for FACTOR_top1 when it has the true class's factor (colour right,
+  # shape wrong still scores colour_top1), so a reader sees what a model has learned.
+  factors: dict[str, np.ndarray] | None = None
 
 
 def classifier(encode_text: Callable, classnames: Sequence[str],
@@ -45,19 +49,29 @@ def topk_accuracy(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
   return {"top1": float(hits[:, 0].mean()), "top5": float(hits.any(axis=-1).mean())}
 
 
+def factor_accuracy(logits: np.ndarray, labels: np.ndarray,
+                    factors: dict[str, np.ndarray]) -> dict[str, float]:
+  """{FACTOR_top1}: the fraction of top-1 guesses whose class shares the label's factor."""
+  guess = np.argmax(logits, axis=-1)
+  return {f"{name}_top1": float(np.mean(f[guess] == f[np.asarray(labels)]))
+          for name, f in factors.items()}
+
+
 def accuracy(encode_image: Callable, classifier_: np.ndarray, images: np.ndarray,
-             labels: np.ndarray, batch: int = 256) -> dict[str, float]:
-  """images: normalized float NHWC. Returns top1/top5 in [0, 1]."""
-  return topk_accuracy(encode.embed_array(encode_image, images, batch) @ classifier_.T, labels)
+             labels: np.ndarray, batch: int = 256, factors=None) -> dict[str, float]:
+  """images: normalized float NHWC. Returns top1/top5 in [0, 1] (and factor top-1s)."""
+  logits = encode.embed_array(encode_image, images, batch) @ classifier_.T
+  return {**topk_accuracy(logits, labels), **factor_accuracy(logits, labels, factors or {})}
 
 
-def synthetic_task(num_examples: int, image_size: int, seed: int = 0) -> Task:
-  """The embedded generated zero-shot split (uint8 images normalized here)."""
+def synthetic_task(num_examples: int, image_size: int, seed: int = 0, **appearance) -> Task:
+  """The embedded generated zero-shot split (uint8 images normalized here), with its
+  colour and shape factors; `appearance`: synthetic.appearance(data config)."""
   from tinyclip_jax.data import synthetic  # pylint: disable=import-outside-toplevel
-  spec = synthetic.SyntheticSpec(image_size=image_size, seed=seed)
+  spec = synthetic.SyntheticSpec(image_size=image_size, seed=seed, **appearance)
   images, labels = synthetic.make_zeroshot(spec, num_examples)
   return Task(preprocess.normalize(images), labels, synthetic.zeroshot_classes(spec),
-              synthetic.zeroshot_prompts)
+              synthetic.zeroshot_prompts, synthetic.zeroshot_factors(spec))
 
 
 def folder_task(path: str, image_size: int) -> Task:
@@ -74,10 +88,12 @@ def folder_task(path: str, image_size: int) -> Task:
   return Task(images, labels, list(meta["classes"]), lambda c: [c])
 
 
-def load_task(spec: str, image_size: int, num_examples: int = 512, seed: int = 0) -> Task:
-  """The embedded task `synthetic` or `folder:PATH`."""
+def load_task(spec: str, image_size: int, num_examples: int = 512, seed: int = 0,
+              **appearance) -> Task:
+  """The embedded task `synthetic` (drawn with the training data's `appearance`) or
+  `folder:PATH`."""
   if spec == "synthetic":
-    return synthetic_task(num_examples, image_size, seed)
+    return synthetic_task(num_examples, image_size, seed, **appearance)
   if spec.startswith("folder:"):
     return folder_task(spec[len("folder:"):], image_size)
   raise ValueError(f"dataset {spec!r} is unknown; use 'synthetic' or 'folder:PATH'.")
@@ -86,7 +102,7 @@ def load_task(spec: str, image_size: int, num_examples: int = 512, seed: int = 0
 def evaluate_task(task: Task, encoders, context_length: int, batch: int) -> dict[str, float]:
   enc_img, enc_txt = encoders
   clf = classifier(enc_txt, task.classes, task.prompts, context_length, batch)
-  return accuracy(enc_img, clf, task.images, task.labels, batch)
+  return accuracy(enc_img, clf, task.images, task.labels, batch, task.factors)
 
 
 def evaluate_tfds(name: str,

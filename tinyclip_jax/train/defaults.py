@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from tinyclip_jax.data import synthetic
 from tinyclip_jax.models import CLIPConfig, ConfigError, text_tower, vision_tower, zoo
 
 
@@ -138,6 +139,9 @@ def base_config() -> ml_collections.ConfigDict:
       "text_key": "captions/text",
       "seed": 0,
       "max_objects": 2,         # synthetic only
+      "object_scale": 1.0,      # synthetic only: object radii × this (data/synthetic.py)
+      "captions": "full",       # synthetic only: "full" or "objects" (data/synthetic.py)
+      "backgrounds": synthetic.BACKGROUNDS,  # synthetic only: the backgrounds drawn from
       # webdataset/tfrecord: the caption is KEY.txt; a sample without one takes this
       # field of KEY.json ('a/b' for nested fields; "" = never read the JSON).
       "caption_key": "caption",

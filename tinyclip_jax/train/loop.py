@@ -17,7 +17,7 @@ from absl import logging
 from clu import periodic_actions
 
 from tinyclip_jax import checkpoint, faults, parallel, workdir as workdir_lib
-from tinyclip_jax.data import pipeline, teacher_cache, text_buckets
+from tinyclip_jax.data import pipeline, synthetic, teacher_cache, text_buckets
 from tinyclip_jax.eval import suite as eval_suite
 from tinyclip_jax.models import count_params, merge_stats
 from tinyclip_jax.train import compile as compile_lib, masking, prepare, profiling
@@ -125,7 +125,8 @@ def _noticed(out: Outputs, start: Start) -> bool:
 def train_phase(phase: Phase, setup, start: Start, out: Outputs) -> Result:
   """Steps start.step+1 … phase.last_step of `phase`."""
   config, workdir = phase.config, phase.workdir
-  suite = eval_suite.Suite(config.eval, setup.student_config.vision.image_size, workdir)
+  suite = eval_suite.Suite(config.eval, setup.student_config.vision.image_size, workdir,
+                           synthetic.appearance(config.data))
   batches, cut, abstracts = _open_input(config, setup, start)
   monitor = pipeline.InputMonitor(config.data)
   sharded_input = config.data.kind != "synthetic"

@@ -150,6 +150,51 @@ def _open_writer(config, workdir: str, start: int):
   return writer
 
 
+# Fields that change what a stage trains are its identity; these may change between
+# attempts (cadence of logs, evaluations and checkpoints, input threads, the mesh).
+_FREE = ("log_every", "eval_every", "eval", "checkpoint_every", "keep_checkpoints", "profile",
+         "mesh", "stages")
+_FREE_DATA = ("prefetch", "threads", "num_parallel_calls", "stall_records",
+              "min_usable_fraction")
+
+
+def identity(config: ml_collections.ConfigDict) -> dict:
+  """The fields of a stage's config that decide what it trains, as JSON values."""
+  c = json.loads(config.to_json_best_effort())
+  c = {k: v for k, v in c.items() if k not in _FREE}
+  c["data"] = {k: v for k, v in c.get("data", {}).items() if k not in _FREE_DATA}
+  if not c.get("masks", {}).get("enabled"):  # unused mask settings decide nothing
+    c["masks"] = {"enabled": False}
+  return c
+
+
+def _first_difference(a, b, prefix: str = ""):
+  if isinstance(a, dict) and isinstance(b, dict):
+    for k in sorted(set(a) | set(b)):
+      d = _first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
+      if d:
+        return d
+    return None
+  return None if a == b else (prefix.rstrip("."), a, b)
+
+
+def _check_stage_config(name: str, workdir: str, config, write: bool = False) -> None:
+  """A stage folder holds one config's work: a stage started (or finished) with another
+  is refused, naming the first field that differs, never mixed or silently skipped.
+  `write`: record this config when the folder has none (the stage starts)."""
+  path = workdir_lib.stage_config(workdir)
+  mine = identity(config)
+  if storage.exists(path):
+    diff = _first_difference(storage.read_json(path), mine)
+    if diff:
+      field, was, now = diff
+      raise checks.SetupError(
+          f"stage {name} in {workdir} was started with {field}={was!r} and this config gives "
+          f"{now!r}; run the config it was started with, or give a new workdir.")
+  elif write and jax.process_index() == 0:
+    storage.write_json(path, mine)
+
+
 def run_plan(phases: list[plan_lib.Phase]) -> dict[str, Any]:
   """Every phase in order; a stage whose done marker exists is skipped."""
   logging.info("run plan:\n%s", plan_lib.describe(phases))
@@ -158,12 +203,16 @@ def run_plan(phases: list[plan_lib.Phase]) -> dict[str, Any]:
     if storage.exists(root) and not storage.isdir(root):
       raise checks.SetupError(f"the workdir {root} is a file; give a folder (new or one a "
                               "run of this config wrote).")
+  stages = [(k, list(g)) for k, g in itertools.groupby(phases, key=lambda p: (p.stage, p.workdir))]
+  for (name, workdir), group in stages:  # every stage's folder, before any work
+    if name:
+      _check_stage_config(name, workdir, group[0].config)
   teachers, meshes, result = _Teachers(), {}, {"stages": []}
   with preemption.Notice() as notice:
-    for stage, group in itertools.groupby(phases, key=lambda p: (p.stage, p.workdir)):
-      group = list(group)
-      name, workdir = stage
+    for (name, workdir), group in stages:
       done = workdir_lib.stage_done(workdir)
+      if name:
+        _check_stage_config(name, workdir, group[0].config, write=True)
       if name and storage.exists(done):
         logging.info("stage %s is complete in %s; skipping it", name, workdir)
         result["stages"].append(storage.read_json(done))
