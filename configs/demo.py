@@ -19,7 +19,8 @@ def model(width, layers, text_width, text_layers):
 def get_config():
   c = base_config()
   c.demo = ml_collections.ConfigDict({
-      "teacher_steps": 1500, "teacher_lr": 2e-3, "teacher_eval_every": 500,
+      "teacher_steps": 2000, "teacher_lr": 2e-3, "teacher_warmup": 100,
+      "teacher_eval_every": 500,
       # Seeds of the students' initialization and data order; the teacher is shared.
       "seeds": 3,
       # Rows of seed 0 only: inheritance + CLIP loss without affinity mimicking (what
@@ -37,10 +38,12 @@ def get_config():
   # One object per image, drawn 1.5x larger than the generator's default (radius 5-10
   # px) so that a star, a cross and a ring differ in 32 px; captions name only size,
   # colour and shape, so that a batch's pairs cannot be told apart by position or
-  # background alone and the teacher must learn shape (data/synthetic.py).
+  # background alone and the teacher must learn shape; plain backgrounds, whose edges
+  # are not at the scale of the objects (data/synthetic.py).
   c.data.max_objects = 1
   c.data.object_scale = 1.5
   c.data.captions = "objects"
+  c.data.backgrounds = ("black", "white", "grey", "gradient")
   # Students: the same optimizer, data and steps for the distilled and scratch runs.
   c.optimizer.lr = 2e-3
   c.optimizer.warmup_steps = 20

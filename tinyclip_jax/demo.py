@@ -48,7 +48,8 @@ def stages(config: ml_collections.ConfigDict) -> tuple:
   teacher = {"name": "teacher", "from_stage": -1, "teacher": _NO_TEACHER,
              "student": {"custom": config.teacher.custom.to_dict(), "init": "scratch"},
              "loss": _CLIP_LOSS, "masks": {"enabled": False},
-             "total_steps": d.teacher_steps, "optimizer": {"lr": d.teacher_lr},
+             "total_steps": d.teacher_steps,
+             "optimizer": {"lr": d.teacher_lr, "warmup_steps": d.teacher_warmup},
              "eval_every": d.get("teacher_eval_every", config.eval_every)}
   if d.get("auto"):
     return (teacher, {"name": "auto", "from_stage": -1, "teacher_from_stage": 0})

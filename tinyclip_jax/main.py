@@ -36,6 +36,19 @@ class _QuietLibraries(logging.logging.Filter):
     return record.levelno >= logging.logging.WARNING or "/orbax/" not in record.pathname
 
 
+def _compile_cache(config, workdir: str) -> None:
+  """XLA's persistent compilation cache in config.compile_cache (the demo: in its
+  workdir), so that a restart, and a stage compiling what an earlier one did (the
+  demo's seeds), load the executable instead of compiling it again."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from tinyclip_jax import paths, storage  # pylint: disable=import-outside-toplevel
+  cache = config.get("compile_cache", "")
+  if not cache and config.get("demo"):
+    cache = storage.join(paths.resolve(workdir), "compile_cache")
+  if cache:
+    jax.config.update("jax_compilation_cache_dir", paths.resolve(cache))
+
+
 def main(argv) -> int:
   if len(argv) > 1:
     print(f"error: unexpected arguments {argv[1:]}; pass settings as --config.FIELD=VALUE.",
@@ -55,6 +68,7 @@ def main(argv) -> int:
   _hide_accelerators_from_tf()
   logging.get_absl_logger().addFilter(_QuietLibraries())
   config = FLAGS.config
+  _compile_cache(config, FLAGS.workdir)
   logging.info("process %d of %d; devices: %s", jax.process_index(), jax.process_count(),
                jax.devices())
   try:

@@ -72,6 +72,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every = 2000
   c.checkpoint_every = 2000
   c.keep_checkpoints = 3
+  # A folder (local or gs://) for XLA's persistent compilation cache: a restart after a
+  # preemption, or a stage with the shapes of an earlier one, loads its executables
+  # instead of compiling them again. "" = off (the demo uses WORKDIR/compile_cache).
+  c.compile_cache = ""
   c.max_nonfinite = 10         # stop after this many non-finite losses in a row
 
   # Automatic weight inheritance: learn hard-concrete structure masks while

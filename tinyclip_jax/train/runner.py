@@ -153,7 +153,7 @@ def _open_writer(config, workdir: str, start: int):
 # Fields that change what a stage trains are its identity; these may change between
 # attempts (cadence of logs, evaluations and checkpoints, input threads, the mesh).
 _FREE = ("log_every", "eval_every", "eval", "checkpoint_every", "keep_checkpoints", "profile",
-         "mesh", "stages")
+         "mesh", "stages", "compile_cache")
 _FREE_DATA = ("prefetch", "threads", "num_parallel_calls", "stall_records",
               "min_usable_fraction")
 
