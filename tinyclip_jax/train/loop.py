@@ -81,7 +81,7 @@ def _open_input(config: ml_collections.ConfigDict, setup, start: Start):
   if start.data_state is not None:
     try:
       data.set_state(pipeline.host_state(start.data_state))
-    except ValueError as e:  # e.g. saved by another number of processes
+    except ValueError as e:  # e.g. a position the data config cannot hold
       pipeline.close_source(data)
       raise prepare.SetupError(f"the checkpoint of step {start.step} cannot resume this run: "
                                f"{e}") from e
