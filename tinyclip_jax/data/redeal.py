@@ -16,7 +16,9 @@ sample of every epoch is used exactly once, as without a resize; what a resize
 costs is reading (not decoding) again the records before the offsets of the partly
 read windows. The skipped counts and the used total of all old processes go to new
 process 0, so the totals over processes stay exact. A checkpoint saved while tails
-are being read holds them, so it resumes on yet another count the same way.
+are being read holds them, so it resumes on yet another count the same way. The
+states of a resized run say so (`resized`) from then on: its batches are no longer
+those of a run that never changed its count (which a teacher cache replays).
 """
 from __future__ import annotations
 
@@ -66,6 +68,7 @@ def pieces(hosts: list, n_units: int, per_window: int) -> list[list]:
   for index, h in enumerate(hosts):
     out += [[int(v) for v in p] for p in h.get("tail", [])]
     e, w, o = (int(h[f]) for f in _FIELDS)
+    _check([count, index, e, w, o], n_units, per_window)
     n = windows_per_epoch(n_units, per_window, count, index)
     for epoch in range(e, stop):
       out += [[count, index, epoch, win, o if (epoch, win) == (e, w) else 0]
@@ -86,8 +89,10 @@ def resized_state(hosts: list, process_index: int, process_count: int, n_units: 
       used += int(h.get("used", 0))
       for r, n in h.get("skipped", {}).items():
         skipped[r] = skipped.get(r, 0) + int(n)
-  state = {"epoch": end_epoch(hosts), "window": 0, "offset": 0, "used": used,
-           "skipped": skipped}
+  stop = end_epoch(hosts)
+  state = {"epoch": stop, "window": 0, "offset": 0, "used": used, "skipped": skipped}
+  if stop > 0 or any(h.get("resized") for h in hosts):  # else nothing was read: a fresh start
+    state["resized"] = True
   return dict(state, tail=tail) if tail else state
 
 

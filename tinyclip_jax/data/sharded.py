@@ -15,6 +15,14 @@ chose this over tf.data's iterator checkpoints because those hold the shuffle bu
 (gigabytes of image bytes per host), are not JSON, and cannot be taken for the batch
 the trainer is at while the prefetcher runs ahead.
 
+Resuming on another number of processes (a preempted slice replaced by a smaller or
+larger one) re-deals the unread rest of the interrupted epochs, window by window, to
+the new processes — each piece read exactly as its old process would have read it —
+and deals the epochs after them among the new processes (redeal.py has the rule). No
+sample is repeated or left out; the cost is reading, not decoding, the records of the
+partly read windows up to their offsets again. The order of samples is not that of
+an unresized run, but it is a pure function of the checkpoint and the new count.
+
 Bad samples are markers in the stream (see shards.py) or fail to decode; cumulative
 counts by reason are carried by `scan` in stream order, so the counts after a batch
 are exact and part of the state.
@@ -104,6 +112,8 @@ class ShardedPairs:
         "used": int(state.get("used", 0)),
         "skipped": skipped
     }
+    if state.get("resized"):
+      self.state["resized"] = True
     if state.get("tail"):
       self.state["tail"] = [[int(v) for v in p] for p in state["tail"]]
     self._it = None
@@ -319,13 +329,14 @@ class ShardedPairs:
       tail = [list(p) for p in self._pieces[piece:]]
       tail[0][4] = after
       return dict(self.state, used=used, skipped=skipped, tail=tail)
-    return {
+    state = {
         "epoch": int(b["epoch"][-1]),
         "window": int(b["window"][-1]),
         "offset": after,
         "used": used,
         "skipped": skipped
     }
+    return dict(state, resized=True) if self.state.get("resized") else state
 
   def _stall(self, b, skipped: dict) -> dict:
     """No usable sample in `stall_records` records: the state says so (the loop stops
