@@ -5,8 +5,9 @@ position = global index of the next example) or sharded image–text data
 (data/sharded.py: webdataset, TFRecord or TFDS files; position = epoch, window,
 offset and skipped counts). The position is part of every checkpoint (one per
 process, gathered by `gather_state`), so a resumed run neither repeats nor skips
-examples, also on another number of processes (data/redeal.py). Each process makes only its own rows of the global batch; the loop
-assembles global arrays from them on the prefetch thread.
+examples, also on another number of processes (data/redeal.py). Each process makes
+only its own rows of the global batch; the loop assembles global arrays from them on
+the prefetch thread.
 """
 from __future__ import annotations
 

@@ -33,7 +33,6 @@ import gc
 
 import numpy as np
 import tensorflow as tf
-
 from absl import logging
 
 from tinyclip_jax import tokenizer
