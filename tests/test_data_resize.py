@@ -145,13 +145,20 @@ def test_resize_reads_the_rest_of_the_epochs_once_then_the_new_deal(cfg, old_run
     teacher_cache.check_input(finals[0], "/c")
 
 
-def test_the_same_checkpoint_resumes_the_same_way_twice(cfg, old_run, on_three):
+def test_resumes_are_deterministic_and_a_same_count_resume_is_exact(cfg, old_run, on_three):
   _, saved, _ = old_run
   for j in (0, 2):  # processes 0 and 2 of 3 again: the same samples, crops and states
     k1, x1, s1 = on_three[j]
     k2, x2, s2 = read(source(cfg, j, 3, state=pipeline.host_state(saved, j, 3)), 3)
     assert k1[:3 * LOCAL] == k2 and s1[:3] == s2
     np.testing.assert_array_equal(np.array(x1[:3 * LOCAL]), np.array(x2))
+  # a same-count resume inside the tail continues bit-exactly, as without a resize
+  j = next(j for j, (*_, states) in enumerate(on_three) if "tail" in states[1])
+  keys, images, states = on_three[j]
+  k2, x2, s2 = read(source(cfg, j, 3, state=pipeline.host_state(
+      as_saved([s[1] for *_, s in on_three]), j, 3)), 3)
+  assert keys[2 * LOCAL:5 * LOCAL] == k2 and states[2:5] == s2
+  np.testing.assert_array_equal(np.array(images[2 * LOCAL:5 * LOCAL]), np.array(x2))
   # the merged counts start on process 0: the totals stay those of the saved run
   starts = [pipeline.host_state(saved, j, 3) for j in range(3)]
   got = [source(cfg, j, 3, state=s).get_state() for j, s in enumerate(starts)]
