@@ -5,8 +5,9 @@ position = global index of the next example) or sharded image–text data
 (data/sharded.py: webdataset, TFRecord or TFDS files; position = epoch, window,
 offset and skipped counts). The position is part of every checkpoint (one per
 process, gathered by `gather_state`), so a resumed run neither repeats nor skips
-examples. Each process makes only its own rows of the global batch; the loop
-assembles global arrays from them on the prefetch thread.
+examples, also on another number of processes (data/redeal.py). Each process makes
+only its own rows of the global batch; the loop assembles global arrays from them on
+the prefetch thread.
 """
 from __future__ import annotations
 
@@ -133,20 +134,29 @@ def gather_state(state: dict) -> dict:
   return {"hosts": [json.loads(bytes(r).rstrip(b"\0")) for r in rows]}
 
 
-def host_state(saved: dict) -> dict:
-  """This process's state from a checkpoint's input state. One state shared by all
-  processes (the synthetic source's global position, or an older checkpoint) resumes
-  on any number of processes; per-host shard positions need the same number."""
+def host_state(saved: dict, process_index: int | None = None,
+               process_count: int | None = None) -> dict:
+  """This process's state from a checkpoint's input state (defaults: jax's process
+  index and count). Shard positions saved by as many processes: this process's own.
+  Shard positions saved by another number: the gathered {"hosts": [...]} itself, which
+  ShardedPairs.set_state re-deals (redeal.py: the unread rest of the interrupted
+  epochs goes to the new processes; nothing repeated or left out). One state shared
+  by all processes (the synthetic source's global position, or an older checkpoint):
+  that state, on any number of processes."""
   if "hosts" not in saved:
     return saved
+  index = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
   hosts = saved["hosts"]
+  if all(isinstance(h, dict) and "epoch" in h for h in hosts):  # shard positions
+    return hosts[index] if len(hosts) == count else saved
   if all(h == hosts[0] for h in hosts):
     return hosts[0]
-  if len(hosts) != jax.process_count():
-    raise ValueError(f"the checkpoint's input position was saved by {len(hosts)} processes "
-                     f"and this run has {jax.process_count()}; resume with the same number "
-                     "of hosts, or start a new workdir.")
-  return hosts[jax.process_index()]
+  if len(hosts) != count:
+    raise ValueError(f"the checkpoint's input position holds {len(hosts)} different states "
+                     f"of an unknown kind and this run has {count} processes; resume with "
+                     "the code and data config that saved it, or start a new workdir.")
+  return hosts[index]
 
 
 class InputStalled(ValueError):

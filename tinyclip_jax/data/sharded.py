@@ -15,6 +15,14 @@ chose this over tf.data's iterator checkpoints because those hold the shuffle bu
 (gigabytes of image bytes per host), are not JSON, and cannot be taken for the batch
 the trainer is at while the prefetcher runs ahead.
 
+Resuming on another number of processes (a preempted slice replaced by a smaller or
+larger one) re-deals the unread rest of the interrupted epochs, window by window, to
+the new processes — each piece read exactly as its old process would have read it —
+and deals the epochs after them among the new processes (redeal.py has the rule). No
+sample is repeated or left out; the cost is reading, not decoding, the records of the
+partly read windows up to their offsets again. The order of samples is not that of
+an unresized run, but it is a pure function of the checkpoint and the new count.
+
 Bad samples are markers in the stream (see shards.py) or fail to decode; cumulative
 counts by reason are carried by `scan` in stream order, so the counts after a batch
 are exact and part of the state.
@@ -25,9 +33,10 @@ import gc
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from tinyclip_jax import tokenizer
-from tinyclip_jax.data import augment, decode, shards
+from tinyclip_jax.data import augment, decode, redeal, shards
 
 # TensorFlow stays off the accelerators: JAX owns them.
 tf.config.set_visible_devices([], "GPU")
@@ -49,7 +58,8 @@ def _fingerprint(*ints):
 
 class ShardedPairs:
   """Per-host batches {"images", "tokens"} of a sharded image–text dataset with a
-  JSON state {epoch, window, offset, skipped{reason: n}}."""
+  JSON state {epoch, window, offset, used, skipped{reason: n}}, plus `tail` (pieces
+  to read first) after a resume on another number of processes (redeal.py)."""
 
   def __init__(self,
                cfg,
@@ -78,12 +88,21 @@ class ShardedPairs:
                   "skipped": {r: 0 for r in shards.REASONS}}
     self._it = None
     self._stalled_batch = None
+    self._pieces: list = []  # the tail as the running dataset() started from it
 
   # -- state -----------------------------------------------------------------------------
   def get_state(self) -> dict:
     return {**self.state, "skipped": dict(self.state["skipped"])}
 
   def set_state(self, state: dict) -> None:
+    """A position of this process, or {"hosts": [...]}: the positions of a run with
+    another number of processes, re-dealt (redeal.py)."""
+    if "hosts" in state:
+      state = self._resized(state["hosts"])
+    if not redeal.is_position(state):
+      raise shards.DataError("the checkpoint's input position is not one of sharded input "
+                             "(epoch, window, offset); resume with the data config that "
+                             "saved it, or start a new workdir.")
     skipped = {r: int(state.get("skipped", {}).get(r, 0)) for r in shards.REASONS}
     self.state = {
         "epoch": int(state["epoch"]),
@@ -92,8 +111,20 @@ class ShardedPairs:
         "used": int(state.get("used", 0)),
         "skipped": skipped
     }
+    if state.get("resized"):
+      self.state["resized"] = True
+    if state.get("tail"):
+      self.state["tail"] = [[int(v) for v in p] for p in state["tail"]]
     self._it = None
     self._stalled_batch = None
+
+  def _resized(self, hosts: list) -> dict:
+    per = int(self.cfg.shards_per_window)
+    args = (len(self.units), per)
+    state = redeal.resized_state(hosts, self.process_index, self.process_count, *args)
+    if self.process_index == 0:
+      logging.warning("%s", redeal.summary(hosts, self.process_count, *args))
+    return state
 
   # -- the tf.data graph -----------------------------------------------------------------
   def _read_unit(self, path):
@@ -106,7 +137,7 @@ class ShardedPairs:
         args=(path, int(self.cfg.min_image_size), int(self.cfg.max_image_pixels),
               str(self.cfg.caption_key))).unbatch()
 
-  def _window(self, epoch, window, paths, skip):
+  def _window(self, piece, epoch, window, paths, skip):
     per = int(self.cfg.shards_per_window)
     ds = tf.data.Dataset.from_tensor_slices(paths).interleave(
         self._read_unit,
@@ -124,16 +155,24 @@ class ShardedPairs:
             "reason": r[3],
             "epoch": epoch,
             "window": window,
-            "index": i
+            "index": i,
+            "piece": piece
         })
 
   def _windows(self):
-    s = self.state
+    """(piece, epoch, window, paths, n, skip): the tail's pieces (piece = their place
+    in it), then this process's own deal (piece -1)."""
+    s, seed = self.state, int(self.cfg.seed)
     per = int(self.cfg.shards_per_window)
-    for e, w, paths in shards.windows(self.units, int(self.cfg.seed), per, self.process_index,
+    pad = lambda paths: np.array(paths + [""] * (per - len(paths)), object)
+    for p, (count, index, e, w, skip) in enumerate(self._pieces):
+      mine = shards.host_units(self.units, seed, e, index, count)
+      paths = mine[w * per:(w + 1) * per]
+      yield p, e, w, pad(paths), len(paths), skip
+    for e, w, paths in shards.windows(self.units, seed, per, self.process_index,
                                       self.process_count, s["epoch"], s["window"]):
       skip = s["offset"] if (e, w) == (s["epoch"], s["window"]) else 0
-      yield e, w, np.array(paths + [""] * (per - len(paths)), object), len(paths), skip
+      yield -1, e, w, pad(paths), len(paths), skip
 
   def _caption(self, r):
     """Picks one of several captions (TFDS), repairs non-UTF-8 ones (U+FFFD) and flags
@@ -188,16 +227,18 @@ class ShardedPairs:
             shards.CODE["huge_image"], 0))
     image = tf.cond(
         tf.equal(reason, 0), crop, lambda: tf.zeros([self.image_size] * 2 + [3], tf.float32))
-    out = {k: r[k] for k in ("key", "caption", "epoch", "window", "index", "counts", "n_ok")}
+    out = {k: r[k] for k in ("key", "caption", "epoch", "window", "index", "piece", "counts",
+                             "n_ok")}
     return dict(out, image=image, reason=reason)
 
   def dataset(self) -> tf.data.Dataset:
     s = self.state
+    self._pieces = [list(p) for p in s.get("tail", [])]  # records name their piece by place
     per = int(self.cfg.shards_per_window)
-    sig = (tf.TensorSpec((), tf.int64), tf.TensorSpec((), tf.int64), tf.TensorSpec(
-        (per,), tf.string), tf.TensorSpec((), tf.int64), tf.TensorSpec((), tf.int64))
+    scalar = tf.TensorSpec((), tf.int64)
+    sig = (scalar, scalar, scalar, tf.TensorSpec((per,), tf.string), scalar, scalar)
     ds = tf.data.Dataset.from_generator(self._windows, output_signature=sig)
-    ds = ds.flat_map(lambda e, w, p, n, skip: self._window(e, w, p[:n], skip))
+    ds = ds.flat_map(lambda piece, e, w, p, n, skip: self._window(piece, e, w, p[:n], skip))
     ds = ds.map(self._caption)
     stall_after = int(self.cfg.stall_records)
     if stall_after > 0:
@@ -242,7 +283,8 @@ class ShardedPairs:
 
     ds = ds.scan((tf.zeros(_N, tf.int64), zero, zero), count_post)
     ds = ds.filter(lambda r: tf.logical_or(tf.equal(r["reason"], 0), r["stall"]))
-    keep = ("key", "image", "caption", "epoch", "window", "index", "counts", "stall", "stall_run")
+    keep = ("key", "image", "caption", "epoch", "window", "index", "piece", "counts", "stall",
+            "stall_run")
     ds = ds.map(lambda r: {k: r[k] for k in keep})
     # The stream ends with its first stall row, so that row's (partial) batch comes
     # out at once instead of waiting for a batch's worth of stalls.
@@ -268,13 +310,7 @@ class ShardedPairs:
     skipped = {r: int(counts[shards.CODE[r]]) for r in shards.REASONS}
     if b["stall"].any():
       return self._stall(b, skipped)
-    self.state = {
-        "epoch": int(b["epoch"][-1]),
-        "window": int(b["window"][-1]),
-        "offset": int(b["index"][-1]) + 1,
-        "used": self.state["used"] + len(b["key"]),
-        "skipped": skipped
-    }
+    self.state = self._after(b, skipped)
     captions = [c.decode("utf-8") for c in b["caption"]]
     return {
         "images": b["image"],
@@ -282,6 +318,24 @@ class ShardedPairs:
         "keys": [k.decode("utf-8", "replace") for k in b["key"]],
         "captions": captions
     }
+
+  def _after(self, b, skipped: dict) -> dict:
+    """The state after batch `b`: the position after its last sample, in the tail
+    (the pieces from that one on) or in this process's own deal."""
+    piece, after = int(b["piece"][-1]), int(b["index"][-1]) + 1
+    used = self.state["used"] + len(b["key"])
+    if piece >= 0:
+      tail = [list(p) for p in self._pieces[piece:]]
+      tail[0][4] = after
+      return dict(self.state, used=used, skipped=skipped, tail=tail)
+    state = {
+        "epoch": int(b["epoch"][-1]),
+        "window": int(b["window"][-1]),
+        "offset": after,
+        "used": used,
+        "skipped": skipped
+    }
+    return dict(state, resized=True) if self.state.get("resized") else state
 
   def _stall(self, b, skipped: dict) -> dict:
     """No usable sample in `stall_records` records: the state says so (the loop stops

@@ -160,6 +160,16 @@ def check(manifest: dict, expected: dict, steps: int, path: str) -> None:
                      f"{steps}; rebuild it with --steps={steps} or lower total_steps.")
 
 
+def check_input(state: dict, path: str) -> None:
+  """Refuses to replay the cache into an input resumed on another number of processes
+  (data/redeal.py): its batches differ from those the cache was built from."""
+  if state.get("resized"):
+    raise CacheError(f"teacher.cache {path} holds the teacher's embeddings of the batches "
+                     "of a run that never changed its number of processes, but this run's "
+                     "input was resumed on another number, so its batches differ; drop "
+                     "teacher.cache to compute the teacher.")
+
+
 class Reader:
   """This process's cached rows of step s (1-based), chunk by chunk."""
 

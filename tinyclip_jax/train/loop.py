@@ -81,12 +81,17 @@ def _open_input(config: ml_collections.ConfigDict, setup, start: Start):
   if start.data_state is not None:
     try:
       data.set_state(pipeline.host_state(start.data_state))
-    except ValueError as e:  # e.g. saved by another number of processes
+    except ValueError as e:  # e.g. a position the data config cannot hold
       pipeline.close_source(data)
       raise prepare.SetupError(f"the checkpoint of step {start.step} cannot resume this run: "
                                f"{e}") from e
   if setup.teacher_cache:
     path, manifest = setup.teacher_cache
+    try:
+      teacher_cache.check_input(data.get_state(), path)
+    except teacher_cache.CacheError as e:
+      pipeline.close_source(data)
+      raise prepare.SetupError(str(e)) from e
     data = teacher_cache.CachedTeacher(data, teacher_cache.Reader(path, manifest), start.step,
                                        config.batch_size // jax.process_count())
   abstracts = compile_lib.batch_abstracts(config, setup)
