@@ -4,6 +4,7 @@ cell's decision (what pip installs where) is checked case by case without runnin
 from __future__ import annotations
 
 import ast
+import base64
 import json
 import os
 import types
@@ -15,6 +16,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "launch" / "colab_tpu_demo.ipynb"
+PICTURES = ("top1.png", "guesses.png", "affinity.png")  # what the demo may draw
+
+
+def _images(cell) -> list[bytes]:
+  return [base64.b64decode(o["data"]["image/png"]) for o in cell.outputs
+          if "image/png" in o.get("data", {})]
 
 
 def test_notebook_is_stored_without_outputs():
@@ -72,14 +79,6 @@ def test_notebook_runs_on_cpu(tmp_path, monkeypatch):
   for n in set(PICTURES) - set(written):
     assert f"{n}: not written by this run (no {demo / n})" in shown
 
-
-PICTURES = ("top1.png", "guesses.png", "affinity.png")
-
-
-def _images(cell) -> list[bytes]:
-  import base64  # pylint: disable=import-outside-toplevel
-  return [base64.b64decode(o["data"]["image/png"]) for o in cell.outputs
-          if "image/png" in o.get("data", {})]
 
 
 # ------------------------------------------------------------------ the install cell
