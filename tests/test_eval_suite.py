@@ -113,7 +113,8 @@ def torch_zeroshot(params, images, labels, classes, prompts) -> dict[str, float]
   top5 = logits.topk(5, dim=1).indices
   labels = torch.tensor(np.asarray(labels, np.int64))
   return {"top1": float((top5[:, 0] == labels).double().mean()),
-          "top5": float((top5 == labels[:, None]).any(1).double().mean())}
+          "top5": float((top5 == labels[:, None]).any(1).double().mean()),
+          "guess": top5[:, 0].numpy()}
 
 
 def torch_cifar10(data_dir, params) -> dict[str, float]:
@@ -142,7 +143,8 @@ def test_training_suite_names_writes_and_matches_torch(data_dir, model, tmp_path
   suite = eval_suite.Suite(config, 32, str(tmp_path))
   mesh = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
   ours = suite.run(CFG, params, mesh, step=7)
-  assert set(ours) == {"top1", "top5", "cifar10/top1", "cifar10/top5", "cifar10/num_examples"}
+  assert set(ours) == {"top1", "top5", "colour_top1", "shape_top1", "cifar10/top1",
+                       "cifar10/top5", "cifar10/num_examples"}
   # the generated split, normalized by hand with CLIP's mean and std
   spec = synthetic.SyntheticSpec(image_size=32, seed=0)
   raw, labels = synthetic.make_zeroshot(spec, 20)
@@ -155,6 +157,11 @@ def test_training_suite_names_writes_and_matches_torch(data_dir, model, tmp_path
   for k in ("top1", "top5"):
     assert ours[k] == pytest.approx(ref[k], abs=1e-9), k
     assert ours[f"cifar10/{k}"] == pytest.approx(cifar[k], abs=1e-9), k
+  # The generated classes are colour-major (8 shapes per colour): the top-1 guess's
+  # colour and shape against the label's, by hand.
+  guess = ref["guess"]
+  assert ours["colour_top1"] == pytest.approx(np.mean(guess // 8 == labels // 8), abs=1e-9)
+  assert ours["shape_top1"] == pytest.approx(np.mean(guess % 8 == labels % 8), abs=1e-9)
   assert ours["cifar10/num_examples"] == 24
   assert json.loads((tmp_path / "evals" / "step_00000007.json").read_text()) == {"step": 7,
                                                                                  **ours}

@@ -61,7 +61,9 @@ def test_cli_on_synthetic_and_folder(tmp_path, capsys):
   assert evaluate.main([f"--checkpoint={tmp_path / 'm'}", "--dataset=synthetic",
                         "--num_examples=32", f"--output={out}"]) == 0
   metrics = json.loads(out.read_text())
-  assert set(metrics) == {"top1", "top5"} and 0 <= metrics["top1"] <= metrics["top5"] <= 1
+  assert set(metrics) == {"top1", "top5", "colour_top1", "shape_top1"}
+  assert 0 <= metrics["top1"] <= metrics["top5"] <= 1
+  assert metrics["top1"] <= min(metrics["colour_top1"], metrics["shape_top1"])
 
   from tinyclip_jax.data import synthetic
   assert synthetic.main(["--split=eval", "--num=16", f"--out={tmp_path / 'd'}",

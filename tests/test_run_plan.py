@@ -1,6 +1,7 @@
 """The run plan: phases made before anything runs, and every path through it resumed
 after a SIGKILL in each of its phases (the deterministic fault hook, tinyclip_jax/faults.py),
 and a SIGTERM turned into a checkpoint and exit 0."""
+import copy
 import importlib.util
 import json
 import os
@@ -210,3 +211,23 @@ def test_bad_run_input_is_one_sentence_before_anything_runs(tmp_path):
   with pytest.raises(prepare.SetupError, match=r"to -1 \(the first stage starts as the base"):
     runner.run(c, str(tmp_path / "w"))
   assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # nothing written
+
+
+def test_a_stage_folder_started_with_another_config_is_refused(tmp_path):
+  """What a stage trains is its identity (stage_config.json); a restart with another
+  is one sentence naming the field, before anything runs. Logging, evaluation,
+  checkpoint cadence, the mesh and unused mask settings may change."""
+  c = smoke_config()
+  c.stages = ({"name": "a"},)
+  (phase,) = plan_lib.plan(c, str(tmp_path))
+  free = copy.deepcopy(phase.config)
+  free.log_every, free.eval.num_examples, free.mesh.data = 7, 3, 2
+  free.masks.target_sparsity = 0.3  # masks are off in this stage
+  assert runner.identity(free) == runner.identity(phase.config)
+  (tmp_path / "0_a").mkdir()
+  (tmp_path / "0_a" / "stage_config.json").write_text(json.dumps(runner.identity(phase.config)))
+  c.optimizer.lr = phase.config.optimizer.lr * 2
+  with pytest.raises(prepare.SetupError, match=rf"stage 0_a in {tmp_path}/0_a was started with "
+                     rf"optimizer.lr={phase.config.optimizer.lr!r} and this config gives"):
+    runner.run(c, str(tmp_path))
+  assert sorted(os.listdir(tmp_path / "0_a")) == ["stage_config.json"]

@@ -87,6 +87,8 @@ class SyntheticSpec:
   # The backgrounds drawn from (a subset of BACKGROUNDS); the textured ones (striped,
   # checkered, noisy) have edges at the scale of small objects.
   backgrounds: tuple[str, ...] = BACKGROUNDS
+  # True: a single object is always drawn in the centre cell (with the usual jitter).
+  centred: bool = False
 
   def __post_init__(self):
     if not 16 <= self.image_size <= 1024:
@@ -108,7 +110,8 @@ def appearance(data_cfg) -> dict:
   """The fields of a data config (data.*) that change how the images look, so that the
   zero-shot split is drawn as the training data is (eval/zeroshot.synthetic_task)."""
   return {"object_scale": float(data_cfg.get("object_scale", 1.0)),
-          "backgrounds": tuple(data_cfg.get("backgrounds", BACKGROUNDS))}
+          "backgrounds": tuple(data_cfg.get("backgrounds", BACKGROUNDS)),
+          "centred": bool(data_cfg.get("centred", False))}
 
 
 def zeroshot_classes(spec: SyntheticSpec | None = None) -> list[str]:
@@ -158,7 +161,7 @@ def _sample(spec, split, index):
     n = 1
   else:
     n = 2 + min(int(u[1] * (spec.max_objects - 1)), spec.max_objects - 2)
-  cells = _pick(u[2], _LAYOUTS[n])
+  cells = ((1, 1),) if n == 1 and spec.centred else _pick(u[2], _LAYOUTS[n])
   bg = _pick(u[8], spec.backgrounds)
   b = u[9:16]
   level = {"black": 10 + 30 * b[0], "white": 215 + 35 * b[0]}.get(bg, 90 + 80 * b[0])

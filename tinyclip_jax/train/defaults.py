@@ -146,6 +146,7 @@ def base_config() -> ml_collections.ConfigDict:
       "object_scale": 1.0,      # synthetic only: object radii × this (data/synthetic.py)
       "captions": "full",       # synthetic only: "full" or "objects" (data/synthetic.py)
       "backgrounds": synthetic.BACKGROUNDS,  # synthetic only: the backgrounds drawn from
+      "centred": False,         # synthetic only: one object is drawn in the centre cell
       # webdataset/tfrecord: the caption is KEY.txt; a sample without one takes this
       # field of KEY.json ('a/b' for nested fields; "" = never read the JSON).
       "caption_key": "caption",
