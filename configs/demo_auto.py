@@ -13,7 +13,8 @@ from configs import demo
 def get_config():
   c = demo.get_config()
   c.demo.auto = True
-  c.student.custom.update(c.teacher.custom)   # start as a copy of the teacher
+  # The student starts as a copy of the teacher (demo.stages sets its size from
+  # teacher.custom, after any --config overrides).
   c.student.init = "inherit"
   c.masks.enabled = True
   c.masks.kinds = ("hidden", "heads", "intermediate")
@@ -28,5 +29,5 @@ def get_config():
   # Kept widths rounded to the mesh (a no-op on the default data-parallel mesh): on an
   # fsdp/tensor mesh the pruned widths (98 and 103 here) would otherwise be replicated.
   c.masks.round_to = -1
-  c.total_steps = 300             # as the demo's students
+  c.total_steps = 300             # half the students' steps: it is teacher-sized until the prune
   return c

@@ -17,7 +17,7 @@ from tinyclip_jax import demo, status
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_auto_inherit import SMALL, auto_config  # noqa: E402
-from test_demo import check_demo_artefacts  # noqa: E402
+from test_demo import check_demo_artefacts, check_probe  # noqa: E402
 from test_train import ROOT, smoke_config  # noqa: E402
 
 sys.path.insert(0, ROOT)
@@ -193,7 +193,19 @@ def test_demo_resumes_after_a_kill(tmp_path):
   check_demo_artefacts(workdir, 4, seeds=2, ablation=True)
   # The same folder with another student config is refused, naming the field.
   r = _run([*args, "--config.optimizer.lr=0.01"], "", 2)
-  assert "stage 1_distilled_s0 in" in r.stderr and "optimizer.lr=0.002" in r.stderr
+  assert "stage 1_distilled_s0 in" in r.stderr and "optimizer.lr=0.0005" in r.stderr
+  # demo_auto in the same folder: the finished teacher stage is taken as it is, the
+  # auto student's guesses are recomputed in torch, the students' rows stay.
+  auto = [a.replace("configs/demo.py", "configs/demo_auto.py") for a in args
+          if not a.startswith("--config.student.")]
+  r = _run([*auto, "--config.masks.sparsity_warmup=1", "--config.masks.prune_step=2"], "", 0)
+  assert "stage 0_teacher is complete" in r.stderr
+  s = json.loads((workdir / "summary.json").read_text())
+  assert {"distilled_s0", "scratch_s1", "auto"} <= set(s["rows"])
+  assert s["auto"]["prune_step"] == 2 and s["rows"]["auto"]["step"] == 4
+  check_probe(s["probe_auto"], {k: r["checkpoint"] for k, r in s["rows"].items()},
+              affinity=False)
+  assert (workdir / "auto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_bad_run_input_is_one_sentence_before_anything_runs(tmp_path):

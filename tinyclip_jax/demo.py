@@ -52,7 +52,11 @@ def stages(config: ml_collections.ConfigDict) -> tuple:
              "optimizer": {"lr": d.teacher_lr, "warmup_steps": d.teacher_warmup},
              "eval_every": d.get("teacher_eval_every", config.eval_every)}
   if d.get("auto"):
-    return (teacher, {"name": "auto", "from_stage": -1, "teacher_from_stage": 0})
+    # The auto student starts as a copy of the teacher: its size is the teacher's as
+    # this config (command line included) gives it.
+    return (teacher, {"name": "auto", "from_stage": -1, "teacher_from_stage": 0,
+                      "student": {"custom": config.teacher.custom.to_dict(),
+                                  "init": "inherit"}})
   out = [teacher]
   for seed in range(d.seeds):
     out += [{"name": f"distilled_s{seed}", "from_stage": -1, "teacher_from_stage": 0,

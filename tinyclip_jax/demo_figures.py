@@ -121,7 +121,7 @@ def structure_panel(structure: dict, full: dict):
 
   def draw(fig, slot):
     sub = slot.subgridspec(2, 1)
-    for row, tower in enumerate(("image", "text")):
+    for row, tower in enumerate(("visual", "text")):
       ax = fig.add_subplot(sub[row, 0])
       kept, before = structure[tower], full[tower]
       x = np.arange(len(before["mlp"]))
