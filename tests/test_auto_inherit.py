@@ -24,7 +24,9 @@ from tinyclip_jax.models import CLIPConfig, count_params, param_shapes
 from tinyclip_jax.train import plan as plan_lib, prepare, runner
 from test_train import ROOT, mesh_on, smoke_config
 
-pytestmark = pytest.mark.xdist_group("auto")
+# The resumed run initialises the staged run's teacher again: the module's compilation
+# cache (tests/compile_cache.py) loads it.
+pytestmark = [pytest.mark.xdist_group("auto"), pytest.mark.usefixtures("compile_cache")]
 
 TEACHER = dict(embed_dim=32, image_size=32, patch_size=8, vision_width=64, vision_layers=2,
                text_width=64, text_layers=2, text_heads=0, head_dim=32, context_length=32,

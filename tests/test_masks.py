@@ -6,6 +6,7 @@ TinyCLIP's L0Module; its expected-parameter count (outer products of hidden and
 head/unit scores); its masked forward (LayerNorm over the kept dims, head / unit /
 hidden / layer gates) in torch ops over the same weights.
 """
+import functools
 import math
 
 import jax
@@ -50,6 +51,16 @@ def torch_deterministic(loga):
 def small_config(layers=3):
   return CLIPConfig(32, vision_tower(128, layers, 8, image_size=32),
                     text_tower(128, 2, context_length=16, vocab_size=300))
+
+
+@functools.lru_cache
+def _jitted_forward(cfg):
+  return jax.jit(lambda p, i, t, g: CLIP(cfg).apply({"params": p}, i, t, gates=g))
+
+
+def forward(cfg, params, images, tokens, gates=None):
+  """CLIP(cfg).apply compiled whole: op by op, a forward takes far longer."""
+  return _jitted_forward(cfg)(params, images, tokens, gates)
 
 
 def random_logas(valid, seed, low=-4.0, high=5.0):
@@ -278,7 +289,7 @@ def test_masked_forward_matches_a_torch_spelling_of_the_reference(masked_setup):
   noise = masks.uniform_noise(jax.random.key(2), logas)
   gates = masks.training_gates(logas, valid, noise)  # soft values and exact zeros
   assert 0 < float((gates["visual"]["hidden"] == 0).mean()) < 1
-  out = CLIP(cfg).apply({"params": params}, images, tokens, gates=gates)
+  out = forward(cfg, params, images, tokens, gates)
   want_i, want_t = torch_masked_clip(params, cfg, gates, images, tokens)
   np.testing.assert_allclose(np.asarray(out["image_embeds"]), want_i, atol=1e-5)
   np.testing.assert_allclose(np.asarray(out["text_embeds"]), want_t, atol=1e-5)
@@ -287,13 +298,13 @@ def test_masked_forward_matches_a_torch_spelling_of_the_reference(masked_setup):
 def test_pruned_model_equals_the_masked_model(masked_setup):
   cfg, params, valid, logas, images, tokens = masked_setup
   gates = masks.deterministic_gates(logas, valid)
-  masked = CLIP(cfg).apply({"params": params}, images, tokens, gates=gates)
+  masked = forward(cfg, params, images, tokens, gates)
   pruned, pruned_cfg = prune.prune(params, cfg, gates)
   assert pruned_cfg.vision.width < cfg.vision.width
   assert count_params(pruned) < count_params(params)
-  assert jax.tree.map(np.shape, pruned) == jax.tree.map(np.shape,
-                                                        init_params(pruned_cfg, jax.random.key(1)))
-  out = CLIP(pruned_cfg).apply({"params": jax.tree.map(jnp.asarray, pruned)}, images, tokens)
+  # The shapes a fresh init of the pruned config has (jax.eval_shape of init_params).
+  assert jax.tree.map(np.shape, pruned) == jax.tree.map(np.shape, param_shapes(pruned_cfg))
+  out = forward(pruned_cfg, jax.tree.map(jnp.asarray, pruned), images, tokens)
   for k in ("image_embeds", "text_embeds"):
     np.testing.assert_allclose(np.asarray(out[k]), np.asarray(masked[k]), atol=1e-5)
   kept = prune.structure(cfg, gates)
@@ -348,7 +359,7 @@ def test_masked_tinyclip_checkpoint_imports_as_the_pruned_model(masked_setup):
     from_tinyclip(sd, cfg.activation)  # the pruned-model reader does not prune silently
   pruned, pcfg = prune.prune_deterministic(full, full_cfg, read_logas)
   assert pcfg.vision.width < cfg.vision.width
-  out = CLIP(pcfg).apply({"params": jax.tree.map(jnp.asarray, pruned)}, images, tokens)
+  out = forward(pcfg, jax.tree.map(jnp.asarray, pruned), images, tokens)
   want_i, want_t = torch_masked_clip(params, cfg, gates, images, tokens)
   np.testing.assert_allclose(np.asarray(out["image_embeds"]), want_i, atol=1e-5)
   np.testing.assert_allclose(np.asarray(out["text_embeds"]), want_t, atol=1e-5)

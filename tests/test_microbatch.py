@@ -25,7 +25,9 @@ from tinyclip_jax.train.step import LossSettings, make_grad_fn
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from configs import smoke  # noqa: E402
 
-pytestmark = pytest.mark.xdist_group("microbatch")
+# Each test builds the smoke teacher and student again: the module's compilation cache
+# (tests/compile_cache.py) compiles their initialisation once.
+pytestmark = [pytest.mark.xdist_group("microbatch"), pytest.mark.usefixtures("compile_cache")]
 
 LOSSES = {
     "affinity": {},

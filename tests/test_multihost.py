@@ -20,10 +20,10 @@ import jax
 import numpy as np
 import pytest
 
-from tinyclip_jax import model_io
+from tinyclip_jax import model_io, parallel
 from tinyclip_jax.metrics import read_jsonl
 from tinyclip_jax.models import param_shapes
-from tinyclip_jax.train import defaults, loop, runner
+from tinyclip_jax.train import defaults, loop, prepare, runner, teacher as teacher_lib
 from test_train import ROOT, SMOKE, smoke_config
 
 pytestmark = pytest.mark.xdist_group("multihost")
@@ -56,36 +56,49 @@ def launch(workdir, process_id: int, num: int, port: int, *extra, devices=4, fau
 PREEMPTED_AT = 6  # process 0 gets a SIGTERM after this step (the preemption notice)
 
 
-def _launch_both(workdir, fault=""):
+def _launch_both(workdir, teacher, fault=""):
   port = free_port()
   flag = f"--config.text_buckets=({','.join(map(str, BUCKETS))})"
-  procs = [launch(workdir, i, 2, port, flag, fault=fault) for i in range(2)]
+  procs = [launch(workdir, i, 2, port, flag, f"--config.teacher.checkpoint={teacher}",
+                  fault=fault) for i in range(2)]
   errs = [p.communicate(timeout=600)[1] for p in procs]
   for p, err in zip(procs, errs):
     assert p.returncode == 0, err[-3000:]
 
 
 @pytest.fixture(scope="module")
-def two_hosts(tmp_path_factory):
+def teacher(tmp_path_factory, compile_cache):
+  """The smoke config's random teacher, initialised once here and saved: every run below
+  loads it (the same weights in each) instead of compiling its initialisation again."""
+  c = smoke_config({"mesh.data": -1})
+  t = teacher_lib.load(c, parallel.make_mesh(c.mesh.to_dict()))
+  path = tmp_path_factory.mktemp("teacher") / "model"
+  model_io.save_model(str(path), prepare.as_numpy(t.params), t.config)
+  return path
+
+
+@pytest.fixture(scope="module")
+def two_hosts(tmp_path_factory, teacher):
   """The 2-process run, preempted: process 0 gets a SIGTERM after step 6; both save at
   the step jax's preemption service agrees on and exit 0. The run then resumes in this
   one process (8 devices) and finishes: a 2-process checkpoint resumes in one process."""
   workdir = tmp_path_factory.mktemp("two_hosts")
-  _launch_both(workdir, fault=f"term_at_step:{PREEMPTED_AT}")
+  _launch_both(workdir, teacher, fault=f"term_at_step:{PREEMPTED_AT}")
   saved = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
   stopped_at = read_jsonl(workdir / "metrics.jsonl")[-1]["step"]
   assert not (workdir / "final").exists()  # preempted: nothing exported
   c = smoke_config({"total_steps": STEPS, "checkpoint_every": 5, "log_every": 1,
-                    "eval.tasks": "", "mesh.data": -1, "text_buckets": BUCKETS})
+                    "eval.tasks": "", "mesh.data": -1, "text_buckets": BUCKETS,
+                    "teacher.checkpoint": str(teacher)})
   result = runner.run(c, str(workdir))
   return workdir, saved, stopped_at, result
 
 
 @pytest.fixture(scope="module")
-def one_host(tmp_path_factory):
+def one_host(tmp_path_factory, teacher):
   workdir = tmp_path_factory.mktemp("one_host")
   c = smoke_config({"total_steps": STEPS, "checkpoint_every": 5, "log_every": 1,
-                    "eval.tasks": "", "mesh.data": -1})
+                    "eval.tasks": "", "mesh.data": -1, "teacher.checkpoint": str(teacher)})
   runner.run(c, str(workdir))  # in-process: 8 devices (tests/conftest.py)
   return workdir
 

@@ -64,9 +64,12 @@ def test_teacher_from_a_later_stage_is_refused():
     plan_lib.plan(c, "/w")
 
 
-def _run(args, fault: str, expect: int):
-  env = dict(os.environ, TINYCLIP_FAULT=fault, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)  # one device: the smallest compile
+def _run(args, fault: str, expect: int, cache):
+  # One device: the smallest compile; the attempts share a compilation cache, so a
+  # restart loads the programs the attempt before it compiled instead of compiling again.
+  env = dict(os.environ, TINYCLIP_FAULT=fault, JAX_PLATFORMS="cpu",
+             JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  env.pop("XLA_FLAGS", None)
   r = subprocess.run([sys.executable, "-m", "tinyclip_jax.main", *args], cwd=ROOT, env=env,
                      capture_output=True, text=True, timeout=600)
   assert r.returncode == expect, (fault, r.stderr[-3000:])
@@ -101,15 +104,15 @@ def _check_replayed(before: dict, after: dict) -> int:
 def _kill_and_resume(args, workdir, faults, final_steps, on_kill=None):
   """Runs `args` once per fault (each kills or preempts the run somewhere) and once to the
   end; every restart replays what the previous attempt logged, value for value."""
-  before = {}
+  before, cache = {}, os.path.join(os.path.dirname(workdir), "jax_cache")
   for k, fault in enumerate(faults):
-    _run(args, fault, 0 if fault.startswith("term") else -9)
+    _run(args, fault, 0 if fault.startswith("term") else -9, cache)
     now = _rows(workdir)
     _check_replayed(before, now)
     before = now
     if on_kill is not None:
       on_kill(k)
-  _run(args, "", 0)
+  _run(args, "", 0, cache)
   after = _rows(workdir)
   assert _check_replayed(before, after) == len(before)
   for stage, steps in final_steps.items():

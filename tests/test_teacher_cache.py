@@ -34,7 +34,7 @@ def config(**overrides):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
+def cache(tmp_path_factory, compile_cache):  # every run here initialises the same teacher
   path = tmp_path_factory.mktemp("cache") / "c"
   manifest = cache_teacher.build(config(), str(path), chunk=3)  # 2 files: 3 steps + 1
   return path, manifest

@@ -91,8 +91,9 @@ def fast_config(sharded, overrides=None):
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory, sharded):
-  """The same run on one device."""
+def single(tmp_path_factory, sharded, compile_cache):
+  """The same run on one device. (The non-finite test compiles its step again: the
+  module's compilation cache, tests/compile_cache.py, loads it.)"""
   workdir = tmp_path_factory.mktemp("single")
   with pytest.MonkeyPatch.context() as mp:
     mesh_on(mp, jax.devices()[:1])
@@ -400,7 +401,7 @@ def test_bad_config_fails_before_compiling(overrides, words, tmp_path, monkeypat
 # --- 6. non-finite losses ---------------------------------------------------------------
 
 def test_nonfinite_updates_are_skipped_then_the_run_stops(tmp_path, sharded, monkeypatch,
-                                                          capsys):
+                                                          capsys, compile_cache):
   config = fast_config(sharded, {"checkpoint_every": 1})
   assert config.max_nonfinite == 2 and config.total_steps == 6
   first_bad = 3
