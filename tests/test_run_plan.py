@@ -195,13 +195,15 @@ def test_demo_resumes_after_a_kill(tmp_path):
                    {f"{k}_{n}": [1, 2, 3, 4] for k, n in enumerate(stages)})
   check_demo_artefacts(workdir, 4, seeds=2, ablation=True)
   # The same folder with another student config is refused, naming the field.
-  r = _run([*args, "--config.optimizer.lr=0.01"], "", 2)
+  cache = tmp_path / "jax_cache"
+  r = _run([*args, "--config.optimizer.lr=0.01"], "", 2, cache)
   assert "stage 1_distilled_s0 in" in r.stderr and "optimizer.lr=0.0005" in r.stderr
   # demo_auto in the same folder: the finished teacher stage is taken as it is, the
   # auto student's guesses are recomputed in torch, the students' rows stay.
   auto = [a.replace("configs/demo.py", "configs/demo_auto.py") for a in args
           if not a.startswith("--config.student.")]
-  r = _run([*auto, "--config.masks.sparsity_warmup=1", "--config.masks.prune_step=2"], "", 0)
+  r = _run([*auto, "--config.masks.sparsity_warmup=1", "--config.masks.prune_step=2"], "", 0,
+           cache)
   assert "stage 0_teacher is complete" in r.stderr
   s = json.loads((workdir / "summary.json").read_text())
   assert {"distilled_s0", "scratch_s1", "auto"} <= set(s["rows"])
