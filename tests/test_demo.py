@@ -68,13 +68,15 @@ def check_probe(probe: dict, checkpoints: dict, affinity: bool = True) -> None:
     assert "affinity" not in probe
     return
   a = probe["affinity"]
-  n = len(a["texts"])
-  assert a["texts"] == [f"a photo of {'an' if classes[y][0] in 'aeiou' else 'a'} {classes[y]}."
-                        for y in probe["labels"][:n]]
+  assert a["indices"] == list(range(len(a["texts"])))
+  batch = np.stack([synthetic.make_batch(spec, "zeroshot", i, 1)["images"][0]
+                    for i in a["indices"]])
+  assert a["texts"] == [f"a photo of {'an' if classes[i][0] in 'aeiou' else 'a'} {classes[i]}."
+                        for i in a["indices"]]
   for who in ("teacher", "distilled"):
-    model, cfg, img = embeds[a["models"][who]]
-    _, txt = _torch_embed(model, cfg, pixels[:n], a["texts"])
-    want = torch.softmax(a["scale"][who] * torch.from_numpy(img[:n] @ txt.T), -1).numpy()
+    model, cfg, _ = embeds[a["models"][who]]
+    img, txt = _torch_embed(model, cfg, batch, a["texts"])
+    want = torch.softmax(a["scale"][who] * torch.from_numpy(img @ txt.T), -1).numpy()
     assert np.abs(np.array(a[who]) - want).max() < 1e-5, who  # f32 softmax of unit vectors
 
 

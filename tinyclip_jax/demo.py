@@ -153,7 +153,7 @@ def compare(rows: dict[str, dict], histories: dict[str, list[dict]], seeds: int,
 
 
 def _print_table(summary: dict) -> None:
-  print(f"\n{'model':<28} {'params':>10} {'top-1':>7} {'top-5':>7} {'shape':>7} {'colour':>7}")
+  print(f"\n{'model':<28} {'params':>10} {'top-1':>7} {'top-5':>7} {'colour':>7} {'shape':>7}")
   for name, s in summary["rows"].items():
     print(f"{name:<28} {s['params']:>10,} " + " ".join(
         f"{100 * s.get(k, float('nan')):>6.1f}%" for k in _METRICS))
@@ -203,6 +203,8 @@ def _write_summary(config, workdir: str, results: dict, t0: float) -> dict:
     summary["probe"] = probe.run(config, results, ("teacher", "distilled_s0", "scratch_s0"))
     probe.draw(workdir, summary)
   summary["seconds"]["pictures"] = round(time.time() - t1, 1)
+  # this_run: this command's time (a run that resumed or found every stage finished
+  # is shorter than the stages' own times, which are kept per stage).
   summary["seconds"]["this_run"] = round(time.time() - t0, 1)
   storage.write_json(path, summary)
   return summary

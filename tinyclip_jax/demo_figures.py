@@ -77,8 +77,11 @@ def guesses(path: str, images: np.ndarray, probe: dict, models: tuple[str, ...],
   n, cols = len(images), 4
   rows = -(-n // cols)
   width = 2.3 * cols + (6 if extra else 0)
-  fig = plt.figure(figsize=(width, 2.6 * rows))
-  gs = fig.add_gridspec(rows, cols + (3 if extra else 0))
+  fig = plt.figure(figsize=(width, 3.3 * rows))
+  # Room under each image for one line per model (text outside the axes, which
+  # tight_layout does not see).
+  gs = fig.add_gridspec(rows, cols + (3 if extra else 0), hspace=0.25 + 0.17 * len(models),
+                        left=0.03, right=0.97, top=0.93, bottom=0.03 + 0.02 * len(models))
   classes, labels = probe["classes"], probe["labels"]
   for i in range(n):
     ax = fig.add_subplot(gs[i // cols, i % cols])
@@ -94,7 +97,6 @@ def guesses(path: str, images: np.ndarray, probe: dict, models: tuple[str, ...],
   if extra:
     extra(fig, gs[:, cols:])
   fig.suptitle("top-1 guesses on eval images (green: right, red: wrong)")
-  fig.tight_layout()
   return _save(fig, path)
 
 
@@ -102,17 +104,22 @@ def affinity(path: str, probe: dict) -> str:
   """The two image→text affinity matrices of probe["affinity"] side by side."""
   plt = _pyplot()
   a = probe["affinity"]
+  from matplotlib.colors import LogNorm  # pylint: disable=import-outside-toplevel
   fig, axes = plt.subplots(1, 2, figsize=(11, 5))
   names = [c.removeprefix("a photo of ").rstrip(".") for c in a["texts"]]
   for ax, who in zip(axes, ("teacher", "distilled")):
-    m = np.asarray(a[who])
-    im = ax.imshow(m, vmin=0, vmax=1, cmap="viridis")
+    # A log scale: the off-diagonal mass (which shapes the model finds alike) is
+    # what the student learns beyond the right answer.
+    m = np.clip(np.asarray(a[who]), 1e-4, 1)
+    im = ax.imshow(m, norm=LogNorm(vmin=1e-4, vmax=1), cmap="viridis")
     ax.set_title(f"{who}: softmax(τ·image·text), τ={a['scale'][who]:g}", fontsize=9)
     ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
-    ax.set_yticks(range(len(names)), [f"image {i}" for i in range(len(names))], fontsize=7)
+    ax.set_yticks(range(len(names)), [f"image of {n.split(' ', 1)[1]}" for n in names],
+                  fontsize=7)
     ax.set_xlabel("caption")
   fig.colorbar(im, ax=list(axes), shrink=0.8)
-  fig.suptitle("Affinity mimicking: the student learns the teacher's image→text distributions")
+  fig.suptitle("Affinity mimicking: the student learns the teacher's image→text distributions\n"
+               "(one batch of one colour's shapes; log scale)")
   return _save(fig, path)
 
 

@@ -3,10 +3,12 @@ summary.json (so a reader, or a test, can check a picture's numbers):
 
   guesses   for `demo.grid` eval images (zero-shot split indices 0, 9, 18, …: each
             colour and shape appears), every model's top-1 class;
-  affinity  for the first `demo.affinity` of them and their classes' captions, the
-            teacher's and the distilled student's image→text affinity
-            softmax(τ · image · text) over the batch's captions, at the temperatures the
-            affinity loss uses (loss.teacher_scale, loss.student_scale).
+  affinity  for a batch of `demo.affinity` eval images of one colour (split indices
+            0, 1, …: the first colour's shapes, so that colour gives nothing away) and
+            their classes' captions, the teacher's and the distilled student's
+            image→text affinity softmax(τ · image · text) over the batch's captions, at
+            the temperatures the affinity loss uses (loss.teacher_scale,
+            loss.student_scale).
 """
 from __future__ import annotations
 
@@ -27,9 +29,9 @@ def spec(config) -> synthetic.SyntheticSpec:
                                  **synthetic.appearance(config.data))
 
 
-def images(config, count: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
-  """uint8 images, labels and eval-split indices of the probe."""
-  idx = [STRIDE * i for i in range(count)]
+def images(config, count: int, stride: int = STRIDE) -> tuple[np.ndarray, np.ndarray, list[int]]:
+  """uint8 images, labels and eval-split indices 0, stride, 2·stride, …"""
+  idx = [stride * i for i in range(count)]
   out = [synthetic.make_batch(spec(config), "zeroshot", i, 1) for i in idx]
   return (np.stack([b["images"][0] for b in out]),
           np.array([b["attributes"][0]["label"] for b in out]), idx)
@@ -42,7 +44,7 @@ def softmax(x: np.ndarray) -> np.ndarray:
 
 def run(config, results: dict, models: tuple[str, ...], affinity: bool = True) -> dict:
   """{"spec" (the generator's), "indices", "labels", "classes", "guesses": {model:
-  [class]}, "affinity": {"texts", "scale", "models", "teacher", "distilled"}}."""
+  [class]}, "affinity": {"indices", "texts", "scale", "models", "teacher", "distilled"}}."""
   d = config.demo
   pixels, labels, idx = images(config, int(d.grid))
   classes = synthetic.zeroshot_classes()
@@ -56,19 +58,20 @@ def run(config, results: dict, models: tuple[str, ...], affinity: bool = True) -
     clf = zeroshot.classifier(enc_txt, classes, synthetic.zeroshot_prompts, ctx)
     img = encode.embed_array(enc_img, preprocess.normalize(pixels), 256)
     out["guesses"][m] = np.argmax(img @ clf.T, axis=-1).tolist()
-    embedded[m] = (img, enc_txt, ctx)
+    embedded[m] = (enc_img, enc_txt, ctx)
   if affinity:
-    n = int(d.affinity)
-    texts = [synthetic.zeroshot_prompts(classes[y])[0] for y in labels[:n]]
+    batch, batch_labels, batch_idx = images(config, int(d.affinity), stride=1)
+    texts = [synthetic.zeroshot_prompts(classes[y])[0] for y in batch_labels]
     student = next(m for m in models if m != "teacher")
     scales = {"teacher": float(config.loss.teacher_scale),
               "distilled": float(config.loss.student_scale)}
-    a = {"texts": texts, "scale": scales, "models": {"teacher": "teacher",
-                                                     "distilled": student}}
+    a = {"indices": batch_idx, "texts": texts, "scale": scales,
+         "models": {"teacher": "teacher", "distilled": student}}
     for who, m in (("teacher", "teacher"), ("distilled", student)):
-      img, enc_txt, ctx = embedded[m]
+      enc_img, enc_txt, ctx = embedded[m]
+      img = encode.embed_array(enc_img, preprocess.normalize(batch), 256)
       txt = encode.embed_array(enc_txt, tokenizer.tokenize(texts, ctx), 256)
-      a[who] = softmax(scales[who] * img[:n] @ txt.T).tolist()
+      a[who] = softmax(scales[who] * img @ txt.T).tolist()
     out["affinity"] = a
   return out
 
