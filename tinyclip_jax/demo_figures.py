@@ -105,7 +105,8 @@ def affinity(path: str, probe: dict) -> str:
   plt = _pyplot()
   a = probe["affinity"]
   from matplotlib.colors import LogNorm  # pylint: disable=import-outside-toplevel
-  fig, axes = plt.subplots(1, 2, figsize=(11, 5))
+  fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
+  fig.subplots_adjust(wspace=0.5, bottom=0.25)
   names = [c.removeprefix("a photo of ").rstrip(".") for c in a["texts"]]
   for ax, who in zip(axes, ("teacher", "distilled")):
     # A log scale: the off-diagonal mass (which shapes the model finds alike) is
