@@ -1,6 +1,7 @@
 """The embedded procedural dataset: determinism, captions, image content, zero-shot split, CLI."""
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -220,3 +221,67 @@ def test_cli_bad_args_exit_2(tmp_path, args):
   assert r.returncode == 2, r.stderr
   assert len(r.stderr.strip().splitlines()) == 1 and r.stdout == ""
   assert sorted(os.listdir(tmp_path)) == ["full"] and os.listdir(full) == ["keep.txt"]
+
+
+# ---- the demo's generator options ------------------------------------------------------
+
+
+def test_object_scale_draws_larger_objects_and_keeps_the_rest():
+  base = SyntheticSpec(image_size=32, max_objects=1)
+  big = SyntheticSpec(image_size=32, max_objects=1, object_scale=1.5)
+  a, b = make_batch(base, "zeroshot", 0, 64), make_batch(big, "zeroshot", 0, 64)
+  assert a["captions"] == b["captions"]
+  for x, y in zip(a["attributes"], b["attributes"]):
+    (ox,), (oy,) = x["objects"], y["objects"]
+    assert oy.pop("radius") == pytest.approx(1.5 * ox.pop("radius"), rel=1e-12)
+    assert x == y
+  area = lambda batch: np.mean([_chromatic(im)[0].sum() for im in batch["images"]])  # noqa: E731
+  assert 1.8 < area(b) / area(a) < 2.5  # radius × 1.5: area ≈ × 2.25, less what the border clips
+
+
+def test_object_captions_name_size_colour_shape_only():
+  spec = SyntheticSpec(image_size=32, max_objects=1, captions="objects")
+  b = make_batch(spec, "train", 0, 400)
+  words = {w for sizes in syn._SIZE_WORDS.values() for w in sizes}
+  with_size = 0
+  for cap, attrs in zip(b["captions"], b["attributes"]):
+    (o,) = attrs["objects"]
+    assert f"{o['colour']} {o['shape']}." in cap
+    assert attrs["background"] not in cap and o["position"] not in cap
+    with_size += any(f" {w} {o['colour']}" in cap for w in words)
+    sizes = "|".join(syn._SIZE_WORDS[o["size"]])
+    assert re.fullmatch(rf"((a photo|a picture|an image|a drawing|a rendering) of )?an? "
+                        rf"(({sizes}) )?{o['colour']} {o['shape']}\.", cap), cap
+  assert 150 < with_size < 250  # the size word half of the time, as the prompts have it
+  # Images do not depend on the caption kind.
+  full = make_batch(SyntheticSpec(image_size=32, max_objects=1), "train", 0, 8)
+  np.testing.assert_array_equal(full["images"], b["images"][:8])
+
+
+def test_backgrounds_and_centred():
+  spec = SyntheticSpec(image_size=32, max_objects=1, backgrounds=("black", "grey"), centred=True)
+  b = make_batch(spec, "train", 0, 64)
+  assert {a["background"] for a in b["attributes"]} == {"black", "grey"}
+  assert {a["objects"][0]["position"] for a in b["attributes"]} == {"centre"}
+  assert syn.appearance({"object_scale": 1.5, "backgrounds": ("black",), "centred": True}) == {
+      "object_scale": 1.5, "backgrounds": ("black",), "centred": True}
+  assert syn.appearance({}) == {"object_scale": 1.0, "backgrounds": syn.BACKGROUNDS,
+                                "centred": False}
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("object_scale", 3.0, r"object_scale must be in \[0.5, 2\]"),
+    ("captions", "short", r"captions must be 'full' or 'objects'"),
+    ("backgrounds", ("plaid",), r"backgrounds \('plaid',\) must be a non-empty subset"),
+    ("backgrounds", (), r"backgrounds \(\) must be a non-empty subset")])
+def test_bad_generator_options(field, value, match):
+  with pytest.raises(ValueError, match=match):
+    SyntheticSpec(image_size=32, **{field: value})
+
+
+def test_zeroshot_factors_follow_the_label_rule():
+  f = syn.zeroshot_factors()
+  names = zeroshot_classes()
+  for label, name in enumerate(names):
+    colour, shape = name.split(" ")
+    assert syn.COLOUR_NAMES[f["colour"][label]] == colour and syn.SHAPES[f["shape"][label]] == shape
