@@ -133,6 +133,36 @@ def test_metrics_segments_truncate_and_read(bucket):
   assert got == [(4, "loss", 4.0)]
 
 
+def test_kill_inside_a_metrics_segment_write_then_resume(bucket, tmp_path):
+  """SIGKILL between a segment's rows and its event file (the fault hook, in a child
+  writing steps 1-3 then 4-6): the bucket holds every row up to the kill; the resume
+  from a checkpoint at 3 truncates, logs 4-6 again, and each step is read once. The
+  killed segment's TensorBoard copy is the one thing lost (metrics._write_segment)."""
+  root = f"{bucket}/killed_metrics"
+  script = ("from tinyclip_jax import metrics; w = metrics.SegmentWriter(%r)\n"
+            "for s in range(1, 7):\n"
+            "  w.write_scalars(s, {'loss': float(s)})\n"
+            "  if s %% 3 == 0: w.checkpoint(s)\n" % root)
+  env = dict(os.environ, TINYCLIP_FAULT="kill_in_write:metrics_segment", PYTHONPATH=ROOT,
+             JAX_PLATFORMS="cpu")
+  r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                     timeout=120, cwd=tmp_path)
+  assert r.returncode == -9, r.stderr[-2000:]
+  # Killed inside the first segment's write: its rows are in, its events are not.
+  assert [row["step"] for row in metrics.read_jsonl(root)] == [1, 2, 3]
+  assert not [n for n in storage.listdir(root) if "tfevents" in n]
+  metrics.truncate(root, 3)  # the resume, from the checkpoint of step 3
+  w = metrics.SegmentWriter(root)
+  for s in (4, 5, 6):
+    w.write_scalars(s, {"loss": float(s)})
+  w.close()
+  assert [(row["step"], row["loss"]) for row in metrics.read_jsonl(root)] == [
+      (s, float(s)) for s in range(1, 7)]
+  assert sorted(n for n in storage.listdir(root) if "tfevents" in n) == [
+      "events.out.tfevents.0000000006.tinyclip"]
+  assert os.listdir(tmp_path) == []
+
+
 def test_retries_on_503_and_429_then_403_is_one_sentence(bucket, gcs):
   proxy = FaultyProxy(gcs.url, latency=0.02)
   try:
