@@ -204,3 +204,19 @@ def test_local_copy_and_staged_output_for_local_only_tools(bucket, tmp_path):
   assert not os.path.exists(kept)
   with storage.local_copy(f"{bucket}/oc/model.bin") as local:
     assert open(local, "rb").read() == b"w"
+
+
+def test_folder_eval_task_reads_from_the_bucket(bucket, tmp_path):
+  """eval's folder:PATH (images + labels.json) on gs:// loads what the local folder does."""
+  from tinyclip_jax.data import synthetic  # pylint: disable=import-outside-toplevel
+  from tinyclip_jax.eval import zeroshot  # pylint: disable=import-outside-toplevel
+  assert synthetic.main(["--split=eval", "--num=6", f"--out={tmp_path / 'd'}",
+                         "--image_size=32"]) == 0
+  storage.copy_local(str(tmp_path / "d"), f"{bucket}/folder_task")
+  local = zeroshot.folder_task(str(tmp_path / "d"), 32)
+  remote = zeroshot.folder_task(f"{bucket}/folder_task", 32)
+  np.testing.assert_array_equal(local.images, remote.images)
+  np.testing.assert_array_equal(local.labels, remote.labels)
+  assert local.classes == remote.classes
+  with pytest.raises(FileNotFoundError, match=f"{bucket}/nothing/labels.json does not exist"):
+    zeroshot.folder_task(f"{bucket}/nothing", 32)

@@ -8,8 +8,6 @@ metadata.py).
 """
 from __future__ import annotations
 
-import json
-import os
 from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
@@ -75,15 +73,17 @@ def synthetic_task(num_examples: int, image_size: int, seed: int = 0, **appearan
 
 
 def folder_task(path: str, image_size: int) -> Task:
-  """A folder of images + labels.json ({"classes": [prompt], "labels": {file: idx}})."""
-  meta_path = os.path.join(path, "labels.json")
-  if not os.path.isfile(meta_path):
+  """A folder (local or gs://) of images + labels.json ({"classes": [prompt], "labels":
+  {file: idx}})."""
+  from tinyclip_jax import storage  # pylint: disable=import-outside-toplevel
+  meta_path = storage.join(path, "labels.json")
+  if not storage.exists(meta_path):
     raise FileNotFoundError(f"{meta_path} does not exist; a dataset folder needs images and a "
                             "labels.json (python -m tinyclip_jax.data.synthetic writes one).")
-  with open(meta_path) as f:
-    meta = json.load(f)
+  meta = storage.read_json(meta_path)
   files = sorted(meta["labels"])
-  images = np.stack([preprocess.load_image(os.path.join(path, n), image_size) for n in files])
+  images = np.stack([preprocess.load_image(storage.read_bytes(storage.join(path, n)), image_size)
+                     for n in files])
   labels = np.array([meta["labels"][n] for n in files], np.int32)
   return Task(images, labels, list(meta["classes"]), lambda c: [c])
 
