@@ -220,3 +220,26 @@ def test_folder_eval_task_reads_from_the_bucket(bucket, tmp_path):
   assert local.classes == remote.classes
   with pytest.raises(FileNotFoundError, match=f"{bucket}/nothing/labels.json does not exist"):
     zeroshot.folder_task(f"{bucket}/nothing", 32)
+
+
+def test_an_unreachable_endpoint_is_one_sentence_in_seconds(tmp_path):
+  """No network (here: an emulator address nothing listens on): the first gs:// access
+  says so at once, exit 2, instead of gcsfs retrying every call for minutes."""
+  import socket  # pylint: disable=import-outside-toplevel
+  with socket.socket() as s:  # a loopback port that is free, then closed
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, STORAGE_EMULATOR_HOST=f"http://127.0.0.1:{port}", PYTHONPATH=ROOT,
+             JAX_PLATFORMS="cpu")
+  env.pop("TENSORSTORE_GCS_HTTP_URL", None)
+  t = time.time()
+  r = subprocess.run([sys.executable, "-m", "tinyclip_jax.main",
+                      f"--config={ROOT}/configs/smoke.py", "--workdir=gs://any-bucket/run"],
+                     env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+  assert r.returncode == 2, r.stderr[-2000:]
+  errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+  assert errors == [f"error: cannot reach the GCS endpoint 127.0.0.1:{port} ([Errno 111] "
+                    "Connection refused); check this machine's network (or "
+                    "STORAGE_EMULATOR_HOST) before using gs:// paths."], r.stderr[-2000:]
+  assert time.time() - t < 60  # JAX's import and the config included; no retries
+  assert os.listdir(tmp_path) == []

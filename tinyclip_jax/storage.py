@@ -11,7 +11,8 @@ Objects are not files: GCS has no rename and no append. One object PUT is atomic
 so `write_bytes` is atomic on both (local: temp file + os.replace). A folder of many
 files is trusted only once `publish(folder)` wrote its commit marker, last.
 Transient 429/5xx answers are retried by gcsfs (6 tries, exponential backoff); a 403
-becomes one sentence naming the bucket.
+becomes one sentence naming the bucket; an endpoint that cannot be reached at all is
+one sentence at the first gs:// access (a TCP probe), not minutes of retries.
 """
 from __future__ import annotations
 
@@ -87,8 +88,33 @@ def basename(path) -> str:
   return os.fspath(path).rstrip("/").rsplit("/", 1)[-1]
 
 
+def endpoint() -> tuple[str, int]:
+  """(host, port) of the GCS API this process talks to (STORAGE_EMULATOR_HOST or Google's)."""
+  host = os.environ.get("STORAGE_EMULATOR_HOST", "")
+  if not host:
+    return "storage.googleapis.com", 443
+  rest = host.split("://", 1)[-1].split("/", 1)[0]
+  name, _, port = rest.rpartition(":") if ":" in rest else (rest, "", "")
+  return name, int(port) if port else (443 if host.startswith("https") else 80)
+
+
+def _check_reachable(timeout: float = 10.0) -> None:
+  """One TCP connection to the GCS endpoint, once per process: without a network (or
+  with a wrong emulator address) gcsfs would retry every call for about two minutes
+  before failing; this says so in one sentence within `timeout` seconds."""
+  import socket  # pylint: disable=import-outside-toplevel
+  host, port = endpoint()
+  try:
+    socket.create_connection((host, port), timeout=timeout).close()
+  except OSError as e:
+    raise StorageError(f"cannot reach the GCS endpoint {host}:{port} ({e}); check this "
+                       "machine's network (or STORAGE_EMULATOR_HOST) before using gs:// "
+                       "paths.") from None
+
+
 def _gcs():
   if "gs" not in _FS:
+    _check_reachable()
     import gcsfs  # pylint: disable=import-outside-toplevel
     _FS["gs"] = gcsfs.GCSFileSystem()  # fsspec.config: see _configure_fsspec
   return _FS["gs"]
