@@ -103,6 +103,9 @@ def _check_reachable(timeout: float = 10.0) -> None:
   with a wrong emulator address) gcsfs would retry every call for about two minutes
   before failing; this says so in one sentence within `timeout` seconds."""
   import socket  # pylint: disable=import-outside-toplevel
+  if not os.environ.get("STORAGE_EMULATOR_HOST") and any(
+      os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")):
+    return  # behind a proxy the direct connection proves nothing; gcsfs goes through it
   host, port = endpoint()
   try:
     socket.create_connection((host, port), timeout=timeout).close()
