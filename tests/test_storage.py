@@ -243,3 +243,23 @@ def test_an_unreachable_endpoint_is_one_sentence_in_seconds(tmp_path):
                     "STORAGE_EMULATOR_HOST) before using gs:// paths."], r.stderr[-2000:]
   assert time.time() - t < 60  # JAX's import and the config included; no retries
   assert os.listdir(tmp_path) == []
+
+
+def test_convert_refuses_an_existing_gcs_destination_before_reading(bucket):
+  """convert's early destination check reads the bucket as it reads a local disk."""
+  from tinyclip_jax.convert.__main__ import UsageError, check_destination  # pylint: disable=import-outside-toplevel
+  storage.write_bytes(f"{bucket}/conv/model.safetensors", b"x")
+  storage.write_text(f"{bucket}/conv/hf/config.json", "{}")
+  for kind, path, match in [
+      ("open_clip", f"{bucket}/conv/model.safetensors", "already exists; pass --overwrite"),
+      ("open_clip", f"{bucket}/conv/hf.safetensors", None),
+      ("tinyclip", f"{bucket}/conv", "must end in"),
+      ("hf", f"{bucket}/conv/hf", "already exists and is not empty; pass --overwrite"),
+      ("hf", f"{bucket}/conv/model.safetensors", "is a file; give a folder path"),
+      ("flax", f"{bucket}/conv/new", None)]:
+    if match is None:
+      check_destination(kind, path, overwrite=False)
+    else:
+      with pytest.raises(UsageError, match=match):
+        check_destination(kind, path, overwrite=False)
+  check_destination("hf", f"{bucket}/conv/hf", overwrite=True)

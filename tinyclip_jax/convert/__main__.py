@@ -181,19 +181,20 @@ def describe(config: CLIPConfig) -> str:
 
 
 def check_destination(kind: str, path: str, overwrite: bool) -> None:
-  """Refuses early (before reading the source) what the writers would refuse later."""
+  """Refuses early (before reading the source) what the writers would refuse later,
+  for local and gs:// destinations alike."""
   if kind in ("open_clip", "tinyclip"):
     if not path.endswith(OPEN_CLIP_SUFFIXES):
       raise UsageError(f"{kind} destination {path} must end in "
                        f"{', '.join(OPEN_CLIP_SUFFIXES)}.")
-    if os.path.isdir(path):
+    if storage.isdir(path):
       raise UsageError(f"{kind} destination {path} is a folder; give a file path.")
-    if os.path.exists(path) and not overwrite:
+    if storage.exists(path) and not overwrite:
       raise UsageError(f"{path} already exists; pass --overwrite to replace it.")
-  elif "://" not in path and os.path.exists(path):
-    if not os.path.isdir(path):
+  elif storage.exists(path):
+    if not storage.isdir(path):
       raise UsageError(f"{kind} destination {path} is a file; give a folder path.")
-    if os.listdir(path) and not overwrite:
+    if storage.listdir(path) and not overwrite:
       raise UsageError(f"{path} already exists and is not empty; pass --overwrite to replace it.")
 
 
