@@ -109,8 +109,9 @@ def _final(r: dict) -> dict:
   """A stage's evaluation at its last step (every run evaluates there)."""
   ev = r["history"][-1]
   if ev["step"] != r["step"]:
-    raise ValueError(f"{r['checkpoint']}: the last evaluation is of step {ev['step']}, not of "
-                     f"the exported step {r['step']}; give the demo a new workdir.")
+    raise prepare.SetupError(f"{r['checkpoint']}: the last evaluation is of step {ev['step']}, "
+                             f"not of the exported step {r['step']}; give the demo a new "
+                             "workdir.")
   return {**{k: ev[k] for k in _METRICS if k in ev}, "step": r["step"],
           "params": count_params(param_shapes(r["config"])), "checkpoint": r["checkpoint"]}
 
