@@ -230,6 +230,23 @@ def test_bad_run_input_is_one_sentence_before_anything_runs(tmp_path):
   assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # nothing written
 
 
+@pytest.mark.parametrize("under", ["", "x/y"])
+def test_a_workdir_at_or_under_a_file_is_one_sentence(tmp_path, under):
+  """The demo's stages live in subfolders of the workdir: a workdir that is a file, or
+  lies under one, is refused by the plan (it was a NotADirectoryError traceback after
+  the first stage's setup)."""
+  (tmp_path / "afile").write_text("")
+  workdir = os.path.join(tmp_path, "afile", under) if under else str(tmp_path / "afile")
+  said = (rf"the workdir {workdir} is a file; give a folder" if not under else
+          rf"the workdir {workdir} lies under {tmp_path}/afile, which is a file; give a folder")
+  for run in (lambda: runner.run(smoke_config(), workdir),
+              lambda: demo.run(demo_config.get_config(), workdir)):
+    with pytest.raises(prepare.SetupError, match=said):
+      run()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+  assert (tmp_path / "afile").read_text() == ""
+
+
 def test_a_stage_folder_started_with_another_config_is_refused(tmp_path):
   """What a stage trains is its identity (stage_config.json); a restart with another
   is one sentence naming the field, before anything runs. Logging, evaluation,
