@@ -137,6 +137,7 @@ def structure_panel(structure: dict, full: dict):
       ax.bar(x, kept["mlp"], color="tab:blue", label="kept")
       ax.set_title(f"{tower}: MLP units per layer (width {kept['width']}/{before['width']}, "
                    f"heads {list(kept['heads'])})", fontsize=8)
+      ax.set_xticks(x)  # whole layers (matplotlib would also tick 0.5, 1.5, …)
       ax.set_xlabel("layer", fontsize=8)
       if row == 0:
         ax.legend(fontsize=7)
