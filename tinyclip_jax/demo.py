@@ -159,7 +159,8 @@ def _print_table(summary: dict) -> None:
         f"{100 * s.get(k, float('nan')):>6.1f}%" for k in _METRICS))
 
 
-_AUTO_KEYS = ("auto", "probe_auto")
+# demo_auto's own keys (its times too: the demo's "this_run" and "pictures" stay).
+_AUTO_KEYS = ("auto", "probe_auto", "auto_this_run", "auto_pictures")
 
 
 def _other_configs_part(old: dict, auto: bool) -> dict:
@@ -169,7 +170,7 @@ def _other_configs_part(old: dict, auto: bool) -> dict:
   out = {k: v for k, v in old.items() if k not in ("rows", "history", "seconds") and not mine(k)}
   for part in ("rows", "history", "seconds"):
     out[part] = {k: v for k, v in old.get(part, {}).items()
-                 if k not in ("teacher", "this_run", "pictures") and not mine(k)}
+                 if k != "teacher" and not mine(k)}
   return out
 
 
@@ -179,7 +180,9 @@ def _write_summary(config, workdir: str, results: dict, t0: float) -> dict:
   # config's are replaced whole, so rows of another seed count never linger.
   old = storage.read_json(path) if storage.exists(path) else {}
   summary = _other_configs_part(old, bool(config.demo.get("auto")))
-  summary.setdefault("rows", {}).update({name: _final(r) for name, r in results.items()})
+  rows = {name: _final(r) for name, r in results.items()}
+  # The shared teacher's row first, whichever config ran last.
+  summary["rows"] = {"teacher": rows.pop("teacher"), **summary.get("rows", {}), **rows}
   summary.setdefault("history", {}).update(
       {name: r["history"] for name, r in results.items() if name != "teacher"})
   summary.setdefault("seconds", {}).update(
@@ -202,10 +205,11 @@ def _write_summary(config, workdir: str, results: dict, t0: float) -> dict:
                                     config.total_steps)
     summary["probe"] = probe.run(config, results, ("teacher", "distilled_s0", "scratch_s0"))
     probe.draw(workdir, summary)
-  summary["seconds"]["pictures"] = round(time.time() - t1, 1)
+  own = "auto_" if config.demo.get("auto") else ""
+  summary["seconds"][own + "pictures"] = round(time.time() - t1, 1)
   # this_run: this command's time (a run that resumed or found every stage finished
   # is shorter than the stages' own times, which are kept per stage).
-  summary["seconds"]["this_run"] = round(time.time() - t0, 1)
+  summary["seconds"][own + "this_run"] = round(time.time() - t0, 1)
   storage.write_json(path, summary)
   return summary
 
