@@ -26,13 +26,15 @@ import ml_collections
 import numpy as np
 
 from tinyclip_jax import demo_probe as probe, paths, storage, workdir as workdir_lib
+from tinyclip_jax.data import synthetic
 from tinyclip_jax.inherit import prune
 from tinyclip_jax.models import CLIPConfig, count_params, param_shapes
 from tinyclip_jax.train import plan as plan_lib, prepare, runner
 
 
 # Training without a teacher is plain CLIP: its contrastive loss with the learned
-# temperature starting at 1/0.07, as CLIP trains (the distilled student keeps τ=50).
+# temperature starting at 1/0.07, as CLIP trains (the distilled student keeps the fixed
+# loss.student_scale).
 _CLIP_LOSS = {"alpha": 0.0, "learn_scale": True, "student_scale": 1 / 0.07}
 _NO_TEACHER = {"model": "", "checkpoint": "", "custom": {"vision_width": 0}}
 
@@ -223,9 +225,13 @@ def check(config: ml_collections.ConfigDict) -> None:
   if not config.demo.get("auto") and int(d.seeds) < 1:
     raise prepare.SetupError(f"demo.seeds={d.seeds}: the demo trains each student once per "
                              "seed; give at least 1 (the README's figures use 3).")
-  for f in ("grid", "affinity"):
-    if not 1 <= int(d[f]) <= 64:
-      raise prepare.SetupError(f"demo.{f}={d[f]} must be in [1, 64] (images in its picture).")
+  if not 1 <= int(d.grid) <= 64:
+    raise prepare.SetupError(f"demo.grid={d.grid} must be in [1, 64] (images in its picture).")
+  # affinity.png's batch is one colour's shapes (split indices 0, 1, …): at most one of each.
+  shapes = len(synthetic.SHAPES)
+  if not 1 <= int(d.affinity) <= shapes:
+    raise prepare.SetupError(f"demo.affinity={d.affinity} must be in [1, {shapes}] (one colour's "
+                             "shapes in its picture).")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
