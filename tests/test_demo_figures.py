@@ -18,3 +18,14 @@ def test_structure_panel_ticks_whole_layers():
   assert [ax.get_title() for ax in f.axes] == [
       f"{t}: MLP units per layer (width 98/128, heads [4, 2, 3])" for t in ("visual", "text")]
   plt.close(f)
+
+
+def test_curves_legend_says_which_rows_are_one_seed(tmp_path, monkeypatch):
+  shown = {}
+  monkeypatch.setattr(fig, "_save", lambda f, path: shown.setdefault(
+      "legend", [t.get_text() for t in f.axes[0].get_legend().get_texts()]))
+  h = [{"step": 2, "top1": 0.1}, {"step": 4, "top1": 0.2}]
+  fig.curves(str(tmp_path / "top1.png"), {"distilled_s0": h, "distilled_s1": h,
+                                          "inherit_clip_s0": h, "auto": h}, 0.5)
+  assert shown["legend"] == ["auto", "distilled (inherit + affinity), mean of 2 seeds",
+                             "inherit + CLIP loss (no affinity), seed 0", "teacher"]
