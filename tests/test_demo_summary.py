@@ -2,10 +2,18 @@
 and its own times stay, the shared teacher's row stays first. The stages' results and
 the pictures are stand-ins here; test_demo.py runs both configs for real."""
 import json
+import os
+import re
+import sys
 
 import ml_collections
+import pytest
 
 from tinyclip_jax import demo
+from tinyclip_jax.train import prepare, runner
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import demo as demo_config  # noqa: E402
 
 
 def _config(auto: bool):
@@ -36,3 +44,23 @@ def test_demo_auto_keeps_the_demos_rows_and_times(tmp_path, monkeypatch):
   assert {"auto_pictures", "auto_this_run"} <= set(sec)
   assert s["probe"] == {"probe": "demo"} and s["probe_auto"] == {"probe": "auto"}
   assert json.loads((tmp_path / "summary.json").read_text()) == s
+
+
+@pytest.mark.parametrize("field,value,said,was", [
+    ("teacher_steps", 10, "demo.teacher_steps", 1500),
+    ("teacher_lr", 1e-3, "demo.teacher_lr", 2e-3)])
+def test_a_teacher_started_with_another_demo_field_names_it(tmp_path, field, value, said, was):
+  """The teacher stage's total_steps and lr come from demo.teacher_*: the refusal names
+  the field the user set (it said total_steps=1500 for --config.demo.teacher_steps=10)."""
+  c = demo_config.get_config()
+  teacher = demo.plan(c, str(tmp_path))[0]
+  (tmp_path / "0_teacher").mkdir()
+  (tmp_path / "0_teacher" / "stage_config.json").write_text(
+      json.dumps(runner.identity(teacher.config)))
+  c.demo[field] = value
+  with pytest.raises(prepare.SetupError, match=re.escape(
+      f"stage 0_teacher in {tmp_path}/0_teacher was started with {said}={was!r} and this "
+      f"config gives {value!r}; run the config it was started with, or give a new workdir.")):
+    demo.run(c, str(tmp_path))
+  assert sorted(os.listdir(tmp_path)) == ["0_teacher"]
+  assert os.listdir(tmp_path / "0_teacher") == ["stage_config.json"]
