@@ -168,7 +168,8 @@ def test_demo_needs_the_synthetic_task(tmp_path):
 @pytest.mark.parametrize("field,value,match", [
     ("seeds", 0, r"demo.seeds=0: .* give at least 1"),
     ("grid", 0, r"demo.grid=0 must be in \[1, 64\]"),
-    ("affinity", 65, r"demo.affinity=65 must be in \[1, 64\]")])
+    ("affinity", 65, r"demo.affinity=65 must be in \[1, 8\] \(one colour's shapes"),
+    ("affinity", 9, r"demo.affinity=9 must be in \[1, 8\] \(one colour's shapes")])
 def test_bad_demo_fields_are_one_sentence(tmp_path, field, value, match):
   c = demo_config.get_config()
   c.demo[field] = value

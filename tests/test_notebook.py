@@ -185,3 +185,14 @@ def test_tpu_runtime_is_told_before_jax_is_imported(install):
   assert install.on_tpu({"TPU_NAME": "local"}, [])
   assert install.on_tpu({}, ["/dev/accel0"])
   assert install.on_tpu({}, ["/dev/vfio/0"])
+
+
+def test_a_url_without_git_plus_is_one_sentence(install, tmp_path):
+  url = "https://github.com/someone/tinyclip_jax.git"
+  with pytest.raises(ValueError) as e:
+    install.install_plan(" " + url + " ", str(tmp_path), None, False)
+  message = str(e.value)
+  _one_sentence(message)
+  assert f"TINYCLIP_SOURCE={url!r} is a URL without git+" in message and f"git+{url}," in message
+  wheel = "https://example.com/dist/tinyclip_jax-0.1.0-py3-none-any.whl"  # pip downloads it
+  assert install.install_plan(wheel, str(tmp_path), None, True)[0] == [wheel, "jax[tpu]"]

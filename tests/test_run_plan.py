@@ -5,6 +5,7 @@ import copy
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -228,6 +229,39 @@ def test_bad_run_input_is_one_sentence_before_anything_runs(tmp_path):
   with pytest.raises(prepare.SetupError, match=r"to -1 \(the first stage starts as the base"):
     runner.run(c, str(tmp_path / "w"))
   assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # nothing written
+
+
+@pytest.mark.parametrize("under", ["", "x/y"])
+def test_a_workdir_at_or_under_a_file_is_one_sentence(tmp_path, under):
+  """The demo's stages live in subfolders of the workdir: a workdir that is a file, or
+  lies under one, is refused by the plan (it was a NotADirectoryError traceback after
+  the first stage's setup)."""
+  (tmp_path / "afile").write_text("")
+  workdir = os.path.join(tmp_path, "afile", under) if under else str(tmp_path / "afile")
+  said = (rf"the workdir {workdir} is a file; give a folder" if not under else
+          rf"the workdir {workdir} lies under {tmp_path}/afile, which is a file; give a folder")
+  for run in (lambda: runner.run(smoke_config(), workdir),
+              lambda: demo.run(demo_config.get_config(), workdir)):
+    with pytest.raises(prepare.SetupError, match=said):
+      run()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+  assert (tmp_path / "afile").read_text() == ""
+
+
+@pytest.mark.parametrize("field,value,said", [
+    ("backgrounds", ("black", "plaid"), "data.backgrounds ('black', 'plaid') must be a non-empty "
+     "subset of ('black', 'white', 'grey', 'striped', 'noisy', 'gradient', 'checkered')"),
+    ("captions", "bogus", "data.captions must be 'full' or 'objects', got 'bogus'"),
+    ("object_scale", 5.0, "data.object_scale must be in [0.5, 2], got 5.0"),
+    ("max_objects", 0, "data.max_objects must be in [1, 4], got 0")])
+def test_bad_generator_fields_are_refused_before_the_demo_runs(tmp_path, field, value, said):
+  """The generator's fields were checked only when the first stage built its input (a
+  ValueError traceback, exit 1, after the workdir was made)."""
+  c = demo_config.get_config()
+  c.data[field] = value
+  with pytest.raises(prepare.SetupError, match=re.escape(said + "; fix it in the config.") + "$"):
+    demo.run(c, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
 
 
 def test_a_stage_folder_started_with_another_config_is_refused(tmp_path):

@@ -20,19 +20,22 @@ Run: python -m tinyclip_jax.main --config=configs/demo.py --workdir=/tmp/demo
 from __future__ import annotations
 
 import copy
+import re
 import time
 
 import ml_collections
 import numpy as np
 
 from tinyclip_jax import demo_probe as probe, paths, storage, workdir as workdir_lib
+from tinyclip_jax.data import synthetic
 from tinyclip_jax.inherit import prune
 from tinyclip_jax.models import CLIPConfig, count_params, param_shapes
 from tinyclip_jax.train import plan as plan_lib, prepare, runner
 
 
 # Training without a teacher is plain CLIP: its contrastive loss with the learned
-# temperature starting at 1/0.07, as CLIP trains (the distilled student keeps τ=50).
+# temperature starting at 1/0.07, as CLIP trains (the distilled student keeps the fixed
+# loss.student_scale).
 _CLIP_LOSS = {"alpha": 0.0, "learn_scale": True, "student_scale": 1 / 0.07}
 _NO_TEACHER = {"model": "", "checkpoint": "", "custom": {"vision_width": 0}}
 
@@ -160,7 +163,8 @@ def _print_table(summary: dict) -> None:
         f"{100 * s.get(k, float('nan')):>6.1f}%" for k in _METRICS))
 
 
-_AUTO_KEYS = ("auto", "probe_auto")
+# demo_auto's own keys (its times too: the demo's "this_run" and "pictures" stay).
+_AUTO_KEYS = ("auto", "probe_auto", "auto_this_run", "auto_pictures")
 
 
 def _other_configs_part(old: dict, auto: bool) -> dict:
@@ -170,7 +174,7 @@ def _other_configs_part(old: dict, auto: bool) -> dict:
   out = {k: v for k, v in old.items() if k not in ("rows", "history", "seconds") and not mine(k)}
   for part in ("rows", "history", "seconds"):
     out[part] = {k: v for k, v in old.get(part, {}).items()
-                 if k not in ("teacher", "this_run", "pictures") and not mine(k)}
+                 if k != "teacher" and not mine(k)}
   return out
 
 
@@ -180,7 +184,9 @@ def _write_summary(config, workdir: str, results: dict, t0: float) -> dict:
   # config's are replaced whole, so rows of another seed count never linger.
   old = storage.read_json(path) if storage.exists(path) else {}
   summary = _other_configs_part(old, bool(config.demo.get("auto")))
-  summary.setdefault("rows", {}).update({name: _final(r) for name, r in results.items()})
+  rows = {name: _final(r) for name, r in results.items()}
+  # The shared teacher's row first, whichever config ran last.
+  summary["rows"] = {"teacher": rows.pop("teacher"), **summary.get("rows", {}), **rows}
   summary.setdefault("history", {}).update(
       {name: r["history"] for name, r in results.items() if name != "teacher"})
   summary.setdefault("seconds", {}).update(
@@ -203,10 +209,11 @@ def _write_summary(config, workdir: str, results: dict, t0: float) -> dict:
                                     config.total_steps)
     summary["probe"] = probe.run(config, results, ("teacher", "distilled_s0", "scratch_s0"))
     probe.draw(workdir, summary)
-  summary["seconds"]["pictures"] = round(time.time() - t1, 1)
+  own = "auto_" if config.demo.get("auto") else ""
+  summary["seconds"][own + "pictures"] = round(time.time() - t1, 1)
   # this_run: this command's time (a run that resumed or found every stage finished
   # is shorter than the stages' own times, which are kept per stage).
-  summary["seconds"]["this_run"] = round(time.time() - t0, 1)
+  summary["seconds"][own + "this_run"] = round(time.time() - t0, 1)
   storage.write_json(path, summary)
   return summary
 
@@ -220,9 +227,26 @@ def check(config: ml_collections.ConfigDict) -> None:
   if not config.demo.get("auto") and int(d.seeds) < 1:
     raise prepare.SetupError(f"demo.seeds={d.seeds}: the demo trains each student once per "
                              "seed; give at least 1 (the README's figures use 3).")
-  for f in ("grid", "affinity"):
-    if not 1 <= int(d[f]) <= 64:
-      raise prepare.SetupError(f"demo.{f}={d[f]} must be in [1, 64] (images in its picture).")
+  if not 1 <= int(d.grid) <= 64:
+    raise prepare.SetupError(f"demo.grid={d.grid} must be in [1, 64] (images in its picture).")
+  # affinity.png's batch is one colour's shapes (split indices 0, 1, …): at most one of each.
+  shapes = len(synthetic.SHAPES)
+  if not 1 <= int(d.affinity) <= shapes:
+    raise prepare.SetupError(f"demo.affinity={d.affinity} must be in [1, {shapes}] (one colour's "
+                             "shapes in its picture).")
+
+
+# The teacher stage's fields the demo sets from its own (stages()): a folder started with
+# another value is refused naming the field the user sets.
+_TEACHER_FIELDS = {"total_steps": "demo.teacher_steps", "optimizer.lr": "demo.teacher_lr",
+                   "optimizer.warmup_steps": "demo.teacher_warmup"}
+
+
+def _demo_field_names(message: str) -> str:
+  m = re.match(r"(stage 0_teacher in \S+ was started with )([\w.]+)=", message)
+  if not m or m.group(2) not in _TEACHER_FIELDS:
+    return message
+  return m.group(1) + _TEACHER_FIELDS[m.group(2)] + message[m.end(2):]
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -231,7 +255,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   check(config)
   phases = plan(config, workdir)  # checks every stage before the teacher trains for minutes
   t0 = time.time()
-  r = runner.run_plan(phases)
+  try:
+    r = runner.run_plan(phases)
+  except prepare.SetupError as e:
+    raise prepare.SetupError(_demo_field_names(str(e))) from e
   if r.get("preempted"):
     return r
   summary = _write_summary(config, workdir, _results(phases), t0)

@@ -44,8 +44,11 @@ def curves(path: str, history: dict[str, list[dict]], teacher_top1: float) -> st
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(7, 4.5))
   kinds: dict[str, list[list[dict]]] = {}
+  seeds: dict[str, str] = {}  # of a kind run once: its seed, for the legend
   for run, hist in sorted(history.items()):
-    kinds.setdefault(run.rsplit("_s", 1)[0], []).append(hist)
+    kind, _, seed = run.rpartition("_s")
+    kinds.setdefault(kind or run, []).append(hist)
+    seeds[kind or run] = seed
   for kind, runs in kinds.items():
     colour = _COLOURS.get(kind, "tab:gray")
     style = "--" if kind == "scratch_long" else "-"
@@ -59,7 +62,8 @@ def curves(path: str, history: dict[str, list[dict]], teacher_top1: float) -> st
       ax.plot(steps, mean, style, color=colour, linewidth=2.5,
               label=f"{_LABELS.get(kind, kind)}, mean of {len(runs)} seeds")
     else:
-      ax.plot([], [], style, color=colour, label=_LABELS.get(kind, kind))
+      one = f", seed {seeds[kind]}" if seeds[kind].isdigit() else ""
+      ax.plot([], [], style, color=colour, label=_LABELS.get(kind, kind) + one)
   ax.axhline(100 * teacher_top1, color="gray", linestyle=":", label="teacher")
   ax.set_xlabel("training step")
   ax.set_ylabel("zero-shot top-1 (%)")
@@ -137,6 +141,7 @@ def structure_panel(structure: dict, full: dict):
       ax.bar(x, kept["mlp"], color="tab:blue", label="kept")
       ax.set_title(f"{tower}: MLP units per layer (width {kept['width']}/{before['width']}, "
                    f"heads {list(kept['heads'])})", fontsize=8)
+      ax.set_xticks(x)  # whole layers (matplotlib would also tick 0.5, 1.5, …)
       ax.set_xlabel("layer", fontsize=8)
       if row == 0:
         ax.legend(fontsize=7)

@@ -96,11 +96,22 @@ def make_train_input(cfg: ml_collections.ConfigDict, image_size: int, context_le
       reader=reader)
 
 
+def _check_generator(cfg: ml_collections.ConfigDict) -> None:
+  """The generator's fields (data.captions, max_objects, object_scale, backgrounds), before
+  anything trains: the synthetic eval task draws with them whatever data.kind is."""
+  try:  # any valid image size: the model's is checked at setup
+    synthetic.SyntheticSpec(image_size=64, max_objects=int(cfg.get("max_objects", 2)),
+                            captions=cfg.get("captions", "full"), **synthetic.appearance(cfg))
+  except ValueError as e:
+    raise ValueError(f"data.{e}; fix it in the config.") from e
+
+
 def check(cfg: ml_collections.ConfigDict) -> None:
   """Raises a ValueError naming a bad data field, a missing shard or an unprepared
   TFDS dataset; lists files, reads none."""
   if cfg.kind not in KINDS:
     raise ValueError(f"data.kind {cfg.kind!r} is unknown; use one of {KINDS}.")
+  _check_generator(cfg)
   if cfg.kind == "synthetic":
     return
   for f in ("shuffle_buffer", "shards_per_window", "min_image_size", "max_image_pixels"):

@@ -90,6 +90,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
   profiling.check(config, SetupError)
 
 
+def workdir(path: str) -> None:
+  """A local workdir that is, or lies under, a file cannot hold the run's folders: said
+  before anything trains (os.makedirs would fail after the first stage's setup)."""
+  if not path or "://" in path:
+    return
+  at = os.path.abspath(path)
+  while not os.path.exists(at) and os.path.dirname(at) != at:
+    at = os.path.dirname(at)
+  if not os.path.isdir(at):
+    where = "is a file" if at == os.path.abspath(path) else f"lies under {at}, which is a file"
+    raise SetupError(f"the workdir {path} {where}; give a folder (new or one a run of this "
+                     "config wrote).")
+
+
 def mesh(config: ml_collections.ConfigDict):
   """The device mesh, with the batch and microbatch split checked against it."""
   try:

@@ -27,7 +27,7 @@ from typing import Any
 
 import ml_collections
 
-from tinyclip_jax.train import prepare
+from tinyclip_jax.train import checks, prepare
 
 STAGE_KEYS = ("name", "from_stage", "teacher_from_stage")
 
@@ -126,6 +126,7 @@ def stages(config: ml_collections.ConfigDict, workdir: str) -> list[tuple[str, A
 
 def plan(config: ml_collections.ConfigDict, workdir: str) -> list[Phase]:
   """Every phase of the run, in order (paths must already be resolved)."""
+  checks.workdir(workdir)
   if not config.stages:
     return stage_phases(config, workdir)
   phases = []
