@@ -80,8 +80,8 @@ def draw(workdir: str, summary: dict) -> None:
   """top1.png, guesses.png and affinity.png from summary.json's data."""
   from tinyclip_jax import demo_figures as fig  # pylint: disable=import-outside-toplevel
   probe = summary["probe"]
-  fig.curves(workdir_lib.plot(workdir, "top1.png"), summary["history"],
-             summary["rows"]["teacher"]["top1"])
+  students = {k: v for k, v in summary["history"].items() if k != "auto"}  # demo_auto's own
+  fig.curves(workdir_lib.plot(workdir, "top1.png"), students, summary["rows"]["teacher"]["top1"])
   fig.guesses(workdir_lib.plot(workdir, "guesses.png"), _pixels(summary, probe), probe,
               ("teacher", "distilled_s0", "scratch_s0"))
   fig.affinity(workdir_lib.plot(workdir, "affinity.png"), probe)
