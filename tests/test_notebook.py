@@ -196,3 +196,15 @@ def test_a_url_without_git_plus_is_one_sentence(install, tmp_path):
   assert f"TINYCLIP_SOURCE={url!r} is a URL without git+" in message and f"git+{url}," in message
   wheel = "https://example.com/dist/tinyclip_jax-0.1.0-py3-none-any.whl"  # pip downloads it
   assert install.install_plan(wheel, str(tmp_path), None, True)[0] == [wheel, "jax[tpu]"]
+
+
+def test_a_bare_git_plus_is_one_sentence_and_a_home_path_is_expanded(install, tmp_path,
+                                                                      monkeypatch):
+  with pytest.raises(ValueError) as e:
+    install.install_plan("git+", str(tmp_path), None, False)
+  _one_sentence(str(e.value))
+  assert "TINYCLIP_SOURCE='git+' names no repository" in str(e.value)
+  monkeypatch.setenv("HOME", str(tmp_path))
+  (tmp_path / "tinyclip_jax-0.1.0-py3-none-any.whl").write_bytes(b"")
+  args, _ = install.install_plan("~/tinyclip_jax-0.1.0-py3-none-any.whl", "/", None, False)
+  assert args == [str(tmp_path / "tinyclip_jax-0.1.0-py3-none-any.whl")]
