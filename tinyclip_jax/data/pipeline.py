@@ -40,9 +40,7 @@ class SyntheticPairs:
     if global_batch % process_count:
       raise ValueError(f"batch_size {global_batch} is not divisible by the {process_count} "
                        "processes; make it a multiple of the process count.")
-    self.spec = synthetic.SyntheticSpec(
-        image_size=image_size, seed=cfg.seed, max_objects=cfg.max_objects,
-        captions=cfg.get("captions", "full"), **synthetic.appearance(cfg))
+    self.spec = synthetic.from_data_config(cfg, image_size)
     self.context_length = context_length
     self.global_batch = global_batch
     self.local_batch = global_batch // process_count
@@ -100,8 +98,7 @@ def _check_generator(cfg: ml_collections.ConfigDict) -> None:
   """The generator's fields (data.captions, max_objects, object_scale, backgrounds), before
   anything trains: the synthetic eval task draws with them whatever data.kind is."""
   try:  # any valid image size: the model's is checked at setup
-    synthetic.SyntheticSpec(image_size=64, max_objects=int(cfg.get("max_objects", 2)),
-                            captions=cfg.get("captions", "full"), **synthetic.appearance(cfg))
+    synthetic.from_data_config(cfg, 64)
   except ValueError as e:
     raise ValueError(f"data.{e}; fix it in the config.") from e
 

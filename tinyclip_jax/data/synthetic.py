@@ -116,6 +116,13 @@ def appearance(data_cfg) -> dict:
           "centred": bool(data_cfg.get("centred", False))}
 
 
+def from_data_config(data_cfg, image_size: int) -> SyntheticSpec:
+  """The training stream's generator as a data config (data.*) names it."""
+  return SyntheticSpec(image_size=image_size, seed=int(data_cfg.get("seed", 0)),
+                       max_objects=int(data_cfg.get("max_objects", 2)),
+                       captions=data_cfg.get("captions", "full"), **appearance(data_cfg))
+
+
 def zeroshot_classes(spec: SyntheticSpec | None = None) -> list[str]:
   """Class names 'colour shape'; label = colour_index * len(SHAPES) + shape_index."""
   return [f"{c} {s}" for c in COLOUR_NAMES for s in SHAPES]
