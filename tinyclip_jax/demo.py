@@ -20,7 +20,6 @@ Run: python -m tinyclip_jax.main --config=configs/demo.py --workdir=/tmp/demo
 from __future__ import annotations
 
 import copy
-import re
 import time
 
 import ml_collections
@@ -237,16 +236,9 @@ def check(config: ml_collections.ConfigDict) -> None:
 
 
 # The teacher stage's fields the demo sets from its own (stages()): a folder started with
-# another value is refused naming the field the user sets.
+# another value is refused naming the field the user sets (runner.StageChanged.named).
 _TEACHER_FIELDS = {"total_steps": "demo.teacher_steps", "optimizer.lr": "demo.teacher_lr",
                    "optimizer.warmup_steps": "demo.teacher_warmup"}
-
-
-def _demo_field_names(message: str) -> str:
-  m = re.match(r"(stage 0_teacher in \S+ was started with )([\w.]+)=", message)
-  if not m or m.group(2) not in _TEACHER_FIELDS:
-    return message
-  return m.group(1) + _TEACHER_FIELDS[m.group(2)] + message[m.end(2):]
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -257,8 +249,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   t0 = time.time()
   try:
     r = runner.run_plan(phases)
-  except prepare.SetupError as e:
-    raise prepare.SetupError(_demo_field_names(str(e))) from e
+  except runner.StageChanged as e:
+    if e.stage == phases[0].stage and e.field in _TEACHER_FIELDS:  # the teacher stage
+      raise e.named(_TEACHER_FIELDS[e.field]) from e
+    raise
   if r.get("preempted"):
     return r
   summary = _write_summary(config, workdir, _results(phases), t0)

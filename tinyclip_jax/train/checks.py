@@ -91,9 +91,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def workdir(path: str) -> None:
-  """A local workdir that is, or lies under, a file cannot hold the run's folders: said
-  before anything trains (os.makedirs would fail after the first stage's setup)."""
-  if not path or "://" in path:
+  """A workdir that is (or, locally, lies under) a file cannot hold the run's folders:
+  said before anything trains (os.makedirs would fail after the first stage's setup)."""
+  if not path:
+    return
+  if storage.is_url(path):
+    if storage.exists(path) and not storage.isdir(path):
+      raise SetupError(f"the workdir {path} is a file; give a folder (new or one a run of "
+                       "this config wrote).")
     return
   at = os.path.abspath(path)
   while not os.path.exists(at) and os.path.dirname(at) != at:

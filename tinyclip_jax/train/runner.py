@@ -178,21 +178,31 @@ def _first_difference(a, b, prefix: str = ""):
   return None if a == b else (prefix.rstrip("."), a, b)
 
 
-def _check_stage_config(name: str, workdir: str, config, write: bool = False) -> None:
+class StageChanged(checks.SetupError):
+  """A stage folder started with another value of `field` than this config gives."""
+
+  def __init__(self, stage: str, workdir: str, field: str, was, now, name: str = ""):
+    self.stage, self.workdir, self.field, self.was, self.now = stage, workdir, field, was, now
+    super().__init__(f"stage {stage} in {workdir} was started with {name or field}={was!r} and "
+                     f"this config gives {now!r}; run the config it was started with, or give "
+                     "a new workdir.")
+
+  def named(self, name: str) -> "StageChanged":
+    """The same refusal naming the field as the user sets it (e.g. demo.teacher_steps)."""
+    return StageChanged(self.stage, self.workdir, self.field, self.was, self.now, name)
+
+
+def _check_stage_config(name: str, workdir: str, config) -> bool:
   """A stage folder holds one config's work: a stage started (or finished) with another
-  is refused, naming the first field that differs, never mixed or silently skipped.
-  `write`: record this config when the folder has none (the stage starts)."""
+  is refused (StageChanged), naming the first field that differs, never mixed or
+  silently skipped. Returns whether the folder records its config already."""
   path = workdir_lib.stage_config(workdir)
-  mine = identity(config)
-  if storage.exists(path):
-    diff = _first_difference(storage.read_json(path), mine)
-    if diff:
-      field, was, now = diff
-      raise checks.SetupError(
-          f"stage {name} in {workdir} was started with {field}={was!r} and this config gives "
-          f"{now!r}; run the config it was started with, or give a new workdir.")
-  elif write and jax.process_index() == 0:
-    storage.write_json(path, mine)
+  if not storage.exists(path):
+    return False
+  diff = _first_difference(storage.read_json(path), identity(config))
+  if diff:
+    raise StageChanged(name, workdir, *diff)
+  return True
 
 
 def run_plan(phases: list[plan_lib.Phase]) -> dict[str, Any]:
@@ -200,19 +210,16 @@ def run_plan(phases: list[plan_lib.Phase]) -> dict[str, Any]:
   logging.info("run plan:\n%s", plan_lib.describe(phases))
   for root in dict.fromkeys(p.workdir for p in phases):  # a missing or read-only bucket:
     storage.check_writable(root)                        # found before any work
-    if storage.exists(root) and not storage.isdir(root):
-      raise checks.SetupError(f"the workdir {root} is a file; give a folder (new or one a "
-                              "run of this config wrote).")
+    checks.workdir(root)
   stages = [(k, list(g)) for k, g in itertools.groupby(phases, key=lambda p: (p.stage, p.workdir))]
-  for (name, workdir), group in stages:  # every stage's folder, before any work
-    if name:
-      _check_stage_config(name, workdir, group[0].config)
+  recorded = {workdir: _check_stage_config(name, workdir, group[0].config)  # before any work
+              for (name, workdir), group in stages if name}
   teachers, meshes, result = _Teachers(), {}, {"stages": []}
   with preemption.Notice() as notice:
     for (name, workdir), group in stages:
       done = workdir_lib.stage_done(workdir)
-      if name:
-        _check_stage_config(name, workdir, group[0].config, write=True)
+      if name and not recorded[workdir] and jax.process_index() == 0:  # the stage starts
+        storage.write_json(workdir_lib.stage_config(workdir), identity(group[0].config))
       if name and storage.exists(done):
         logging.info("stage %s is complete in %s; skipping it", name, workdir)
         result["stages"].append(storage.read_json(done))
