@@ -114,24 +114,45 @@ def scale_box(box, ratio):
                    up(left + cw) - left // ratio])
 
 
-def decode_for_crop(encoded, seed, size: int, jpeg_scale: int, scale=(0.9, 1.0),
-                    ratio=(3 / 4, 4 / 3)):
-  """data.jpeg_scale > 1: (uint8 pixels, crop box in them, full height, full width).
-  The crop box is drawn for the full-size image (as `random_resized_crop` draws it);
-  a 1/3-component JPEG is then decoded at 1/r (`jpeg_ratio`, from its header's size)
-  and the box scaled to match, so decoding and the resize work on up to r² fewer
-  pixels. Other files decode at full size."""
+def decode_for_crop(encoded, box_of, size: int, jpeg_scale: int):
+  """(uint8 pixels, crop box in them, full height, full width). `box_of(h, w)` gives
+  the crop box of the full-size image (drawn by `crop_box`, or replayed from a teacher
+  cache). With jpeg_scale 1 the image decodes by the rule (PIL's pixels). With
+  jpeg_scale > 1 a 1/3-component JPEG is decoded at 1/r (`jpeg_ratio`, from its
+  header's size) and the box scaled to match, so decoding and the resize work on up
+  to r² fewer pixels; other files decode at full size."""
+  if jpeg_scale == 1:
+    image = decode.decode_tf(encoded)
+    h, w = tf.shape(image)[0], tf.shape(image)[1]
+    return image, box_of(h, w), h, w
 
   def by_header():
     hw = tf.io.extract_jpeg_shape(encoded)
-    box = crop_box(seed, hw[0], hw[1], scale, ratio)
+    box = box_of(hw[0], hw[1])
     r = jpeg_ratio(box, size, jpeg_scale)
     return decode.jpeg_tf(encoded, r), scale_box(box, r), hw[0], hw[1]
 
   def by_pil():
     image = decode.pil_tf(encoded)
     shape = tf.shape(image)
-    return image, crop_box(seed, shape[0], shape[1], scale, ratio), shape[0], shape[1]
+    return image, box_of(shape[0], shape[1]), shape[0], shape[1]
 
   image, box, h, w = tf.cond(decode.decodes_in_tf(encoded), by_header, by_pil)
   return tf.ensure_shape(image, [None, None, 3]), box, h, w
+
+
+def crop(pixels, box, size: int):
+  """The box of decoded pixels → normalized float32 (size, size, 3)."""
+  return resize_crop(pixels[box[0]:box[0] + box[2], box[1]:box[1] + box[3]], size)
+
+
+def fingerprint(*ints):
+  """A 64-bit seed from integers (tensors or Python ints), the same on every host."""
+  return tf.bitcast(
+      tf.strings.to_hash_bucket_fast(tf.strings.format("{}/{}/{}", list(ints)), 2**62), tf.int64)
+
+
+def key_seed(augment_seed, k, key_hash):
+  """The seed of a sample's k-th stored crop: from its key (data.augmentations > 0), so
+  the crop is the same whatever process reads the sample at whatever position."""
+  return tf.stack([fingerprint(augment_seed, k, 0), tf.cast(key_hash, tf.int64)])

@@ -69,9 +69,10 @@ KINDS = ("synthetic", "webdataset", "tfrecord", "tfds")
 
 
 def make_train_input(cfg: ml_collections.ConfigDict, image_size: int, context_length: int,
-                     global_batch: int):
+                     global_batch: int, cache: tuple[str, dict] | None = None):
   """The source named by cfg.kind; a missing shard or dataset raises a DataError
-  naming it, before anything compiles."""
+  naming it, before anything compiles. `cache`: (path, manifest) of a per-sample
+  teacher cache (data/sample_cache.py), whose embeddings then come with each batch."""
   if cfg.kind not in KINDS:
     raise ValueError(f"data.kind {cfg.kind!r} is unknown; use one of {KINDS}.")
   if cfg.kind == "synthetic":
@@ -91,7 +92,8 @@ def make_train_input(cfg: ml_collections.ConfigDict, image_size: int, context_le
       jax.process_index(),
       jax.process_count(),
       units=units,
-      reader=reader)
+      reader=reader,
+      cache=cache)
 
 
 def _check_generator(cfg: ml_collections.ConfigDict) -> None:
@@ -109,6 +111,13 @@ def check(cfg: ml_collections.ConfigDict) -> None:
   if cfg.kind not in KINDS:
     raise ValueError(f"data.kind {cfg.kind!r} is unknown; use one of {KINDS}.")
   _check_generator(cfg)
+  k = cfg.get("augmentations", 0)
+  if not isinstance(k, int) or k < 0:
+    raise ValueError(f"data.augmentations must be a whole number >= 0, got {k!r}.")
+  if k and cfg.kind not in ("webdataset", "tfrecord"):
+    raise ValueError(f"data.augmentations={k} draws crops from each sample's key, which "
+                     f"webdataset and tfrecord shards give, not data.kind={cfg.kind!r}; set "
+                     "data.augmentations=0.")
   if cfg.kind == "synthetic":
     return
   for f in ("shuffle_buffer", "shards_per_window", "min_image_size", "max_image_pixels"):

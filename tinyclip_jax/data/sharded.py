@@ -35,8 +35,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tinyclip_jax import tokenizer
-from tinyclip_jax.data import augment, decode, redeal, shards
+from tinyclip_jax import storage, tokenizer
+from tinyclip_jax.data import augment, decode, redeal, sample_cache, shards
 
 # TensorFlow stays off the accelerators: JAX owns them.
 tf.config.set_visible_devices([], "GPU")
@@ -50,10 +50,18 @@ _N = len(shards.REASONS) + 1
 _BEAT = _N  # reason code of a heartbeat record (not a reason: outside the counts)
 
 
-def _fingerprint(*ints):
-  """A 64-bit seed from integers (tensors), the same on every host."""
-  return tf.bitcast(
-      tf.strings.to_hash_bucket_fast(tf.strings.format("{}/{}/{}", list(ints)), 2**62), tf.int64)
+_fingerprint = augment.fingerprint
+
+
+def repair_caption(caption, reason):
+  """(caption with non-UTF-8 bytes replaced by U+FFFD, whether any were, reason with
+  empty captions flagged) — also what the per-sample teacher cache embeds."""
+  fixed = tf.strings.unicode_transcode(
+      caption, "UTF-8", "UTF-8", errors="replace", replacement_char=0xFFFD)
+  bad_utf8 = tf.logical_and(tf.equal(reason, 0), tf.not_equal(fixed, caption))
+  empty = tf.logical_and(
+      tf.equal(reason, 0), tf.equal(tf.strings.length(tf.strings.strip(fixed)), 0))
+  return fixed, bad_utf8, tf.where(empty, shards.CODE["empty_caption"], reason)
 
 
 class ShardedPairs:
@@ -69,7 +77,8 @@ class ShardedPairs:
                process_index: int = 0,
                process_count: int = 1,
                units: list | None = None,
-               reader=None):
+               reader=None,
+               cache: tuple[str, dict] | None = None):
     if global_batch % process_count:
       raise shards.DataError(f"batch_size {global_batch} is not divisible by the "
                              f"{process_count} processes; use a multiple of the process count.")
@@ -83,6 +92,17 @@ class ShardedPairs:
     self.image_size, self.context_length = image_size, context_length
     self.jpeg_scale = decode.check_jpeg_scale(cfg.get("jpeg_scale", 1))
     self.local_batch = global_batch // process_count
+    # data.augmentations > 0: crops drawn from each sample's key (sample_cache.py); with
+    # a per-sample teacher cache, (path, manifest): its stored crops and embeddings.
+    self.cache = cache
+    self.k = int(cache[1]["augment"]["augmentations"]) if cache else int(
+        cfg.get("augmentations", 0))
+    if self.k and reader is not None:
+      raise shards.DataError("data.augmentations > 0 (crops drawn from each sample's key) "
+                             f"reads webdataset or tfrecord shards, not data.kind={self.kind!r}; "
+                             "set data.augmentations=0.")
+    self.widths = [t["embed_dim"] for t in cache[1]["teachers"]] if cache else None
+    self.extra = sample_cache.extra_fields(self.widths) if self.k else []
     self.process_index, self.process_count = process_index, process_count
     self.state = {"epoch": 0, "window": 0, "offset": 0, "used": 0,
                   "skipped": {r: 0 for r in shards.REASONS}}
@@ -127,20 +147,38 @@ class ShardedPairs:
     return state
 
   # -- the tf.data graph -----------------------------------------------------------------
-  def _read_unit(self, path):
+  def _read_unit(self, path, epoch):
     if self.reader is not None:
       return self.reader(path)
     fn = shards.READERS[self.kind]
-    return tf.data.Dataset.from_generator(
-        lambda *args: shards.in_chunks(fn, *args),
-        output_signature=shards.CHUNK_SIGNATURE,
-        args=(path, int(self.cfg.min_image_size), int(self.cfg.max_image_pixels),
-              str(self.cfg.caption_key))).unbatch()
+    args = (path, int(self.cfg.min_image_size), int(self.cfg.max_image_pixels),
+            str(self.cfg.caption_key))
+    if not self.k:
+      return tf.data.Dataset.from_generator(lambda *a: shards.in_chunks(fn, *a),
+                                            output_signature=shards.CHUNK_SIGNATURE,
+                                            args=args).unbatch()
+    sig = shards.CHUNK_SIGNATURE + tuple(
+        tf.TensorSpec((None,) + shape, dtype) for _, shape, dtype in self.extra)
+    return tf.data.Dataset.from_generator(self._annotated, output_signature=sig,
+                                          args=args + (epoch,)).unbatch()
+
+  def _annotated(self, path, min_size, max_pixels, caption_key, epoch):
+    """A shard's record chunks with the key-derived fields (sample_cache.annotate)."""
+    fn = shards.READERS[self.kind]
+    path = path.decode() if isinstance(path, bytes) else path
+    sidecar = None
+    if self.cache:
+      sidecar = sample_cache.Sidecar.read(
+          storage.join(self.cache[0], sample_cache.sidecar_name(path)), len(self.widths))
+    yield from sample_cache.annotate(
+        shards.in_chunks(fn, path, min_size, max_pixels, caption_key), epoch=int(epoch),
+        seed=int(self.cfg.seed), k=self.k, sidecar=sidecar, widths=self.widths,
+        not_cached=shards.CODE["not_cached"])
 
   def _window(self, piece, epoch, window, paths, skip):
     per = int(self.cfg.shards_per_window)
     ds = tf.data.Dataset.from_tensor_slices(paths).interleave(
-        self._read_unit,
+        lambda p: self._read_unit(p, epoch),
         cycle_length=per,
         block_length=1,
         num_parallel_calls=per,
@@ -156,7 +194,8 @@ class ShardedPairs:
             "epoch": epoch,
             "window": window,
             "index": i,
-            "piece": piece
+            "piece": piece,
+            **{name: r[4 + j] for j, (name, _, _) in enumerate(self.extra)}
         })
 
   def _windows(self):
@@ -182,12 +221,7 @@ class ShardedPairs:
       seed = tf.stack([_fingerprint(self.cfg.seed + 1, r["epoch"], r["window"]), r["index"]])
       pick = tf.random.stateless_uniform([], seed, 0, tf.maximum(tf.size(parts), 1), tf.int32)
       caption = tf.cond(tf.size(parts) > 0, lambda: parts[pick], lambda: tf.constant(""))
-    fixed = tf.strings.unicode_transcode(
-        caption, "UTF-8", "UTF-8", errors="replace", replacement_char=0xFFFD)
-    bad_utf8 = tf.logical_and(tf.equal(r["reason"], 0), tf.not_equal(fixed, caption))
-    empty = tf.logical_and(
-        tf.equal(r["reason"], 0), tf.equal(tf.strings.length(tf.strings.strip(fixed)), 0))
-    reason = tf.where(empty, shards.CODE["empty_caption"], r["reason"])
+    fixed, bad_utf8, reason = repair_caption(caption, r["reason"])
     return dict(r, caption=fixed, reason=reason, bad_utf8=bad_utf8)
 
   def _with_heartbeats(self, ds, every: int):
@@ -207,19 +241,25 @@ class ShardedPairs:
     blank = lambda: dict(r, image=tf.zeros([self.image_size] * 2 + [3], tf.float32))
     return tf.cond(tf.equal(r["reason"], _BEAT), blank, lambda: dict(r, **self._decode(r)))
 
-  def _decode(self, r):
-    seed = tf.stack([_fingerprint(self.cfg.seed, r["epoch"], r["window"]), r["index"]])
+  def _box_of(self, r):
+    """(h, w) → the record's crop box: drawn from its position (data.augmentations=0),
+    from its key and the epoch's draw, or replayed from the teacher cache."""
     scale = (float(self.cfg.crop_scale_min), float(self.cfg.crop_scale_max))
     ratio = (float(self.cfg.crop_ratio_min), float(self.cfg.crop_ratio_max))
-    if self.jpeg_scale == 1:  # the rule: PIL's pixels, as evaluation decodes them
-      image = decode.decode_tf(r["image"])
-      h, w = tf.shape(image)[0], tf.shape(image)[1]
-      crop = lambda: augment.random_resized_crop(image, seed, self.image_size, scale, ratio)
-    else:  # opt-in: JPEGs decoded at reduced DCT scale (augment.decode_for_crop)
-      pixels, box, h, w = augment.decode_for_crop(r["image"], seed, self.image_size,
-                                                   self.jpeg_scale, scale, ratio)
-      crop = lambda: augment.resize_crop(
-          pixels[box[0]:box[0] + box[2], box[1]:box[1] + box[3]], self.image_size)
+    if "box" in r:
+      return lambda h, w: r["box"]
+    if self.k:
+      seed = augment.key_seed(int(self.cfg.get("augment_seed", 0)), r["aug"], r["key_hash"])
+    else:
+      seed = tf.stack([_fingerprint(self.cfg.seed, r["epoch"], r["window"]), r["index"]])
+    return lambda h, w: augment.crop_box(seed, h, w, scale, ratio)
+
+  def _decode(self, r):
+    # jpeg_scale 1: the rule, PIL's pixels as evaluation decodes them; > 1 (opt-in):
+    # JPEGs decoded at reduced DCT scale (augment.decode_for_crop).
+    pixels, box, h, w = augment.decode_for_crop(r["image"], self._box_of(r), self.image_size,
+                                                 self.jpeg_scale)
+    crop = lambda: augment.crop(pixels, box, self.image_size)
     reason = tf.where(
         tf.minimum(h, w) < self.cfg.min_image_size, shards.CODE["tiny_image"],
         tf.where(
@@ -228,8 +268,11 @@ class ShardedPairs:
     image = tf.cond(
         tf.equal(reason, 0), crop, lambda: tf.zeros([self.image_size] * 2 + [3], tf.float32))
     out = {k: r[k] for k in ("key", "caption", "epoch", "window", "index", "piece", "counts",
-                             "n_ok")}
+                             "n_ok") + self._teacher_fields()}
     return dict(out, image=image, reason=reason)
+
+  def _teacher_fields(self) -> tuple:
+    return tuple(n for n, _, _ in self.extra if n.startswith("teacher_"))
 
   def dataset(self) -> tf.data.Dataset:
     s = self.state
@@ -284,7 +327,7 @@ class ShardedPairs:
     ds = ds.scan((tf.zeros(_N, tf.int64), zero, zero), count_post)
     ds = ds.filter(lambda r: tf.logical_or(tf.equal(r["reason"], 0), r["stall"]))
     keep = ("key", "image", "caption", "epoch", "window", "index", "piece", "counts", "stall",
-            "stall_run")
+            "stall_run") + self._teacher_fields()
     ds = ds.map(lambda r: {k: r[k] for k in keep})
     # The stream ends with its first stall row, so that row's (partial) batch comes
     # out at once instead of waiting for a batch's worth of stalls.
@@ -316,8 +359,20 @@ class ShardedPairs:
         "images": b["image"],
         "tokens": tokenizer.tokenize(captions, self.context_length),
         "keys": [k.decode("utf-8", "replace") for k in b["key"]],
-        "captions": captions
+        "captions": captions,
+        **self._teacher_batch(b)
     }
+
+  def _teacher_batch(self, b) -> dict:
+    """The cached teacher embeddings of a batch: arrays for one teacher, tuples (the
+    ensemble's order) for several."""
+    if not self.widths:
+      return {}
+    images = tuple(b[f"teacher_image.{m}"] for m in range(len(self.widths)))
+    texts = tuple(b[f"teacher_text.{m}"] for m in range(len(self.widths)))
+    if len(self.widths) == 1:
+      return {"teacher_image": images[0], "teacher_text": texts[0]}
+    return {"teacher_image": images, "teacher_text": texts}
 
   def _after(self, b, skipped: dict) -> dict:
     """The state after batch `b`: the position after its last sample, in the tail
@@ -348,7 +403,9 @@ class ShardedPairs:
         "images": np.zeros((n,) + b["image"].shape[1:], b["image"].dtype),
         "tokens": tokenizer.tokenize([""] * n, self.context_length),
         "keys": [""] * n,
-        "captions": [""] * n
+        "captions": [""] * n,
+        **{k: (tuple(np.zeros_like(x) for x in v) if isinstance(v, tuple) else np.zeros_like(v))
+           for k, v in self._teacher_batch(b).items()}
     }
     self.close()
     return self._stalled_batch
@@ -373,4 +430,4 @@ class ShardedPairs:
 
   def __next__(self) -> dict[str, np.ndarray]:
     b = self.next_batch()
-    return {"images": b["images"], "tokens": b["tokens"]}
+    return {k: v for k, v in b.items() if k not in ("keys", "captions")}

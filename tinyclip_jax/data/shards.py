@@ -27,7 +27,8 @@ from tinyclip_jax import storage
 
 # Why a sample was dropped (or, for bad_utf8, repaired). Code = index + 1; 0 = good.
 REASONS = ("corrupt_image", "missing_image", "empty_caption", "missing_caption", "bad_utf8",
-           "tiny_image", "huge_image", "truncated_tar", "truncated_tfrecord", "unreadable_shard")
+           "tiny_image", "huge_image", "truncated_tar", "truncated_tfrecord", "unreadable_shard",
+           "not_cached")  # not_cached: no row in the per-sample teacher cache
 CODE = {r: i + 1 for i, r in enumerate(REASONS)}
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 DEFAULT_CAPTION_KEY = "caption"  # of KEY.json, read when a sample has no KEY.txt

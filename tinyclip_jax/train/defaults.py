@@ -168,6 +168,13 @@ def base_config() -> ml_collections.ConfigDict:
       # open_clip's train augmentation: RandomResizedCrop(scale, ratio), bicubic.
       "crop_scale_min": 0.9, "crop_scale_max": 1.0,
       "crop_ratio_min": 3 / 4, "crop_ratio_max": 4 / 3,
+      # K > 0: each sample has K fixed crops drawn from its key and augment_seed, and
+      # every epoch uses one of them, drawn from (seed, epoch, key): crops that no
+      # process count or position changes, as a per-sample teacher cache stores them
+      # (python -m tinyclip_jax.cache_teacher --augmentations=K). With teacher.cache,
+      # 0 = the cache's K. 0 without a cache: a fresh crop per sample and epoch.
+      "augmentations": 0,
+      "augment_seed": 0,
   })
   c.eval = ml_collections.ConfigDict({
       # The periodic evaluations, comma-separated ("" = none): synthetic (zero-shot on

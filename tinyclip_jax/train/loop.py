@@ -17,7 +17,7 @@ from absl import logging
 from clu import periodic_actions
 
 from tinyclip_jax import checkpoint, faults, parallel, workdir as workdir_lib
-from tinyclip_jax.data import pipeline, synthetic, teacher_cache, text_buckets
+from tinyclip_jax.data import pipeline, sample_cache, synthetic, teacher_cache, text_buckets
 from tinyclip_jax.eval import suite as eval_suite
 from tinyclip_jax.models import count_params, merge_stats
 from tinyclip_jax.train import compile as compile_lib, masking, prepare, profiling
@@ -76,8 +76,18 @@ class Outputs:
 def _open_input(config: ml_collections.ConfigDict, setup, start: Start):
   """The phase's batches, on device, cut to the text bucket every process agrees on."""
   cfg = setup.student_config
+  per_sample = setup.teacher_cache and sample_cache.is_sample_cache(setup.teacher_cache[1])
+  if per_sample:  # the cache's embeddings come with each sample (data/sample_cache.py)
+    path, manifest = setup.teacher_cache
+    from tinyclip_jax.data import shards  # pylint: disable=import-outside-toplevel
+    try:
+      sample_cache.check_input(manifest, shards.resolve(config.data.train),
+                               cfg.vision.image_size, cfg.text.context_length, path)
+    except sample_cache.CacheError as e:
+      raise prepare.SetupError(str(e)) from e
   data = pipeline.make_train_input(config.data, cfg.vision.image_size,
-                                   cfg.text.context_length, config.batch_size)
+                                   cfg.text.context_length, config.batch_size,
+                                   setup.teacher_cache if per_sample else None)
   if start.data_state is not None:
     try:
       data.set_state(pipeline.host_state(start.data_state))
@@ -85,7 +95,7 @@ def _open_input(config: ml_collections.ConfigDict, setup, start: Start):
       pipeline.close_source(data)
       raise prepare.SetupError(f"the checkpoint of step {start.step} cannot resume this run: "
                                f"{e}") from e
-  if setup.teacher_cache:
+  if setup.teacher_cache and not per_sample:
     path, manifest = setup.teacher_cache
     try:
       teacher_cache.check_input(data.get_state(), path)

@@ -76,11 +76,14 @@ def from_params(cfg: CLIPConfig, params, mesh, mesh_config=None) -> Teacher:
 
 def check_cache(config, teacher: Teacher) -> tuple[str, dict]:
   """(path, manifest) of a teacher cache built for exactly this teacher and input."""
-  from tinyclip_jax.data import teacher_cache  # pylint: disable=import-outside-toplevel
+  from tinyclip_jax.data import sample_cache, teacher_cache  # pylint: disable=import-outside-toplevel
   path = config.teacher.cache
   try:
     manifest = teacher_cache.load_manifest(path)
     weights = teacher.host if teacher.host is not None else parallel.host_gather(teacher.params)
+    if sample_cache.is_sample_cache(manifest):
+      return path, check_sample_cache(config, manifest, [
+          ("teacher", teacher.config, weights, float(config.loss.teacher_scale))])
     expected = teacher_cache.describe(config, teacher.config,
                                       teacher_cache.teacher_digest(weights))
     teacher_cache.check(manifest, expected, config.total_steps, path)
@@ -89,3 +92,21 @@ def check_cache(config, teacher: Teacher) -> tuple[str, dict]:
   logging.info("reading the teacher's embeddings from %s (%d steps cached)", path,
                manifest["steps"])
   return path, manifest
+
+
+def check_sample_cache(config, manifest: dict, members: list) -> dict:
+  """A per-sample cache (data/sample_cache.py) of exactly these teachers [(name, model
+  config, host weights, τ)] and this run's crops; returns the manifest."""
+  from tinyclip_jax.data import sample_cache  # pylint: disable=import-outside-toplevel
+  path = config.teacher.cache
+  if config.data.kind not in sample_cache.KINDS:
+    raise sample_cache.CacheError(
+        f"teacher.cache {path} stores embeddings per sample of webdataset/tfrecord shards, "
+        f"but data.kind is {config.data.kind!r}; point data.train at the shards it was built "
+        "from.")
+  k = int(config.data.augmentations) or int(manifest["augment"]["augmentations"])
+  augment = sample_cache.augmentation(config.data, manifest["augment"]["image_size"], k)
+  sample_cache.check(manifest, augment, sample_cache.teachers_entry(members), path)
+  logging.info("reading the teacher's embeddings per sample from %s (K=%d, %d shards)", path,
+               k, len(manifest.get("shards", {})))
+  return manifest
