@@ -1,0 +1,260 @@
+"""Per-sample teacher cache (cache_teacher --augmentations=K, data/sample_cache.py).
+
+References: the crops re-made here with PIL from the stored box (decode, crop,
+bicubic resize, CLIP mean/std, as torchvision makes a crop) and embedded by the
+teacher here; the online-teacher run of the same key-derived crops
+(data.augmentations=1), which a float32 cache with K=1 must equal to 1e-6.
+"""
+from __future__ import annotations
+
+import io
+import tracemalloc
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tinyclip_jax import cache_teacher, preprocess
+from tinyclip_jax.data import make_shards, sample_cache, sharded, shards
+from tinyclip_jax.metrics import read_jsonl
+from tinyclip_jax.train import prepare, runner
+from test_train import smoke_config
+
+pytestmark = pytest.mark.xdist_group("sample_cache")
+
+PER_SHARD = 24
+SCALE = 0.4  # crop_scale_min: with 0.9-1.0 the K crops would be near-duplicates
+
+
+def config(data_dir, **overrides):
+  base = {"total_steps": 3, "log_every": 1, "checkpoint_every": 3, "eval.tasks": "",
+          "batch_size": 16, "data.kind": "webdataset", "data.train": f"{data_dir}/*.tar",
+          "data.crop_scale_min": SCALE, "data.shuffle_buffer": 64}
+  return smoke_config({**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, compile_cache):
+  root = tmp_path_factory.mktemp("samples")
+  keys = make_shards.write_shards(str(root / "shards"), 3, PER_SHARD, image_size=40)
+  k2 = cache_teacher.build_samples(config(root / "shards"), str(root / "k2"), 2)
+  # Forwards of the run's batch shape (16 rows over the devices), so that XLA's matmul
+  # blocking cannot differ from the run's (last-bit differences grow over steps).
+  k1 = cache_teacher.build_samples(config(root / "shards"), str(root / "k1"), 1,
+                                   dtype="float32", batch=16)
+  return root, keys, k2, k1
+
+
+def _sidecar(path, shard):
+  from safetensors.numpy import load  # pylint: disable=import-outside-toplevel
+  return load((path / sample_cache.sidecar_name(str(shard))).read_bytes())
+
+
+def test_manifest_and_sidecars(built):
+  root, keys, k2, _ = built
+  assert k2["augment"]["augmentations"] == 2 and k2["augment"]["crop_scale_min"] == SCALE
+  assert sorted(k2["shards"]) == ["00000.tar", "00001.tar", "00002.tar"]
+  assert all(v == {"records": PER_SHARD, "cached": PER_SHARD} for v in k2["shards"].values())
+  assert k2["teachers"][0]["name"] == "teacher" and len(k2["teachers"][0]["digest"]) == 64
+  assert k2["build"]["images"] == 3 * PER_SHARD * 2 and k2["build"]["images_per_s"] > 0
+  side = _sidecar(root / "k2", next(iter(keys)))
+  assert side["box"].shape == (PER_SHARD, 2, 4) and side["image.0"].dtype == np.uint16
+  # The two crops of a sample differ (scale 0.4-1.0), so K=2 stores two views.
+  assert (side["box"][:, 0] != side["box"][:, 1]).any(axis=1).mean() > 0.9
+
+
+def _pil_crop(encoded: bytes, box, size: int) -> np.ndarray:
+  top, left, h, w = (int(v) for v in box)
+  image = Image.open(io.BytesIO(encoded)).convert("RGB").crop((left, top, left + w, top + h))
+  pixels = np.asarray(image.resize((size, size), Image.BICUBIC), np.float32) / 255.0
+  return (pixels - np.float32(preprocess.CLIP_MEAN)) / np.float32(preprocess.CLIP_STD)
+
+
+def test_stored_embeddings_are_the_teacher_on_the_stored_crops(built):
+  """float32 cache (K=1): each row = the teacher's embedding of the crop PIL makes from
+  the stored box, and of the caption."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from tinyclip_jax import tokenizer  # pylint: disable=import-outside-toplevel
+  from tinyclip_jax.models import CLIP, l2_normalize  # pylint: disable=import-outside-toplevel
+  root, keys, _, _ = built
+  shard = sorted(keys)[1]
+  records = list(shards.read_tar(shard, 16, 10**8))[:6]
+  side = _sidecar(root / "k1", shard)
+  c = config(root / "shards")
+  setup, _ = prepare.build(c, restoring=True)
+  size = setup.student_config.vision.image_size
+  crops = np.stack([_pil_crop(r[1], side["box"][i, 0], size) for i, r in enumerate(records)])
+  model = CLIP(setup.teacher_config)
+  image = l2_normalize(model.apply({"params": setup.teacher_params}, crops,
+                                   method=CLIP.encode_image))
+  tokens = tokenizer.tokenize([r[2].decode() for r in records],
+                              setup.student_config.text.context_length)
+  text = l2_normalize(model.apply({"params": setup.teacher_params}, tokens,
+                                  method=CLIP.encode_text))
+  assert [sample_cache.key_hash(r[0]) for r in records] == side["key_hash"][:6].tolist()
+  np.testing.assert_allclose(side["image.0"][:6, 0], np.asarray(image), rtol=0, atol=1e-6)
+  np.testing.assert_allclose(side["text.0"][:6], np.asarray(text), rtol=0, atol=1e-6)
+  del jax
+
+
+def test_cached_run_equals_the_online_run_of_the_same_crops(built, tmp_path):
+  """K=1, float32: every step's loss equals the run that computes the teacher (with
+  the same key-derived crops, data.augmentations=1) to 1e-6 relative. The cached image
+  embeddings differ from the step's own teacher forward by 1-2 float32 ulps (2.4e-7:
+  XLA compiles the image tower alone differently from inside the step; text: equal),
+  and the smoke config's first updates (gradient norm ~300 clipped to 5, lr 1e-3)
+  carry that to 3e-7 of the loss by step 3."""
+  root = built[0]
+  logs = []
+  for name, extra in (("online", {"data.augmentations": 1}),
+                      ("cached", {"teacher.cache": str(root / "k1")})):
+    runner.run(config(root / "shards", **extra), str(tmp_path / name))
+    logs.append(read_jsonl(tmp_path / name / "metrics.jsonl"))
+  online, cached = ([r["loss"] for r in log if "loss" in r] for log in logs)
+  assert len(online) == 3
+  np.testing.assert_allclose(cached, online, rtol=1e-6, atol=0)
+
+
+def _epoch(root, cache, batch, process_index=0, process_count=1, window=2):
+  """{key: (teacher image, teacher text, image)} of the first epoch on one process."""
+  c = config(root / "shards", **{"data.shards_per_window": window})
+  manifest = sample_cache.teacher_cache.load_manifest(str(root / cache))
+  src = sharded.ShardedPairs(c.data, 32, 32, batch, process_index, process_count,
+                             cache=(str(root / cache), manifest))
+  mine = len(shards.host_units(src.units, 0, 0, process_index, process_count)) * PER_SHARD
+  out = {}
+  try:
+    while len(out) < mine:  # each sample once per epoch: first sightings are epoch 0's
+      b = src.next_batch()
+      for i, key in enumerate(b["keys"]):
+        out.setdefault(key, (b["teacher_image"][i], b["teacher_text"][i], b["images"][i]))
+    return out, src.get_state()
+  finally:
+    src.close()
+
+
+def test_any_batch_size_and_process_count_read_the_same_rows(built):
+  """The same sample carries the same crop and embeddings whoever reads it: one process
+  at batch 8, or two processes at batch 12; one of the K rows, drawn per epoch."""
+  root = built[0]
+  one, _ = _epoch(root, "k2", 8)
+  two = {**_epoch(root, "k2", 12, 0, 2)[0], **_epoch(root, "k2", 12, 1, 2)[0]}
+  common = sorted(one)
+  assert sorted(two) == common and len(common) == 3 * PER_SHARD
+  for key in common:
+    for a, b in zip(one[key], two[key]):
+      np.testing.assert_array_equal(a, b)
+  side = {sample_cache.key_hash(k): (i, s) for s in range(3)
+          for i, k in enumerate(built[1][str(root / "shards" / f"{s:05d}.tar")])}
+  draws = set()
+  for key in common:
+    row, s = side[sample_cache.key_hash(key)]
+    arrays = _sidecar(root / "k2", root / "shards" / f"{s:05d}.tar")
+    a = sample_cache.draw(0, 0, sample_cache.key_hash(key), 2)
+    draws.add(a)
+    np.testing.assert_array_equal(
+        one[key][0], sample_cache.teacher_cache.decode(arrays["image.0"][row, a]))
+  assert draws == {0, 1}
+
+
+def test_resume_is_exact(built):
+  root = built[0]
+  c = config(root / "shards")
+  manifest = sample_cache.teacher_cache.load_manifest(str(root / "k2"))
+  make = lambda: sharded.ShardedPairs(c.data, 32, 32, 8, cache=(str(root / "k2"), manifest))
+  a = make()
+  try:
+    for _ in range(4):
+      a.next_batch()
+    state = a.get_state()
+    want = a.next_batch()
+  finally:
+    a.close()
+  b = make()
+  try:
+    b.set_state(state)
+    got = b.next_batch()
+  finally:
+    b.close()
+  assert got["keys"] == want["keys"]
+  for k in ("images", "teacher_image", "teacher_text"):
+    np.testing.assert_array_equal(got[k], want[k])
+
+
+def test_samples_missing_from_the_cache_are_counted_and_skipped(built, tmp_path):
+  from safetensors.numpy import save  # pylint: disable=import-outside-toplevel
+  root = built[0]
+  part = tmp_path / "part"
+  (part / "shards").mkdir(parents=True)
+  (part / "cache.json").write_bytes((root / "k2" / "cache.json").read_bytes())
+  for s in range(3):
+    arrays = _sidecar(root / "k2", root / "shards" / f"{s:05d}.tar")
+    if s == 1:  # the first 5 samples of shard 1 were never cached
+      arrays = {k: v[5:] for k, v in arrays.items()}
+    name = sample_cache.sidecar_name(str(root / "shards" / f"{s:05d}.tar"))
+    (part / name).write_bytes(save(arrays))
+  c = config(root / "shards")
+  manifest = sample_cache.teacher_cache.load_manifest(str(part))
+  src = sharded.ShardedPairs(c.data, 32, 32, 8, cache=(str(part), manifest))
+  seen = []
+  try:
+    while src.state["epoch"] == 0 and len(seen) < 3 * PER_SHARD - 5:
+      seen += src.next_batch()["keys"]
+  finally:
+    src.close()
+  missing = set(built[1][str(root / "shards" / "00001.tar")][:5])
+  assert not missing & set(seen)
+  assert src.get_state()["skipped"]["not_cached"] == 5
+
+
+def test_reader_memory_does_not_grow_with_the_number_of_shards(tmp_path, monkeypatch):
+  """Sidecars are streamed a window at a time: reading 12 shards holds as many of them
+  at once, and peaks at as many bytes, as reading 3 does (a map of the whole dataset
+  would hold 4x the sidecars)."""
+  import gc  # pylint: disable=import-outside-toplevel
+  import weakref  # pylint: disable=import-outside-toplevel
+  from safetensors.numpy import save  # pylint: disable=import-outside-toplevel
+  width, k, per = 1024, 8, 16
+  keys = make_shards.write_shards(str(tmp_path / "shards"), 12, per, image_size=20)
+  (tmp_path / "cache" / "shards").mkdir(parents=True)
+  rng = np.random.default_rng(0)
+  for shard, names in keys.items():
+    n = len(names)
+    arrays = {"key_hash": np.array([sample_cache.key_hash(x) for x in names], np.int64),
+              "ok": np.ones(n, np.uint8), "box": np.zeros((n, k, 4), np.int32),
+              "image.0": rng.standard_normal((n, k, width), np.float32),
+              "text.0": rng.standard_normal((n, width), np.float32)}
+    arrays["box"][..., 2:] = 20
+    (tmp_path / "cache" / sample_cache.sidecar_name(shard)).write_bytes(save(arrays))
+  manifest = {"augment": {"augmentations": k}, "teachers": [{"embed_dim": width}]}
+  live, most = weakref.WeakSet(), [0]
+  read = sample_cache.Sidecar.read.__func__
+
+  def counted(cls, path, members):
+    side = read(cls, path, members)
+    live.add(side)
+    most[0] = max(most[0], len(live))
+    return side
+  monkeypatch.setattr(sample_cache.Sidecar, "read", classmethod(counted))
+
+  def peak(count):
+    c = config(tmp_path / "shards", **{"data.shards_per_window": 3, "data.prefetch": 0,
+                                       "data.shuffle_buffer": 16})
+    src = sharded.ShardedPairs(c.data, 16, 16, 8, cache=(str(tmp_path / "cache"), manifest))
+    src.units = sorted(keys)[:count]
+    gc.collect()
+    most[0] = 0
+    tracemalloc.start()
+    try:
+      for _ in range(count * per // 8):  # one epoch
+        src.next_batch()
+      return tracemalloc.get_traced_memory()[1], most[0]
+    finally:
+      tracemalloc.stop()
+      src.close()
+
+  peak(3)  # the first reader in a process also traces tf.data's functions
+  (small, held_small), (large, held_large) = peak(3), peak(12)
+  sidecar = per * k * width * 4
+  assert held_large <= held_small + 1, (held_small, held_large)
+  assert large < small + 2 * sidecar, (small, large, sidecar)
