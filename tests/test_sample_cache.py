@@ -258,3 +258,50 @@ def test_reader_memory_does_not_grow_with_the_number_of_shards(tmp_path, monkeyp
   sidecar = per * k * width * 4
   assert held_large <= held_small + 1, (held_small, held_large)
   assert large < small + 2 * sidecar, (small, large, sidecar)
+
+
+@pytest.mark.parametrize("overrides,words", [
+    ({"data.crop_scale_min": 0.5}, ["data.crop_scale_min = 0.4", "sets 0.5"]),
+    ({"data.augmentations": 3}, ["data.augmentations = 2", "sets 3"]),
+    ({"teacher.custom.text_layers": 3}, ["teacher(s) teacher (", "teacher.config.text.heads (cache: [2, 2, 2, 2]; this run: [2, 2, 2])"]),
+    ({"data.train": "EXTRA"}, ["has no embeddings of shard", "00003.tar"]),
+    ({"teacher.cache": "NOT_A_CACHE"}, ["holds no complete cache"]),
+])
+def test_a_cache_that_does_not_fit_is_refused_before_compiling(built, tmp_path, overrides, words):
+  root = built[0]
+  overrides = dict({"teacher.cache": str(root / "k2")}, **overrides)
+  if overrides.get("data.train") == "EXTRA":  # a shard the cache was not built over
+    make_shards.write_shards(str(tmp_path / "more"), 4, 4, image_size=40)
+    overrides["data.train"] = f"{root}/shards/*.tar::{tmp_path}/more/00003.tar"
+  if overrides["teacher.cache"] == "NOT_A_CACHE":
+    (tmp_path / "empty").mkdir()
+    overrides["teacher.cache"] = str(tmp_path / "empty")
+  with pytest.raises(prepare.SetupError) as e:
+    runner.run(config(root / "shards", **overrides), str(tmp_path / "run"))
+  for w in words:
+    assert w in str(e.value), str(e.value)
+  assert "\n" not in str(e.value)
+  assert not list((tmp_path / "run").glob("**/checkpoints/*"))
+
+
+def test_builder_refuses_bad_requests(built, tmp_path):
+  root = built[0]
+  for k, kw, words in ((0, {}, "--augmentations=0"),
+                       (1, {"data.kind": "synthetic"}, "needs webdataset or tfrecord"),
+                       (1, {}, "already holds a complete teacher cache")):
+    out = root / "k2" if "complete" in words else tmp_path / "c"
+    with pytest.raises(prepare.SetupError, match=words.replace("=", "=")):
+      cache_teacher.build_samples(config(root / "shards", **kw), str(out), k)
+    assert not (tmp_path / "c").exists()
+
+
+def test_cli_exit_code(tmp_path):
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  from test_train import ROOT, SMOKE  # pylint: disable=import-outside-toplevel
+  p = subprocess.run([sys.executable, "-m", "tinyclip_jax.cache_teacher", f"--config={SMOKE}",
+                      "--augmentations=0", f"--out={tmp_path / 'c'}"], cwd=ROOT,
+                     capture_output=True, text=True, timeout=120)
+  assert p.returncode == 2, p.stderr[-2000:]
+  assert "error: --augmentations=0" in p.stderr
+  assert not (tmp_path / "c").exists()

@@ -94,10 +94,14 @@ def check(manifest: dict, augment: dict, teachers: list[dict], path: str) -> Non
   """Refuses a cache of other teachers or other crops; one sentence."""
   names = lambda ts: ", ".join(f"{t['name']} ({t['digest'][:12]})" for t in ts)
   got = manifest.get("teachers", [])
-  strip = lambda ts: [{k: v for k, v in t.items() if k not in ("scale", "embed_dim")}
-                      for t in ts]
-  if strip(got) != strip(teachers):
-    diff = _first_difference({"teachers": strip(teachers)}, {"teachers": strip(got)}, "")
+  diff = None
+  if [t["name"] for t in got] != [t["name"] for t in teachers]:
+    diff = "other members"
+  for want, have in zip(teachers, got):
+    diff = diff or _first_difference(want["config"], have["config"], f"{want['name']}.config")
+    if not diff and want["digest"] != have["digest"]:
+      diff = f"{want['name']}: other weights"
+  if diff:
     raise CacheError(f"teacher.cache {path} holds the embeddings of teacher(s) {names(got)} "
                      f"but this run distils from {names(teachers)} ({diff}); build a cache for "
                      "this run's teacher(s) or set teacher.cache to theirs.")
