@@ -243,6 +243,9 @@ _TEACHER_FIELDS = {"total_steps": "demo.teacher_steps", "optimizer.lr": "demo.te
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs the demo's plan, then writes DIR/summary.json and its pictures."""
+  if config.demo.get("cache"):  # configs/demo_cache.py
+    from tinyclip_jax import demo_cache  # pylint: disable=import-outside-toplevel
+    return demo_cache.run(config, workdir)
   config, workdir = paths.resolve_config(config), paths.resolve(workdir)
   check(config)
   phases = plan(config, workdir)  # checks every stage before the teacher trains for minutes

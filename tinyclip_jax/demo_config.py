@@ -65,3 +65,41 @@ def get_config():
   c.eval.num_examples = 1024  # 16 per class; fewer makes the curves noisy
   c.data.prefetch = 2
   return c
+
+
+def auto(c):
+  """configs/demo_auto.py's settings: the teacher-sized student learns structure masks,
+  is pruned at masks.prune_step and distilled on (also the cached demo's auto student)."""
+  c.demo.auto = True
+  # The student starts as a copy of the teacher (demo.stages sets its size from
+  # teacher.custom, after any --config overrides).
+  c.student.init = "inherit"
+  c.masks.enabled = True
+  c.masks.kinds = ("hidden", "heads", "intermediate")
+  c.masks.start_sparsity = 0.0
+  c.masks.target_sparsity = 0.5   # half of the teacher's attention + MLP parameters
+  c.masks.sparsity_warmup = 100
+  c.masks.prune_step = 150
+  # The released runs use 0.02 / -0.02 over thousands of masked steps; the demo has
+  # 150, so log α and λ move 5x faster (at 0.02 no gate closes before the prune step).
+  c.masks.lr = 0.1
+  c.masks.lambda_lr = -0.1
+  # Kept widths rounded to the mesh (a no-op on the default data-parallel mesh): on an
+  # fsdp/tensor mesh the pruned widths (98 and 103 here) would otherwise be replicated.
+  c.masks.round_to = -1
+  c.total_steps = 300             # half the students' steps: it is teacher-sized until the prune
+  return c
+
+
+def cached(c):
+  """configs/demo_cache.py's settings: the training set written as shards, one
+  per-sample teacher cache of K crops of each image (tinyclip_jax/demo_cache.py)."""
+  c.demo.cache = ml_collections.ConfigDict({
+      # 4 epochs of the students' 600 steps × 64 pairs: each epoch uses another of the
+      # K stored crops of an image.
+      "samples": 9600, "shards": 8,
+      "image_size": 40,             # stored images; crops are resized to the models' 32 px
+      "augmentations": 4,
+      "crop_scale_min": 0.5,        # 0.9-1.0 (open_clip's) would make the K crops alike
+  })
+  return c

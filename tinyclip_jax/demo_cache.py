@@ -1,0 +1,157 @@
+"""The demo with a per-sample teacher cache (configs/demo_cache.py), in DIR/cache:
+
+1. the demo's teacher stage (skipped when DIR holds it finished, as after the demo);
+2. the students' training set written once as webdataset shards (DIR/cache/shards,
+   lossless PNG from the demo's generator);
+3. one per-sample teacher cache of K crops of every image (DIR/cache/teacher_k{K},
+   `cache_teacher.build_samples`);
+4. two students, manual inheritance (the demo's distilled student) and automatic
+   inheritance (demo_auto's), each trained twice on those shards and crops: computing
+   the teacher (`*_online`) and reading it from the cache (`*_cached`);
+then DIR/cache/summary.json: each student's zero-shot top-1 and seconds, the cache's
+build time, and the time the cache saved the two students.
+
+python -m tinyclip_jax.main --config=configs/demo_cache.py --workdir=/tmp/demo
+"""
+from __future__ import annotations
+
+import copy
+import time
+
+import ml_collections
+
+from tinyclip_jax import cache_teacher, demo, demo_config, paths, storage
+from tinyclip_jax import workdir as workdir_lib
+from tinyclip_jax.data import make_shards, sample_cache, synthetic
+from tinyclip_jax.train import plan as plan_lib, prepare, runner
+
+SUBDIR = "cache"
+
+
+def _without_demo(config) -> ml_collections.ConfigDict:
+  c = copy.deepcopy(config)
+  with c.unlocked():
+    del c["demo"]
+  return c
+
+
+def _teacher(config, workdir: str) -> str:
+  """The demo's teacher stage (trained here unless DIR holds it); its export."""
+  c = _without_demo(config)
+  with c.unlocked():
+    c.stages = demo.stages(config)[:1]
+  phases = plan_lib.plan(c, workdir)
+  runner.run_plan(phases)
+  return workdir_lib.final(phases[0].workdir)
+
+
+def _shards(config, root: str) -> tuple[str, float]:
+  """The training set as shards (written once); (pattern, seconds it took)."""
+  d = config.demo.cache
+  out = storage.join(root, "shards")
+  want = {"samples": int(d.samples), "shards": int(d.shards), "image_size": int(d.image_size),
+          "data": {k: config.data[k] for k in ("seed", "max_objects", "object_scale",
+                                                "captions", "centred")},
+          "backgrounds": list(config.data.backgrounds)}
+  marker = storage.join(out, "done.json")
+  if storage.exists(marker):
+    have = storage.read_json(marker)
+    if {k: v for k, v in have.items() if k != "seconds"} != want:
+      raise prepare.SetupError(f"{out} holds the shards of other demo.cache settings; give "
+                               "the demo a new workdir.")
+    return storage.join(out, "*.tar"), have["seconds"]
+  if storage.is_url(out):
+    raise prepare.SetupError("configs/demo_cache.py writes its shards to a local workdir; "
+                             "give a local --workdir.")
+  if d.samples % d.shards:
+    raise prepare.SetupError(f"demo.cache.samples={d.samples} is not a multiple of "
+                             f"demo.cache.shards={d.shards}; make it one.")
+  t0 = time.time()
+  make_shards.write_shards(out, int(d.shards), int(d.samples) // int(d.shards),
+                           spec=synthetic.from_data_config(config.data, int(d.image_size)),
+                           lossless=True)
+  seconds = round(time.time() - t0, 1)
+  storage.write_json(marker, dict(want, seconds=seconds))
+  return storage.join(out, "*.tar"), seconds
+
+
+def _students(config, pattern: str, teacher: str) -> ml_collections.ConfigDict:
+  """The students' config: the demo's, reading the shards and their K crops."""
+  d = config.demo.cache
+  c = _without_demo(config)
+  with c.unlocked():
+    c.data.kind = "webdataset"
+    c.data.train = pattern
+    c.data.augmentations = int(d.augmentations)
+    c.data.crop_scale_min = float(d.crop_scale_min)
+    c.teacher.checkpoint = teacher
+  return c
+
+
+def _cache(students, root: str) -> tuple[str, dict]:
+  """The per-sample cache of the demo's teacher (built once); (path, manifest)."""
+  k = int(students.data.augmentations)
+  out = storage.join(root, f"teacher_k{k}")
+  manifest = storage.join(out, sample_cache.MANIFEST)
+  if not storage.exists(manifest):
+    cache_teacher.build_samples(copy.deepcopy(students), out, k)
+  return out, storage.read_json(manifest)
+
+
+def stages(config, cache: str) -> tuple:
+  """The four students: manual and automatic inheritance, online and from the cache."""
+  auto = copy.deepcopy(config)
+  with auto.unlocked():
+    demo_config.auto(auto)
+  manual = {"from_stage": -1, "student": {"init": "inherit"}}
+  masked = {"from_stage": -1, "total_steps": auto.total_steps, "masks": auto.masks.to_dict(),
+            "student": {"custom": config.teacher.custom.to_dict(), "init": "inherit"}}
+  cached = {"teacher": {"cache": cache}}
+  return ({"name": "manual_online", **manual}, {"name": "manual_cached", **manual, **cached},
+          {"name": "auto_online", **masked}, {"name": "auto_cached", **masked, **cached})
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  config, workdir = paths.resolve_config(config), paths.resolve(workdir)
+  demo.check(config)
+  k = int(config.demo.cache.augmentations)
+  if k < 1:
+    raise prepare.SetupError(f"demo.cache.augmentations={k}: the cache stores K >= 1 crops "
+                             "of each image; give 1 or more.")
+  t0 = time.time()
+  teacher = _teacher(config, workdir)
+  root = storage.join(workdir, SUBDIR)
+  pattern, shard_seconds = _shards(config, root)
+  students = _students(config, pattern, teacher)
+  cache, manifest = _cache(students, root)
+  c = copy.deepcopy(students)
+  with c.unlocked():
+    c.stages = stages(config, cache)
+  phases = plan_lib.plan(c, root)
+  r = runner.run_plan(phases)
+  if r.get("preempted"):
+    return r
+  results = demo._results(phases)  # pylint: disable=protected-access
+  rows = {name: dict(demo._final(res), seconds=res["seconds"])  # pylint: disable=protected-access
+          for name, res in results.items()}
+  build = manifest["build"]["seconds"]
+  online = sum(rows[f"{s}_online"]["seconds"] for s in ("manual", "auto"))
+  cached = sum(rows[f"{s}_cached"]["seconds"] for s in ("manual", "auto"))
+  summary = {"rows": rows, "augmentations": k,
+             "crop_scale_min": float(config.demo.cache.crop_scale_min),
+             "samples": int(config.demo.cache.samples),
+             "seconds": {"shards": shard_seconds, "cache_build": round(build, 1),
+                         "cache_images_per_s": round(manifest["build"]["images_per_s"], 1),
+                         "students_online": online, "students_cached": cached,
+                         "saved": round(online - cached - build, 1),
+                         "this_run": round(time.time() - t0, 1)}}
+  storage.write_json(storage.join(root, "summary.json"), summary)
+  print(f"\n{'student':<16} {'params':>10} {'top-1':>7} {'seconds':>8}")
+  for name, row in rows.items():
+    print(f"{name:<16} {row['params']:>10,} {100 * row['top1']:>6.1f}% {row['seconds']:>8.1f}")
+  s = summary["seconds"]
+  print(f"cache: {k} crops of {summary['samples']} images built in {s['cache_build']:.0f} s "
+        f"({s['cache_images_per_s']:.0f} images/s); the two students took {online:.0f} s "
+        f"computing the teacher and {cached:.0f} s reading it: {s['saved']:+.0f} s with the "
+        f"build counted; wrote {root}/summary.json")
+  return summary
