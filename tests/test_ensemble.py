@@ -2,12 +2,13 @@
 teachers' softmax distributions, per direction (MobileCLIP's rule).
 
 References: the rule spelled with torch ops in this file (float64). Tolerances:
-  * JAX float64 vs torch float64: 1e-10 of the largest magnitude (measured ~1e-15).
-  * the 8-device sharded loss in float32 vs torch float64: 1e-6 (measured ~2e-7).
+  * JAX float64 vs torch float64: 1e-10 of the largest term (measured ~2e-16).
+  * the 8-device sharded loss in float32 vs torch float64: 1e-6 (measured ~5e-8).
   * a one-teacher list vs today's dict form: exactly equal (==), loss, terms,
     gradients, and the parameters after one train step.
   * the end-to-end run's first logged loss vs the rule applied to embeddings the test
-    computes itself (another float32 program): 1e-5 relative (measured ~1e-7).
+    computes itself (another float32 program): 2e-6 relative (measured 3e-9 one-shot,
+    2e-7 microbatched).
 """
 from __future__ import annotations
 
@@ -243,7 +244,7 @@ def test_two_teacher_run_trains_and_its_first_loss_follows_the_rule(micro, tmp_p
   teachers = [dict(embeds(cfg, jax.device_get(p)), logit_scale=tau) for cfg, p, tau in
               zip(setup.teacher_configs, setup.teacher_params, (50.0, 30.0))]
   expected = torch_ensemble(student, teachers, LossConfig())["total"]
-  assert abs(losses[0] - expected) <= 1e-5 * abs(expected), (losses[0], expected)
+  assert abs(losses[0] - expected) <= 2e-6 * abs(expected), (losses[0], expected)
   alone = torch_ensemble(student, teachers[:1], LossConfig())["total"]
   assert abs(alone - expected) > 1e-3 * abs(expected)  # the member changed the loss
 

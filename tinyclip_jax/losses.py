@@ -24,6 +24,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 AxisName = Union[str, tuple[str, ...], None]
 Embeds = dict[str, jax.Array]
 Teachers = Union[Embeds, Sequence[Embeds], None]
+EMBED_KEYS = ("image_embeds", "text_embeds")
 
 _shard_map = getattr(jax, "shard_map", None)
 if _shard_map is None:  # older jax
@@ -152,17 +153,21 @@ def distill_loss(student: Embeds, teacher: Teachers, cfg: LossConfig,
   all_img_s, all_txt_s = _gather(img_s, axis_name), _gather(txt_s, axis_name)
   terms: dict[str, jax.Array] = {}
 
-  def teacher_logits(rows: str, cols: str) -> list[jax.Array]:
-    """Each teacher's local rows × its global columns, at its own scale."""
-    return [_affinity(jnp.asarray(t["logit_scale"]), t[rows], _gather(t[cols], axis_name))
-            for t in teachers]
+  def teacher_logits(rows: str, cols: str, gathered: dict | None = None) -> list[jax.Array]:
+    """Each teacher's local rows × its global columns (`gathered`, or gathered here), at
+    its own scale."""
+    return [_affinity(jnp.asarray(t["logit_scale"]), t[rows],
+                      gathered[cols][i] if gathered else _gather(t[cols], axis_name))
+            for i, t in enumerate(teachers)]
 
   if teachers and (cfg.alpha or cfg.image_image or cfg.text_text):
     if cfg.alpha:
+      # (gathered before the affinities: one teacher's program is what it always was)
+      cols = {k: [_gather(t[k], axis_name) for t in teachers] for k in EMBED_KEYS}
       terms["affinity_i2t"] = _soft_ce(_affinity(tau_s, img_s, all_txt_s),
-                                       teacher_logits("image_embeds", "text_embeds"))
+                                       teacher_logits("image_embeds", "text_embeds", cols))
       terms["affinity_t2i"] = _soft_ce(_affinity(tau_s, txt_s, all_img_s),
-                                       teacher_logits("text_embeds", "image_embeds"))
+                                       teacher_logits("text_embeds", "image_embeds", cols))
       terms["affinity"] = 0.5 * (terms["affinity_i2t"] + terms["affinity_t2i"])
     if cfg.image_image:
       terms["image_image"] = _soft_ce(_affinity(tau_s, img_s, all_img_s),
