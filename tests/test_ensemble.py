@@ -8,10 +8,12 @@ References: the rule spelled with torch ops in this file (float64). Tolerances:
     gradients, and the parameters after one train step.
   * the end-to-end run's first logged loss vs the rule applied to embeddings the test
     computes itself (another float32 program): 2e-6 relative (measured 3e-9 one-shot,
-    2e-7 microbatched).
+    2e-7 microbatched; 2e-8 for the step fed two teachers' cached embeddings).
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import time
 
 import jax
@@ -171,14 +173,22 @@ def _batch(c, setup, rng):
   return {k: jax.device_put(v, abstract[k].sharding) for k, v in host.items()}
 
 
-def test_one_teacher_ensemble_step_equals_todays_step_exactly(monkeypatch):
+@pytest.fixture(scope="module")
+def shallow():
+  """(config, setup, initial state, batch) of a one-device, one-layer smoke run."""
+  with pytest.MonkeyPatch.context() as mp:
+    mesh_on(mp, jax.devices()[:1])
+    c = smoke_config({"batch_size": 4, "eval.tasks": "", **SHALLOW})
+    setup, state = prepare.build(c)
+  return c, setup, state, _batch(c, setup, np.random.default_rng(0))
+
+
+def test_one_teacher_ensemble_step_equals_todays_step_exactly(shallow):
   """The step given a tuple of one teacher module (its params a tuple of one) leaves
   exactly the parameters today's step does; so does the gradient-caching step given
   cached embeddings as tuples of one array instead of plain arrays."""
-  mesh_on(monkeypatch, jax.devices()[:1])
-  c = smoke_config({"batch_size": 4, "eval.tasks": "", **SHALLOW})
-  setup, state = prepare.build(c)
-  batch = _batch(c, setup, np.random.default_rng(0))
+  c, setup, state, batch = shallow
+  c = copy.deepcopy(c)
   teacher = CLIP(setup.teacher_config)
   p0, l0 = _one_step(c, setup, state, teacher, setup.teacher_params, batch)
   p1, l1 = _one_step(c, setup, state, (teacher,), (setup.teacher_params,), batch)
@@ -193,6 +203,28 @@ def test_one_teacher_ensemble_step_equals_todays_step_exactly(monkeypatch):
                                                         teacher_text=(txt,)))
   assert l2 == l3
   jax.tree.map(np.testing.assert_array_equal, p2, p3)
+
+
+def test_cached_ensemble_of_two_widths_in_the_microbatched_step(shallow):
+  """Cached embeddings of two teachers (widths 32 and 24, as tuples in member order)
+  through the gradient-caching step: its loss is the rule applied to them."""
+  c, setup, state, batch = shallow
+  c = copy.deepcopy(c)
+  c.microbatch_size = 2
+  rng = np.random.default_rng(3)
+  teachers = [{"image_embeds": _normed(rng, c.batch_size, d),
+               "text_embeds": _normed(rng, c.batch_size, d), "logit_scale": tau}
+              for d, tau in ((32, 50.0), (24, 30.0))]
+  cached = {f"teacher_{k}": tuple(jax.device_put(np.float32(t[f"{k}_embeds"]),
+                                                 batch["tokens"].sharding) for t in teachers)
+            for k in ("image", "text")}
+  setup = dataclasses.replace(setup, loss=dataclasses.replace(setup.loss, member_scales=(30.0,)))
+  _, loss = _one_step(c, setup, state, None, None, dict(batch, **cached))
+  out = CLIP(setup.student_config).apply({"params": jax.device_get(state.params)},
+                                         batch["images"], batch["tokens"])
+  student = {k: np.asarray(out[k], np.float64) for k in ("image_embeds", "text_embeds")}
+  expected = torch_ensemble(dict(student, logit_scale=50.0), teachers, LossConfig())["total"]
+  assert abs(loss - expected) <= 2e-6 * abs(expected), (loss, expected)
 
 
 # ---------------------------------------------------------------- end to end
