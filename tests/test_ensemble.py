@@ -332,13 +332,29 @@ def test_bad_ensemble_fails_before_compiling(member, overrides, words, tmp_path,
 
 
 def test_misspelt_member_field_and_teacher_from_stage_are_refused(tmp_path):
+  """Config-level refusals (the CLI turns a SetupError into its sentence and exit 2)."""
   c = ensemble_config()
   c.teacher.ensemble.b.scael = 3.0
   with pytest.raises(checks.SetupError, match=r"teacher\.ensemble\.b\.scael, which is not a "
                                               r"field \(did you mean 'scale'\?\)"):
     checks.validate(c)
-  c2 = ensemble_config()
-  c2.stages = ({"name": "a"}, {"name": "s", "teacher_from_stage": 0})
+  c = ensemble_config()
+  c.stages = ({"name": "a"}, {"name": "s", "teacher_from_stage": 0})
   with pytest.raises(checks.SetupError, match="takes its teacher from stage 0 but "
                                               "teacher.ensemble names"):
-    plan.stages(c2, str(tmp_path))
+    plan.stages(c, str(tmp_path))
+
+
+def test_stage_identity_and_teacher_key_name_the_members():
+  """A stage started with another ensemble (or member τ) is another stage, and a loaded
+  teacher is shared only by equal ensembles; one teacher's identity is as before
+  ensembles existed (no `ensemble` field), so earlier stage folders still resume."""
+  one, two = smoke_config(), ensemble_config()
+  assert "ensemble" not in runner.identity(one)["teacher"]
+  assert runner.identity(two)["teacher"]["ensemble"]["b"]["scale"] == 30.0
+  other = ensemble_config()
+  other.teacher.ensemble.b.scale = 40.0
+  keys = {teacher_lib.key(c) for c in (one, two, other)}
+  assert len(keys) == 3 and teacher_lib.key(ensemble_config()) in keys
+  diff = runner._first_difference(runner.identity(two), runner.identity(other))  # pylint: disable=protected-access
+  assert diff == ("teacher.ensemble.b.scale", 30.0, 40.0)

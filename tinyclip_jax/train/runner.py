@@ -170,6 +170,8 @@ def identity(config: ml_collections.ConfigDict) -> dict:
   c["data"] = {k: v for k, v in c.get("data", {}).items() if k not in _FREE_DATA}
   if not c.get("masks", {}).get("enabled"):  # unused mask settings decide nothing
     c["masks"] = {"enabled": False}
+  if not c.get("teacher", {}).get("ensemble", True):  # one teacher: as recorded before
+    del c["teacher"]["ensemble"]                        # ensembles existed
   return c
 
 

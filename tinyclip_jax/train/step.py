@@ -122,8 +122,8 @@ def _ensemble_embeds(teacher: tuple[CLIP, ...], teacher_params, batch) -> list:
   return [_embeds(m, p, batch) for m, p in zip(teacher, teacher_params)]
 
 
-def make_grad_fn(student: CLIP, teacher: CLIP | tuple[CLIP, ...] | None, loss_cfg: LossSettings, mesh, batch_size: int,
-                 microbatch_size: int = 0):
+def make_grad_fn(student: CLIP, teacher: CLIP | tuple[CLIP, ...] | None, loss_cfg: LossSettings,
+                 mesh, batch_size: int, microbatch_size: int = 0):
   """Returns grad_fn(trainable, teacher_params, batch, gates_of=None, batch_stats=None)
   -> ((loss, terms), grads).
 
@@ -228,7 +228,8 @@ def make_grad_fn(student: CLIP, teacher: CLIP | tuple[CLIP, ...] | None, loss_cf
   return cached
 
 
-def make_train_step(student: CLIP, teacher: CLIP | tuple[CLIP, ...] | None, loss_cfg: LossSettings, mesh, tx,
+def make_train_step(student: CLIP, teacher: CLIP | tuple[CLIP, ...] | None,
+                    loss_cfg: LossSettings, mesh, tx,
                     lr_fn: Callable[[Any], Any], batch_size: int = 0, microbatch_size: int = 0,
                     sparsity=None):
   """Returns step(state, teacher_params, batch) -> (state, metrics).
