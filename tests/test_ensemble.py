@@ -343,6 +343,10 @@ def test_misspelt_member_field_and_teacher_from_stage_are_refused(tmp_path):
   with pytest.raises(checks.SetupError, match="takes its teacher from stage 0 but "
                                               "teacher.ensemble names"):
     plan.stages(c, str(tmp_path))
+  c = ensemble_config(teacher=_member())
+  with pytest.raises(checks.SetupError, match="teacher.ensemble.teacher is the primary "
+                                              "teacher's name"):
+    checks.validate(c)
 
 
 def test_stage_identity_and_teacher_key_name_the_members():

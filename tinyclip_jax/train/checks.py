@@ -108,6 +108,9 @@ def ensemble(config, has_teacher: bool) -> None:
     raise SetupError(f"teacher.ensemble names {members} but there is no primary teacher "
                      "(teacher.model, .checkpoint and .custom are empty); set config.teacher, "
                      "which the student inherits from.")
+  if "teacher" in members:  # the primary's name among the members (teacher.all_members)
+    raise SetupError("teacher.ensemble.teacher is the primary teacher's name (config.teacher); "
+                     "give the member another name.")
   if float(config.loss.embedding):
     raise SetupError(f"loss.embedding needs one teacher: an ensemble of {len(members) + 1} "
                      "teachers has no one embedding to match; set loss.embedding=0 or drop "
