@@ -1,5 +1,11 @@
 """TinyCLIP distillation losses (affinity mimicking + CLIP contrastive loss).
 
+The teacher may be an ensemble (a list of teachers' embeddings, each with its own
+logit scale): the affinity targets are then the mean of the teachers' softmax
+distributions, per direction (MobileCLIP's rule). Every target is a B×B affinity, so
+teachers of different embedding widths mix; the embedding term (an MSE against one
+teacher's embeddings) is refused with more than one teacher.
+
 Inputs are L2-normalized embeddings of each device's LOCAL rows. Under an axis
 name (inside shard_map) every device all-gathers the global batch and builds
 only its own B_local x B affinity rows; no device materializes B x B. The
@@ -17,6 +23,8 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 AxisName = Union[str, tuple[str, ...], None]
 Embeds = dict[str, jax.Array]
+Teachers = Union[Embeds, Sequence[Embeds], None]
+EMBED_KEYS = ("image_embeds", "text_embeds")
 
 _shard_map = getattr(jax, "shard_map", None)
 if _shard_map is None:  # older jax
@@ -67,9 +75,20 @@ def _affinity(scale: jax.Array, rows: jax.Array, cols: jax.Array) -> jax.Array:
   return scale.astype(dt) * logits
 
 
-def _soft_ce(student_logits: jax.Array, teacher_logits: jax.Array) -> jax.Array:
-  """Mean over rows of -sum_j softmax(teacher)_ij * log_softmax(student)_ij."""
-  p_t = jax.nn.softmax(teacher_logits, axis=-1)
+def _targets(teacher_logits: Sequence[jax.Array]) -> jax.Array:
+  """The mean over teachers of softmax(logits) per row. One teacher's softmax is
+  returned as is (no sum or division), so a one-teacher list equals today's loss bit
+  for bit."""
+  p = [jax.nn.softmax(t, axis=-1) for t in teacher_logits]
+  if len(p) == 1:
+    return p[0]
+  return sum(p[1:], p[0]) / len(p)
+
+
+def _soft_ce(student_logits: jax.Array, teacher_logits: Sequence[jax.Array]) -> jax.Array:
+  """Mean over rows of -sum_j p_ij * log_softmax(student)_ij, p the teachers' mean
+  softmax (_targets)."""
+  p_t = _targets(teacher_logits)
   return -jnp.mean(jnp.sum(p_t * jax.nn.log_softmax(student_logits, axis=-1), axis=-1))
 
 
@@ -84,12 +103,26 @@ def _local_labels(n_local: int, axis_name: AxisName) -> jax.Array:
   return offset + jnp.arange(n_local)
 
 
-def distill_loss(student: Embeds, teacher: Embeds | None, cfg: LossConfig,
+def as_teachers(teacher: Teachers) -> list[Embeds]:
+  """The teachers as a list (one dict: a list of one; None: empty)."""
+  if teacher is None:
+    return []
+  if isinstance(teacher, dict):
+    return [teacher]
+  teachers = list(teacher)
+  if not teachers:
+    raise ValueError("the teacher ensemble is empty; pass None for no teacher")
+  return teachers
+
+
+def distill_loss(student: Embeds, teacher: Teachers, cfg: LossConfig,
                  axis_name: AxisName = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """TinyCLIP distillation loss over the global batch.
 
   student / teacher: {"image_embeds": [B_local, D] (L2-normalized),
-  "text_embeds": [B_local, D], "logit_scale": scalar tau (not its log)}.
+  "text_embeds": [B_local, D], "logit_scale": scalar tau (not its log)}; `teacher`
+  may be a list of such dicts (an ensemble, widths may differ): the soft targets are
+  the mean of the teachers' softmax distributions.
   axis_name: None for single-device; else the mesh axis name(s) the batch is
   split over, and this must run inside shard_map.
   Returns (total, terms); terms holds every enabled term (global means) and
@@ -97,16 +130,20 @@ def distill_loss(student: Embeds, teacher: Embeds | None, cfg: LossConfig,
   """
   extras = {"image_image": cfg.image_image, "text_text": cfg.text_text,
             "embedding": cfg.embedding}
-  if teacher is None:
+  teachers = as_teachers(teacher)
+  if not teachers:
     on = [k for k, v in extras.items() if v] + (["alpha"] if cfg.alpha else [])
     if on:
       raise ValueError(f"teacher is None: only the CLIP loss is allowed (needs alpha=0 "
                        f"and no teacher terms), but {on} are nonzero (alpha={cfg.alpha})")
   else:
-    teacher = jax.lax.stop_gradient(teacher)  # the teacher is a constant
+    teachers = jax.lax.stop_gradient(teachers)  # the teachers are constants
+    if cfg.embedding and len(teachers) > 1:
+      raise ValueError(f"embedding distillation needs one teacher, got {len(teachers)}; set "
+                       "embedding=0 for an ensemble")
     if cfg.embedding:
       for k in ("image_embeds", "text_embeds"):
-        ds, dt = student[k].shape[-1], teacher[k].shape[-1]
+        ds, dt = student[k].shape[-1], teachers[0][k].shape[-1]
         if ds != dt:
           raise ValueError(f"embedding distillation needs equal dims: student {k} has "
                            f"dim {ds}, teacher has dim {dt}")
@@ -116,34 +153,40 @@ def distill_loss(student: Embeds, teacher: Embeds | None, cfg: LossConfig,
   all_img_s, all_txt_s = _gather(img_s, axis_name), _gather(txt_s, axis_name)
   terms: dict[str, jax.Array] = {}
 
-  if teacher is not None and (cfg.alpha or cfg.image_image or cfg.text_text):
-    img_t, txt_t = teacher["image_embeds"], teacher["text_embeds"]
-    tau_t = jnp.asarray(teacher["logit_scale"])
+  def teacher_logits(rows: str, cols: str, gathered: dict | None = None) -> list[jax.Array]:
+    """Each teacher's local rows × its global columns (`gathered`, or gathered here), at
+    its own scale."""
+    return [_affinity(jnp.asarray(t["logit_scale"]), t[rows],
+                      gathered[cols][i] if gathered else _gather(t[cols], axis_name))
+            for i, t in enumerate(teachers)]
+
+  if teachers and (cfg.alpha or cfg.image_image or cfg.text_text):
     if cfg.alpha:
-      all_img_t, all_txt_t = _gather(img_t, axis_name), _gather(txt_t, axis_name)
+      # (gathered before the affinities: one teacher's program is what it always was)
+      cols = {k: [_gather(t[k], axis_name) for t in teachers] for k in EMBED_KEYS}
       terms["affinity_i2t"] = _soft_ce(_affinity(tau_s, img_s, all_txt_s),
-                                       _affinity(tau_t, img_t, all_txt_t))
+                                       teacher_logits("image_embeds", "text_embeds", cols))
       terms["affinity_t2i"] = _soft_ce(_affinity(tau_s, txt_s, all_img_s),
-                                       _affinity(tau_t, txt_t, all_img_t))
+                                       teacher_logits("text_embeds", "image_embeds", cols))
       terms["affinity"] = 0.5 * (terms["affinity_i2t"] + terms["affinity_t2i"])
     if cfg.image_image:
       terms["image_image"] = _soft_ce(_affinity(tau_s, img_s, all_img_s),
-                                      _affinity(tau_t, img_t, _gather(img_t, axis_name)))
+                                      teacher_logits("image_embeds", "image_embeds"))
     if cfg.text_text:
       terms["text_text"] = _soft_ce(_affinity(tau_s, txt_s, all_txt_s),
-                                    _affinity(tau_t, txt_t, _gather(txt_t, axis_name)))
+                                    teacher_logits("text_embeds", "text_embeds"))
 
   if cfg.alpha != 1.0:  # hard loss only when it carries weight
     labels = _local_labels(img_s.shape[0], axis_name)
     terms["clip"] = 0.5 * (_hard_ce(_affinity(tau_s, img_s, all_txt_s), labels)
                            + _hard_ce(_affinity(tau_s, txt_s, all_img_s), labels))
 
-  if teacher is not None and cfg.embedding:
+  if teachers and cfg.embedding:
     def sq(s, t):
       dt_ = _compute_dtype(s)
       return jnp.mean(jnp.sum((s.astype(dt_) - t.astype(dt_)) ** 2, axis=-1))
-    terms["embedding"] = 0.5 * (sq(img_s, teacher["image_embeds"])
-                                + sq(txt_s, teacher["text_embeds"]))
+    terms["embedding"] = 0.5 * (sq(img_s, teachers[0]["image_embeds"])
+                                + sq(txt_s, teachers[0]["text_embeds"]))
 
   if axis_name is not None and terms:
     # One all-reduce for all terms: global mean = mean of equal-sized local means.
@@ -165,18 +208,23 @@ def distill_loss(student: Embeds, teacher: Embeds | None, cfg: LossConfig,
 
 
 def sharded_distill_loss(mesh: Mesh, batch_axes: str | Sequence[str], cfg: LossConfig
-                         ) -> Callable[[Embeds, Embeds | None], tuple[jax.Array, dict]]:
+                         ) -> Callable[[Embeds, Teachers], tuple[jax.Array, dict]]:
   """Wrap distill_loss in shard_map: embeddings split over batch_axes, scales replicated.
 
-  The returned fn takes global arrays (student, teacher-or-None) and returns the
-  replicated (loss, terms).
+  The returned fn takes global arrays (student, teacher dict, list of teacher dicts,
+  or None) and returns the replicated (loss, terms).
   """
   axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
 
   def specs(d: Embeds) -> dict:
     return {k: (P() if k == "logit_scale" else P(axes)) for k in d}
 
-  def fn(student: Embeds, teacher: Embeds | None):
+  def fn(student: Embeds, teacher: Teachers):
+    if teacher is not None and not isinstance(teacher, dict):  # an ensemble: specs per member
+      teacher = list(teacher)
+      body = lambda s, t: distill_loss(s, t, cfg, axes)
+      return _shard_map(body, mesh=mesh, in_specs=(specs(student), [specs(t) for t in teacher]),
+                        out_specs=P())(student, teacher)
     if teacher is None:
       body = lambda s: distill_loss(s, None, cfg, axes)
       return _shard_map(body, mesh=mesh, in_specs=(specs(student),),

@@ -60,6 +60,12 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     if group is None or name not in group or not isinstance(group[name], str):
       continue
     group[name] = (resolve_patterns if field == "data.train" else resolve)(group[name])
+  ensemble = config.teacher.get("ensemble") if "teacher" in config else None
+  for name in (ensemble or {}):  # the ensemble's members' checkpoints
+    member = ensemble[name]
+    if isinstance(member, ml_collections.ConfigDict) and isinstance(
+        member.get("checkpoint"), str):
+      member.checkpoint = resolve(member.checkpoint)
   if "eval" in config and isinstance(config.eval.get("tasks"), str):
     config.eval.tasks = resolve_tasks(config.eval.tasks)
   stages = config.get("stages") or ()

@@ -39,8 +39,16 @@ def check_fields(config: ml_collections.ConfigDict) -> None:
   """A field a config file sets that the defaults do not have is a typo (`c.totl_steps =
   3` would otherwise train the default number of steps without a word)."""
   extra = [(f, near) for f, near in _unknown_fields(config, defaults.base_config())
-           # the demo configs' own section; eval.kind: the retired field's own sentence
-           if f not in ("demo", "eval.kind")]
+           # the demo configs' own section; eval.kind: the retired field's own sentence;
+           # the ensemble's members are named by the config (checked below)
+           if f not in ("demo", "eval.kind") and not f.startswith("teacher.ensemble.")]
+  ensemble = config.teacher.get("ensemble") or {}
+  for name in sorted(ensemble):
+    if not isinstance(ensemble[name], ml_collections.ConfigDict):
+      raise SetupError(f"teacher.ensemble.{name} is {ensemble[name]!r}; each member is a model "
+                       "section: defaults.ensemble_member(model=..., checkpoint=..., scale=...).")
+    extra += _unknown_fields(ensemble[name], defaults.ensemble_member(),
+                             f"teacher.ensemble.{name}.")
   if extra:
     field, near = extra[0]
     hint = difflib.get_close_matches(field.rsplit(".", 1)[-1], near, n=1)
@@ -71,6 +79,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.teacher.cache and not has_teacher:
     raise SetupError("teacher.cache is set but there is no teacher; the cache is checked "
                      "against the teacher it was built from, so set teacher.checkpoint too.")
+  ensemble(config, has_teacher)
   if config.student.init == "inherit" and not has_teacher and not config.student.inherit_from:
     raise SetupError("student.init='inherit' needs a teacher; set teacher.model or "
                      "teacher.checkpoint, or use student.init='scratch'.")
@@ -88,6 +97,51 @@ def validate(config: ml_collections.ConfigDict) -> None:
                      "folder of a flax model checkpoint.")
   masking.check(config, SetupError)
   profiling.check(config, SetupError)
+
+
+def ensemble(config, has_teacher: bool) -> None:
+  """The ensemble's config-level rules (its members' models are checked when read)."""
+  members = defaults.ensemble_names(config)
+  if not members:
+    return
+  if not has_teacher:
+    raise SetupError(f"teacher.ensemble names {members} but there is no primary teacher "
+                     "(teacher.model, .checkpoint and .custom are empty); set config.teacher, "
+                     "which the student inherits from.")
+  if "teacher" in members:  # the primary's name among the members (teacher.all_members)
+    raise SetupError("teacher.ensemble.teacher is the primary teacher's name (config.teacher); "
+                     "give the member another name.")
+  if float(config.loss.embedding):
+    raise SetupError(f"loss.embedding needs one teacher: an ensemble of {len(members) + 1} "
+                     "teachers has no one embedding to match; set loss.embedding=0 or drop "
+                     "teacher.ensemble.")
+  for name in members:
+    ensemble_member(config.teacher.ensemble[name], f"teacher.ensemble.{name}")
+
+
+def ensemble_member(member, what: str) -> None:
+  """An ensemble member names a model and has a positive logit scale."""
+  if not defaults.has_model(member):
+    raise SetupError(f"{what} names no model (its model, checkpoint and custom are empty); set "
+                     f"{what}.checkpoint to a converted model, {what}.model to a zoo name, or "
+                     "drop the member.")
+  if not float(member.scale) > 0:
+    raise SetupError(f"{what}.scale is {member.scale}; a teacher's logit scale must be "
+                     "positive (e.g. 50.0, or 100.0 for an OpenAI CLIP).")
+
+
+def same_input(primary: CLIPConfig, member: CLIPConfig, what: str) -> None:
+  """An ensemble member reads the primary teacher's images and tokens (one input
+  pipeline feeds them all)."""
+  for field, p, m in (("image_size", primary.vision.image_size, member.vision.image_size),
+                      ("context_length", primary.text.context_length,
+                       member.text.context_length),
+                      ("vocab_size", primary.text.vocab_size, member.text.vocab_size),
+                      ("eot_token_id", primary.text.eot_token_id, member.text.eot_token_id)):
+    if p != m:
+      raise SetupError(f"{what} has {field} {m} but the teacher (config.teacher) has {field} "
+                       f"{p}; every teacher of an ensemble must read the same images and "
+                       "tokens, so use members with the teacher's image size and tokenizer.")
 
 
 def workdir(path: str) -> None:

@@ -20,10 +20,11 @@ from tinyclip_jax.train import preflight
 from tinyclip_jax.train.step import make_train_step
 
 
-def batch_abstract(config, student_cfg: CLIPConfig, mesh, teacher_embed_dim: int = 0,
+def batch_abstract(config, student_cfg: CLIPConfig, mesh, teacher_embed_dim=0,
                    text_length: int = 0) -> dict:
   """The global batch of `config.batch_size` pairs; with teacher_embed_dim, also the
-  cached teacher embeddings; text_length: the tokens' bucket (0 = the context length)."""
+  cached teacher embeddings (a tuple of widths: an ensemble's, one (B, width) array per
+  teacher in member order); text_length: the tokens' bucket (0 = the context length)."""
   b, s = config.batch_size, student_cfg.vision.image_size
   n = text_length or student_cfg.text.context_length
   out = {"images": jax.ShapeDtypeStruct((b, s, s, 3), jnp.float32,
@@ -31,23 +32,39 @@ def batch_abstract(config, student_cfg: CLIPConfig, mesh, teacher_embed_dim: int
          "tokens": jax.ShapeDtypeStruct((b, n), jnp.int32,
                                         sharding=parallel.batch_sharding(mesh, 2))}
   if teacher_embed_dim:
+    rows = lambda d: jax.ShapeDtypeStruct((b, d), jnp.float32,  # noqa: E731
+                                          sharding=parallel.batch_sharding(mesh, 2))
     for k in ("teacher_image", "teacher_text"):
-      out[k] = jax.ShapeDtypeStruct((b, teacher_embed_dim), jnp.float32,
-                                    sharding=parallel.batch_sharding(mesh, 2))
+      out[k] = (tuple(rows(d) for d in teacher_embed_dim)
+                if isinstance(teacher_embed_dim, tuple) else rows(teacher_embed_dim))
   return out
+
+
+def teacher_embed_dims(setup):
+  """The widths of the cached teacher embeddings a batch holds: 0 without a cache, the
+  teacher's width, or a tuple of them for an ensemble."""
+  if not setup.teacher_cache:
+    return 0
+  if setup.member_configs:
+    return tuple(c.embed_dim for c in setup.teacher_configs)
+  return setup.teacher_config.embed_dim
 
 
 def batch_abstracts(config, setup) -> dict[int, dict]:
   """The global batch of each text bucket, by its token length."""
-  dim = setup.teacher_config.embed_dim if setup.teacher_cache else 0
+  dim = teacher_embed_dims(setup)
   return {n: batch_abstract(config, setup.student_config, setup.mesh, dim, n)
           for n in setup.text_lengths}
 
 
 def global_batch(local: dict[str, np.ndarray], abstract: dict) -> dict[str, jax.Array]:
-  """This process's rows of the batch → global device arrays with the step's shardings."""
-  return {k: jax.make_array_from_process_local_data(abstract[k].sharding, v)
-          for k, v in local.items()}
+  """This process's rows of the batch → global device arrays with the step's shardings
+  (an ensemble's cached embeddings: tuples of arrays)."""
+  def put(a, x):
+    if isinstance(a, tuple):
+      return tuple(put(b, y) for b, y in zip(a, x, strict=True))
+    return jax.make_array_from_process_local_data(a.sharding, x)
+  return {k: put(abstract[k], v) for k, v in local.items()}
 
 
 def memory_mb(compiled) -> float | None:
@@ -69,13 +86,15 @@ def log_compiled(compiled, what: str) -> None:
     logging.info("%s: %.1f MiB of device memory", what, mb)
 
 
-def step_models(config, setup, remat: bool | None = None) -> tuple[CLIP, CLIP | None]:
-  """(student, teacher or None) as the train step runs them: dtypes and attention from
-  the precision policy, remat for the student, scan_layers for both."""
+def step_models(config, setup, remat: bool | None = None):
+  """(student, teacher) as the train step runs them: dtypes and attention from the
+  precision policy, remat for the student, scan_layers for all. The teacher is None, a
+  CLIP, or for an ensemble a tuple of CLIPs (member order, the primary first)."""
   student = CLIP(setup.student_config, remat=config.remat if remat is None else remat,
                  scan_layers=config.scan_layers, **setup.policy.student_kw)
-  teacher = (CLIP(setup.teacher_config, scan_layers=config.scan_layers,
-                  **setup.policy.teacher_kw) if setup.teacher_config else None)
+  teachers = tuple(CLIP(c, scan_layers=config.scan_layers, **setup.policy.teacher_kw)
+                   for c in setup.teacher_configs)
+  teacher = teachers if len(teachers) > 1 else teachers[0] if teachers else None
   return student, teacher
 
 
@@ -114,13 +133,20 @@ def compile_train_steps(config, setup, abstracts: dict[int, dict] | None = None,
 
 def teacher_forward(config, setup, abstracts: dict[int, dict]) -> dict[int, Any]:
   """The teacher's embeddings of a global batch, compiled per text bucket (the teacher
-  cache builder): rows stay sharded as the batch is."""
+  cache builder): rows stay sharded as the batch is. With an ensemble it takes the tuple
+  of params (setup.teacher_params) and returns a tuple of outputs, one per teacher in
+  member order."""
   teacher = step_models(config, setup)[1]
   rows = parallel.batch_sharding(setup.mesh, 2)
   out = {"image_embeds": rows, "text_embeds": rows,
          "logit_scale": parallel.replicated(setup.mesh)}
-  return {n: jax.jit(lambda p, b: teacher.apply({"params": p}, b["images"], b["tokens"]),
-                     in_shardings=(setup.teacher_shardings,
-                                   {k: v.sharding for k, v in a.items()}),
+  if isinstance(teacher, tuple):
+    out = tuple(out for _ in teacher)
+    fn = lambda p, b: tuple(t.apply({"params": q}, b["images"], b["tokens"])  # noqa: E731
+                            for t, q in zip(teacher, p))
+  else:
+    fn = lambda p, b: teacher.apply({"params": p}, b["images"], b["tokens"])  # noqa: E731
+  return {n: jax.jit(fn, in_shardings=(setup.teacher_shardings,
+                                       {k: v.sharding for k, v in a.items()}),
                      out_shardings=out).lower(setup.teacher_params, a).compile()
           for n, a in abstracts.items()}

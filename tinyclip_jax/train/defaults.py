@@ -24,9 +24,24 @@ def model_spec(model: str = "", checkpoint: str = "") -> ml_collections.ConfigDi
   })
 
 
+def ensemble_member(model: str = "", checkpoint: str = "",
+                    scale: float = 50.0) -> ml_collections.ConfigDict:
+  """A teacher of an ensemble beside the primary one (config.teacher):
+  `c.teacher.ensemble.NAME = ensemble_member(checkpoint=DIR, scale=100.0)`, or with
+  `custom` sizes. `scale`: its fixed logit scale τ (the primary's is loss.teacher_scale)."""
+  m = model_spec(model, checkpoint)
+  m.scale = float(scale)
+  return m
+
+
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.teacher = model_spec("ViT-B-16")
+  # More teachers beside config.teacher, by name (ensemble_member()): the affinity
+  # targets become the mean of the teachers' softmax distributions (losses.py). The
+  # student inherits from config.teacher alone, and mask sparsity is measured against
+  # it. Empty = one teacher.
+  c.teacher.ensemble = ml_collections.ConfigDict()
   # Precomputed teacher embeddings (python -m tinyclip_jax.cache_teacher): the run
   # reads them instead of running the teacher; "" = run the teacher.
   c.teacher.cache = ""
@@ -192,6 +207,11 @@ def base_config() -> ml_collections.ConfigDict:
 
 def has_model(spec: ml_collections.ConfigDict) -> bool:
   return bool(spec.model or spec.checkpoint or spec.custom.vision_width)
+
+
+def ensemble_names(config: ml_collections.ConfigDict) -> list[str]:
+  """The ensemble members' names in member order (sorted; the primary comes before)."""
+  return sorted(config.teacher.get("ensemble") or {})
 
 
 def build_model_config(spec: ml_collections.ConfigDict, what: str) -> CLIPConfig:

@@ -165,7 +165,7 @@ def train_phase(phase: Phase, setup, start: Start, out: Outputs) -> Result:
       return Result(state, step, data_state, {}, [], preempted=True)
     # Model FLOPs per pair at each bucket's text length, summed over the steps logged.
     flops_per_pair = {n: prepare.model_flops_per_pair(setup.student_config,
-                                                      setup.teacher_config, n)
+                                                      setup.teacher_configs, n)
                       for n in setup.text_lengths}
     progress = periodic_actions.ReportProgress(num_train_steps=config.total_steps,
                                                every_steps=config.log_every, every_secs=None)

@@ -113,6 +113,11 @@ def stages(config: ml_collections.ConfigDict, workdir: str) -> list[tuple[str, A
               f" but continues stage {source}'s student as it is; add student.init='inherit' "
               "to cut that model from it, or drop the field.")
         c.student.init, c.student.checkpoint = "checkpoint", previous
+    if teacher >= 0 and c.teacher.get("ensemble"):
+      raise prepare.SetupError(
+          f"stages[{k}] ({name}) takes its teacher from stage {teacher} but teacher.ensemble "
+          f"names {sorted(c.teacher.ensemble)}; an earlier stage's export is one teacher, so "
+          "drop teacher.ensemble or teacher_from_stage.")
     if teacher >= 0:
       c.teacher.checkpoint = f"{out[teacher][2]}/final"
       c.teacher.model = ""

@@ -28,7 +28,9 @@ class Setup:
   policy: Policy                 # dtypes of the step (models/precision.py)
   student_config: CLIPConfig
   teacher_config: CLIPConfig | None
-  teacher_params: Any            # on device, sharded; None without a teacher or with a cache
+  # On device, sharded; None without a teacher or with a cache. With an ensemble the
+  # tuple of every teacher's params (and shardings), the primary first.
+  teacher_params: Any
   param_shardings: Any
   teacher_shardings: Any
   tx: optax.GradientTransformation
@@ -41,6 +43,12 @@ class Setup:
   mask_state: Any = None          # initial mask logits / multipliers (masked phase)
   mask_tx: Any = None
   loss: LossSettings | None = None  # config.loss, typed
+  member_configs: tuple[CLIPConfig, ...] = ()  # the ensemble's other teachers, by name
+
+  @property
+  def teacher_configs(self) -> tuple[CLIPConfig, ...]:
+    """Every teacher's model config in member order (the primary first); () for none."""
+    return (self.teacher_config, *self.member_configs) if self.teacher_config else ()
 
   @property
   def dtype(self):
@@ -137,13 +145,15 @@ def setup(config, mesh, teacher: teacher_lib.Teacher | None, student_cfg: CLIPCo
                           abstract, state_shard)
   cache = teacher.cache if teacher is not None else None
   # With a cache the step never sees the teacher's weights (only inheritance does).
-  t_params = teacher.params if teacher is not None and not cache else None
-  t_shard = teacher.shardings if teacher is not None and not cache else None
+  t_params = teacher.step_params if teacher is not None and not cache else None
+  t_shard = teacher.step_shardings if teacher is not None and not cache else None
+  members = tuple(m.config for m in teacher.members) if teacher is not None else ()
   policy = policy_for(config.precision, mesh.devices.flat[0].platform)
   return Setup(mesh, policy, student_cfg,
                teacher.config if teacher else None, t_params, w_shard, t_shard, tx, lr_fn,
                state_shard, abstract, mask_training, cache, lengths, mask_state, mask_tx,
-               LossSettings.from_config(config.loss))
+               LossSettings.from_config(config.loss, {m.name: m for m in teacher.members}
+                                        if teacher is not None else None), members)
 
 
 def student_params(config, s: Setup, teacher: teacher_lib.Teacher | None, host=None):
@@ -182,6 +192,7 @@ def build(config: ml_collections.ConfigDict, restoring: bool = False,
   mesh = checks.mesh(config)
   if model_configs is None:  # every check before the teacher's weights are made
     named = teacher_lib.spec(config)
+    members = teacher_lib.member_specs(config, named[0]) if named else ()
     host, student_cfg = student_config(config, named[0] if named else None)
     check(config, named[0] if named else None, student_cfg,
           config.student.init if not restoring else "")
@@ -194,17 +205,17 @@ def build(config: ml_collections.ConfigDict, restoring: bool = False,
           lambda r: init_params(teacher_cfg, r), out_shardings=shardings)(
               jax.random.split(jax.random.key(config.seed))[0]), shardings)
   else:
-    teacher = teacher_lib.load(config, mesh, named)
+    teacher = teacher_lib.load(config, mesh, named, members)
   s = setup(config, mesh, teacher, student_cfg, masks=config.masks.enabled)
   if restoring:
     return s, None
   return s, init_state(config, s, student_params(config, s, teacher, host))
 
 
-def model_flops_per_pair(student: CLIPConfig, teacher: CLIPConfig | None,
-                         text_length: int = 0) -> float:
+def model_flops_per_pair(student: CLIPConfig, teacher, text_length: int = 0) -> float:
   """Training FLOPs per image–text pair: 6·N·tokens for the student (fwd+bwd),
-  2·N·tokens for the teacher forward (matmul params only; attention ignored);
+  2·N·tokens for the teacher forward (matmul params only; attention ignored), summed
+  over an ensemble's teachers (`teacher`: a config, a sequence of them, or None);
   text_length: the tokens the text towers run (the batch's text bucket; 0 = the
   context length)."""
   def tower(cfg, tokens):
@@ -214,7 +225,8 @@ def model_flops_per_pair(student: CLIPConfig, teacher: CLIPConfig | None,
   def model(cfg):
     return (tower(cfg.vision, cfg.vision.grid ** 2 + 1) +
             tower(cfg.text, text_length or cfg.text.context_length))
-  return 6.0 * model(student) + (2.0 * model(teacher) if teacher else 0.0)
+  teachers = teacher if isinstance(teacher, (tuple, list)) else (teacher,) if teacher else ()
+  return 6.0 * model(student) + sum(2.0 * model(t) for t in teachers)
 
 
 def as_numpy(tree):

@@ -35,28 +35,33 @@ class _Teachers:
 
   def _exported(self, config):
     path = config.teacher.checkpoint.rstrip("/")
-    return self.exported.get(path) if not config.teacher.cache else None
+    one = not config.teacher.cache and not config.teacher.get("ensemble")
+    return self.exported.get(path) if one else None
 
   def config(self, config) -> CLIPConfig | None:
-    """The teacher's model config, read without touching a device."""
+    """The (primary) teacher's model config, read without touching a device; the
+    ensemble's members are read and checked against it here too."""
     if self._exported(config) is not None:
       return self._exported(config)[1]
     key = teacher_lib.key(config)
     if key in self.loaded:
       return self.loaded[key].config if self.loaded[key] else None
     if key not in self.named:
-      self.named[key] = teacher_lib.spec(config)
-    return self.named[key][0] if self.named[key] else None
+      named = teacher_lib.spec(config)
+      self.named[key] = (named, teacher_lib.member_specs(config, named[0]) if named else ())
+    named = self.named[key][0]
+    return named[0] if named else None
 
   def get(self, config, mesh):
     key = teacher_lib.key(config)
     if key not in self.loaded:
       if self._exported(config) is not None:
         self.loaded[key] = teacher_lib.from_params(*self._exported(config)[::-1], mesh,
-                                                    config.mesh)
+                                                    config.mesh,
+                                                    float(config.loss.teacher_scale))
       else:
         self.config(config)
-        self.loaded[key] = teacher_lib.load(config, mesh, self.named.pop(key))
+        self.loaded[key] = teacher_lib.load(config, mesh, *self.named.pop(key))
     return self.loaded[key]
 
 
@@ -165,6 +170,8 @@ def identity(config: ml_collections.ConfigDict) -> dict:
   c["data"] = {k: v for k, v in c.get("data", {}).items() if k not in _FREE_DATA}
   if not c.get("masks", {}).get("enabled"):  # unused mask settings decide nothing
     c["masks"] = {"enabled": False}
+  if not c.get("teacher", {}).get("ensemble", True):  # one teacher: as recorded before
+    del c["teacher"]["ensemble"]                        # ensembles existed
   return c
 
 

@@ -1,6 +1,12 @@
 """The pure train step: teacher forward (frozen), student forward/backward,
 affinity-mimicking loss on all-gathered embeddings, optimizer update.
 
+A teacher ensemble (config.teacher.ensemble) is a tuple of CLIP modules with a tuple
+of their params (the primary teacher first, then the members by name); its cached
+embeddings come as tuples of arrays in that order. The loss averages the teachers'
+softmax targets (losses.py), each at its own scale (LossSettings.teacher_scales).
+One teacher keeps a single module and plain arrays: its programs are unchanged.
+
 With `microbatch_size` the gradient is computed by gradient caching, exactly: the
 loss depends on the student's parameters only through the batch's embeddings (and
 the logit scale), so (1) embed the whole batch microbatch by microbatch keeping no
@@ -44,12 +50,21 @@ class LossSettings:
   student_scale: float
   learn_scale: bool
   max_scale: float
+  member_scales: tuple[float, ...] = ()  # τ of the ensemble's members, by name
 
   @classmethod
-  def from_config(cls, section) -> "LossSettings":
+  def from_config(cls, section, ensemble=None) -> "LossSettings":
+    """From the `loss` section; `ensemble` (config.teacher.ensemble) adds its members'
+    scales."""
+    members = tuple(float(ensemble[n].scale) for n in sorted(ensemble or {}))
     return cls(losses.LossConfig.from_config(section), float(section.teacher_scale),
                float(section.student_scale), bool(section.learn_scale),
-               float(section.max_scale))
+               float(section.max_scale), members)
+
+  @property
+  def teacher_scales(self) -> tuple[float, ...]:
+    """τ of every teacher: the primary's, then the members'."""
+    return (self.teacher_scale, *self.member_scales)
 
 
 def student_scale(params, loss_cfg: LossSettings) -> jax.Array:
@@ -102,15 +117,22 @@ class _Microbatches:
     return self._constrain(x.reshape(self.k * self.n * self.m, *x.shape[3:]), 0)
 
 
-def make_grad_fn(student: CLIP, teacher: CLIP | None, loss_cfg: LossSettings, mesh, batch_size: int,
-                 microbatch_size: int = 0):
+def _ensemble_embeds(teacher: tuple[CLIP, ...], teacher_params, batch) -> list:
+  """[(image, text) embeddings] of every teacher of an ensemble, in member order."""
+  return [_embeds(m, p, batch) for m, p in zip(teacher, teacher_params)]
+
+
+def make_grad_fn(student: CLIP, teacher: CLIP | tuple[CLIP, ...] | None, loss_cfg: LossSettings,
+                 mesh, batch_size: int, microbatch_size: int = 0):
   """Returns grad_fn(trainable, teacher_params, batch, gates_of=None, batch_stats=None)
   -> ((loss, terms), grads).
 
   `trainable` is the student's params, or with `gates_of` a pair (params, log α of
   the structure masks) and gates_of(log α) the gates the student runs with; the
   gradient is then taken w.r.t. both. With batch_stats (a BatchNorm student)
-  terms["batch_stats"] holds the new running statistics."""
+  terms["batch_stats"] holds the new running statistics. `teacher`: one CLIP, a
+  tuple of them (an ensemble: teacher_params is then the tuple of their params), or
+  None (no teacher, or its embeddings come with the batch)."""
   loss_fn = losses.sharded_distill_loss(mesh, BATCH_AXES, loss_cfg.weights)
 
   def unpack(trainable, gates_of):
@@ -126,16 +148,34 @@ def make_grad_fn(student: CLIP, teacher: CLIP | None, loss_cfg: LossSettings, me
     params, gates = unpack(trainable, gates_of)
     return _embeds(student, params, chunk, gates)
 
+  ensemble = isinstance(teacher, (tuple, list))
+
+  def forward(teacher_params, batch):
+    """One teacher's (image, text) embeddings, or a list of them for an ensemble."""
+    if ensemble:
+      return _ensemble_embeds(teacher, teacher_params, batch)
+    return _embeds(teacher, teacher_params, batch)
+
   def teacher_embeds(teacher_params, batch):
-    """The teacher's normalized embeddings: from the cache (teacher.cache), or a
-    forward pass."""
+    """The teacher's normalized embeddings: from the cache (teacher.cache: arrays, or
+    tuples of arrays for an ensemble), or a forward pass."""
     if "teacher_image" in batch:
-      return batch["teacher_image"], batch["teacher_text"]
-    return _embeds(teacher, teacher_params, batch) if teacher else None
+      image, text = batch["teacher_image"], batch["teacher_text"]
+      if isinstance(image, (tuple, list)):
+        return list(zip(image, text))
+      return image, text
+    return forward(teacher_params, batch) if teacher else None
 
   def teacher_out(t_embeds):
     if t_embeds is None:
       return None
+    if isinstance(t_embeds, list):  # an ensemble: one dict per teacher at its own τ
+      scales = loss_cfg.teacher_scales
+      if len(scales) != len(t_embeds):
+        raise ValueError(f"the batch holds the embeddings of {len(t_embeds)} teachers but the "
+                         f"loss has the scales of {len(scales)}")
+      return jax.lax.stop_gradient([dict(zip(EMBEDS, e), logit_scale=jnp.asarray(
+          tau, jnp.float32)) for e, tau in zip(t_embeds, scales)])
     return jax.lax.stop_gradient(dict(zip(EMBEDS, t_embeds), logit_scale=jnp.asarray(
         loss_cfg.teacher_scale, jnp.float32)))
 
@@ -166,12 +206,12 @@ def make_grad_fn(student: CLIP, teacher: CLIP | None, loss_cfg: LossSettings, me
 
     def embed_chunk(_, chunk):  # (1) forward only: nothing is kept for a backward pass
       s = student_embeds(trainable, chunk, gates_of)
-      t = _embeds(teacher, teacher_params, chunk) if run_teacher else None
+      t = forward(teacher_params, chunk) if run_teacher else None
       return None, (s, t)
     _, (s_chunks, t_chunks) = jax.lax.scan(embed_chunk, None, chunks)
     s_embeds = tuple(mb.merge(e) for e in s_chunks)
     t_out = teacher_out(cached_t if cached_t is not None else
-                        tuple(mb.merge(e) for e in t_chunks) if run_teacher else None)
+                        jax.tree.map(mb.merge, t_chunks) if run_teacher else None)
 
     # (2) the loss on the whole batch and its gradient w.r.t. the embeddings
     (loss, terms), (g_embeds, grads) = jax.value_and_grad(
@@ -188,7 +228,8 @@ def make_grad_fn(student: CLIP, teacher: CLIP | None, loss_cfg: LossSettings, me
   return cached
 
 
-def make_train_step(student: CLIP, teacher: CLIP | None, loss_cfg: LossSettings, mesh, tx,
+def make_train_step(student: CLIP, teacher: CLIP | tuple[CLIP, ...] | None,
+                    loss_cfg: LossSettings, mesh, tx,
                     lr_fn: Callable[[Any], Any], batch_size: int = 0, microbatch_size: int = 0,
                     sparsity=None):
   """Returns step(state, teacher_params, batch) -> (state, metrics).
