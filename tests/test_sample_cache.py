@@ -17,7 +17,7 @@ from PIL import Image
 from tinyclip_jax import cache_teacher, preprocess
 from tinyclip_jax.data import make_shards, sample_cache, sharded, shards
 from tinyclip_jax.metrics import read_jsonl
-from tinyclip_jax.train import prepare, runner
+from tinyclip_jax.train import defaults, prepare, runner
 from test_train import smoke_config
 
 pytestmark = pytest.mark.xdist_group("sample_cache")
@@ -26,11 +26,18 @@ PER_SHARD = 24
 SCALE = 0.4  # crop_scale_min: with 0.9-1.0 the K crops would be near-duplicates
 
 
-def config(data_dir, **overrides):
+def config(data_dir, ensemble: bool = False, **overrides):
   base = {"total_steps": 3, "log_every": 1, "checkpoint_every": 3, "eval.tasks": "",
           "batch_size": 16, "data.kind": "webdataset", "data.train": f"{data_dir}/*.tar",
           "data.crop_scale_min": SCALE, "data.shuffle_buffer": 64}
-  return smoke_config({**base, **overrides})
+  c = smoke_config({**base, **overrides})
+  if ensemble:  # a second, random teacher of another width (24) and τ
+    m = defaults.ensemble_member(scale=30.0)
+    m.custom.update({"embed_dim": 24, "image_size": 32, "patch_size": 8, "vision_width": 48,
+                     "vision_layers": 1, "text_width": 48, "text_layers": 1, "head_dim": 24,
+                     "context_length": 32})
+    c.teacher.ensemble.b = m
+  return c
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +45,8 @@ def built(tmp_path_factory, compile_cache):
   root = tmp_path_factory.mktemp("samples")
   keys = make_shards.write_shards(str(root / "shards"), 3, PER_SHARD, image_size=40)
   k2 = cache_teacher.build_samples(config(root / "shards"), str(root / "k2"), 2)
-  # Forwards of the run's batch shape (16 rows over the devices), so that XLA's matmul
-  # blocking cannot differ from the run's (last-bit differences grow over steps).
-  k1 = cache_teacher.build_samples(config(root / "shards"), str(root / "k1"), 1,
+  # K=1, float32, of a two-teacher ensemble (the cache stores every teacher's rows).
+  k1 = cache_teacher.build_samples(config(root / "shards", ensemble=True), str(root / "k1"), 1,
                                    dtype="float32", batch=16)
   return root, keys, k2, k1
 
@@ -70,36 +76,36 @@ def _pil_crop(encoded: bytes, box, size: int) -> np.ndarray:
   return (pixels - np.float32(preprocess.CLIP_MEAN)) / np.float32(preprocess.CLIP_STD)
 
 
-def test_stored_embeddings_are_the_teacher_on_the_stored_crops(built):
-  """float32 cache (K=1): each row = the teacher's embedding of the crop PIL makes from
-  the stored box, and of the caption."""
-  import jax  # pylint: disable=import-outside-toplevel
+def test_stored_embeddings_are_the_teachers_on_the_stored_crops(built):
+  """float32 cache (K=1) of an ensemble: each row = each teacher's embedding of the crop
+  PIL makes from the stored box, and of the caption."""
   from tinyclip_jax import tokenizer  # pylint: disable=import-outside-toplevel
   from tinyclip_jax.models import CLIP, l2_normalize  # pylint: disable=import-outside-toplevel
   root, keys, _, _ = built
   shard = sorted(keys)[1]
   records = list(shards.read_tar(shard, 16, 10**8))[:6]
   side = _sidecar(root / "k1", shard)
-  c = config(root / "shards")
+  c = config(root / "shards", ensemble=True)
   setup, _ = prepare.build(c, restoring=True)
   size = setup.student_config.vision.image_size
   crops = np.stack([_pil_crop(r[1], side["box"][i, 0], size) for i, r in enumerate(records)])
-  model = CLIP(setup.teacher_config)
-  image = l2_normalize(model.apply({"params": setup.teacher_params}, crops,
-                                   method=CLIP.encode_image))
   tokens = tokenizer.tokenize([r[2].decode() for r in records],
                               setup.student_config.text.context_length)
-  text = l2_normalize(model.apply({"params": setup.teacher_params}, tokens,
-                                  method=CLIP.encode_text))
   assert [sample_cache.key_hash(r[0]) for r in records] == side["key_hash"][:6].tolist()
-  np.testing.assert_allclose(side["image.0"][:6, 0], np.asarray(image), rtol=0, atol=1e-6)
-  np.testing.assert_allclose(side["text.0"][:6], np.asarray(text), rtol=0, atol=1e-6)
-  del jax
+  assert [t["name"] for t in built[3]["teachers"]] == ["teacher", "b"]
+  for m, (cfg, params) in enumerate(zip(setup.teacher_configs, setup.teacher_params)):
+    model = CLIP(cfg)
+    image = l2_normalize(model.apply({"params": params}, crops, method=CLIP.encode_image))
+    text = l2_normalize(model.apply({"params": params}, tokens, method=CLIP.encode_text))
+    assert side[f"image.{m}"].shape == (PER_SHARD, 1, cfg.embed_dim)
+    np.testing.assert_allclose(side[f"image.{m}"][:6, 0], np.asarray(image), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(side[f"text.{m}"][:6], np.asarray(text), rtol=0, atol=1e-6)
 
 
 def test_cached_run_equals_the_online_run_of_the_same_crops(built, tmp_path):
-  """K=1, float32: every step's loss equals the run that computes the teacher (with
-  the same key-derived crops, data.augmentations=1) to 1e-6 relative. The cached image
+  """K=1, float32, a two-teacher ensemble: every step's loss equals the run that
+  computes both teachers (with the same key-derived crops, data.augmentations=1) to
+  1e-6 relative. The cached image
   embeddings differ from the step's own teacher forward by 1-2 float32 ulps (2.4e-7:
   XLA compiles the image tower alone differently from inside the step; text: equal),
   and the smoke config's first updates (gradient norm ~300 clipped to 5, lr 1e-3)
@@ -108,7 +114,7 @@ def test_cached_run_equals_the_online_run_of_the_same_crops(built, tmp_path):
   logs = []
   for name, extra in (("online", {"data.augmentations": 1}),
                       ("cached", {"teacher.cache": str(root / "k1")})):
-    runner.run(config(root / "shards", **extra), str(tmp_path / name))
+    runner.run(config(root / "shards", ensemble=True, **extra), str(tmp_path / name))
     logs.append(read_jsonl(tmp_path / name / "metrics.jsonl"))
   online, cached = ([r["loss"] for r in log if "loss" in r] for log in logs)
   assert len(online) == 3
@@ -293,6 +299,8 @@ def test_builder_refuses_bad_requests(built, tmp_path):
     with pytest.raises(prepare.SetupError, match=words.replace("=", "=")):
       cache_teacher.build_samples(config(root / "shards", **kw), str(out), k)
     assert not (tmp_path / "c").exists()
+  with pytest.raises(prepare.SetupError, match="per-step cache holds one teacher"):
+    cache_teacher.build(config(root / "shards", ensemble=True), str(tmp_path / "c"))
 
 
 def test_cli_exit_code(tmp_path):

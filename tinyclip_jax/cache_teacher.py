@@ -80,6 +80,10 @@ def build(config, out: str, steps: int = 0, chunk: int = 100, dtype: str = "bflo
   if setup.teacher_config is None:
     raise prepare.SetupError("the config has no teacher (teacher.model, .checkpoint and "
                              ".custom are empty); there is nothing to cache.")
+  if setup.member_configs:
+    raise prepare.SetupError("the per-step cache holds one teacher's embeddings; cache an "
+                             "ensemble per sample with --augmentations=K (webdataset or "
+                             "tfrecord shards).")
   digest = teacher_cache.teacher_digest(parallel.host_gather(setup.teacher_params))
   cfg = setup.student_config
   data = pipeline.make_train_input(config.data, cfg.vision.image_size, cfg.text.context_length,
@@ -204,8 +208,11 @@ def build_samples(config, out: str, k: int, dtype: str = "bfloat16", batch: int 
 def _members(config, setup) -> list:
   """[(name, model config, host weights, device weights, τ)] of the teacher(s), the
   primary first (train/teacher.py)."""
-  host = parallel.host_gather(setup.teacher_params)
-  return [("teacher", setup.teacher_config, host, None, float(config.loss.teacher_scale))]
+  from tinyclip_jax.train import defaults, teacher  # pylint: disable=import-outside-toplevel
+  params = setup.teacher_params if setup.member_configs else (setup.teacher_params,)
+  names = [teacher.PRIMARY] + defaults.ensemble_names(config)
+  return [(name, cfg, parallel.host_gather(p), None, scale) for name, cfg, p, scale in
+          zip(names, setup.teacher_configs, params, setup.loss.teacher_scales)]
 
 
 def _start(out: str, manifest: dict) -> dict:

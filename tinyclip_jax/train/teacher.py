@@ -175,8 +175,14 @@ def check_cache(config, teacher: Teacher) -> tuple[str, dict]:
     manifest = teacher_cache.load_manifest(path)
     weights = teacher.host if teacher.host is not None else parallel.host_gather(teacher.params)
     if sample_cache.is_sample_cache(manifest):
-      return path, check_sample_cache(config, manifest, [
-          ("teacher", teacher.config, weights, float(config.loss.teacher_scale))])
+      members = [(name, cfg, host if host is not None else parallel.host_gather(params), scale)
+                 for name, cfg, params, host, scale in all_members(teacher)]
+      return path, check_sample_cache(config, manifest, members)
+    if teacher.members:
+      raise teacher_cache.CacheError(
+          f"teacher.cache {path} is a per-step cache, which holds one teacher's embeddings; "
+          "an ensemble reads a per-sample cache of all its teachers (python -m "
+          "tinyclip_jax.cache_teacher --augmentations=K with this config).")
     expected = teacher_cache.describe(config, teacher.config,
                                       teacher_cache.teacher_digest(weights))
     teacher_cache.check(manifest, expected, config.total_steps, path)
