@@ -169,6 +169,7 @@ def build_samples(config, out: str, k: int, dtype: str = "bfloat16", batch: int 
                                [(n, c, h, s) for n, c, h, _, s in members]), members)]}
   done = _start(out, manifest)
   forward = _Forward(members, setup.policy, config.scan_layers, batch, k)
+  forward.compile(cfg.vision.image_size, cfg.text.context_length)
   mine = units[jax.process_index()::jax.process_count()]
   counts, t0, images = {}, time.time(), 0
   for i, shard in enumerate(mine):
@@ -266,6 +267,12 @@ class _Forward:
       text = jax.jit(lambda p, t, m=model: l2_normalize(
           m.apply(variables(p), t, method=CLIP.encode_text)))
       self.towers.append((params, image, text, cfg.embed_dim))
+
+  def compile(self, image_size: int, context_length: int) -> None:
+    """Compiles every tower before the timed build (its images/s is the work's)."""
+    for params, image, text, width in self.towers:
+      self._run(image, params, np.zeros((1, image_size, image_size, 3), np.float32), width)
+      self._run(text, params, np.zeros((1, context_length), np.int32), width)
 
   def _run(self, fn, params, x: np.ndarray, width: int) -> np.ndarray:
     out = np.zeros((len(x), width), np.float32)

@@ -104,7 +104,10 @@ def stages(config, cache: str) -> tuple:
   with auto.unlocked():
     demo_config.auto(auto)
   manual = {"from_stage": -1, "student": {"init": "inherit"}}
-  masked = {"from_stage": -1, "total_steps": auto.total_steps, "masks": auto.masks.to_dict(),
+  d = config.demo.cache
+  masks = dict(auto.masks.to_dict(), prune_step=int(d.auto_prune_step),
+               sparsity_warmup=min(auto.masks.sparsity_warmup, int(d.auto_prune_step)))
+  masked = {"from_stage": -1, "total_steps": int(d.auto_steps), "masks": masks,
             "student": {"custom": config.teacher.custom.to_dict(), "init": "inherit"}}
   cached = {"teacher": {"cache": cache}}
   return ({"name": "manual_online", **manual}, {"name": "manual_cached", **manual, **cached},

@@ -101,5 +101,7 @@ def cached(c):
       "image_size": 40,             # stored images; crops are resized to the models' 32 px
       "augmentations": 4,
       "crop_scale_min": 0.5,        # 0.9-1.0 (open_clip's) would make the K crops alike
+      # The automatic-inheritance students (demo_auto's settings, `auto` above):
+      "auto_steps": 300, "auto_prune_step": 150,
   })
   return c
