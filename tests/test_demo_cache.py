@@ -9,21 +9,29 @@ import os
 
 import pytest
 
-from tinyclip_jax import demo, demo_cache
+from tinyclip_jax import demo, demo_cache, demo_config, workdir as workdir_lib
 from tinyclip_jax.train import prepare
-from test_demo import tiny  # the tiny demo settings
 
 pytestmark = pytest.mark.xdist_group("demo_cache")
 
 
+TINY = {"demo.teacher_steps": 4, "demo.teacher_eval_every": 2, "total_steps": 4,
+        "batch_size": 16, "log_every": 2, "eval_every": 2, "checkpoint_every": 100,
+        "eval.num_examples": 32, "eval.batch_size": 32,
+        "teacher.custom.vision_width": 64, "teacher.custom.text_width": 64,
+        "teacher.custom.vision_layers": 2, "teacher.custom.text_layers": 2,
+        "student.custom.vision_width": 32, "student.custom.text_width": 32,
+        "student.custom.vision_layers": 1, "student.custom.text_layers": 1,
+        "demo.cache.samples": 96, "demo.cache.shards": 2, "demo.cache.augmentations": 2,
+        "demo.cache.auto_steps": 4, "demo.cache.auto_prune_step": 2,
+        # The cached students only (the online twins are the same stages without
+        # teacher.cache, which the per-sample cache tests compare step by step).
+        "demo.cache.online": False}
+
+
 def config(**overrides):
-  c = tiny()
-  from tinyclip_jax import demo_config  # pylint: disable=import-outside-toplevel
-  with c.unlocked():
-    demo_config.cached(c)
-  c.demo.cache.update({"samples": 96, "shards": 2, "augmentations": 2, "auto_steps": 8,
-                       "auto_prune_step": 4})
-  c.update_from_flattened_dict(overrides)
+  c = demo_config.cached(demo_config.get_config())
+  c.update_from_flattened_dict({**TINY, **overrides})
   return c
 
 
@@ -31,16 +39,15 @@ def test_tiny_cached_demo(tmp_path, compile_cache):
   work = str(tmp_path / "demo")
   summary = demo.run(config(), work)
   root = tmp_path / "demo" / "cache"
-  assert sorted(summary["rows"]) == ["auto_cached", "auto_online", "manual_cached",
-                                     "manual_online"]
+  assert sorted(summary["rows"]) == ["auto_cached", "manual_cached"]
   manifest = json.loads((root / "teacher_k2" / "cache.json").read_text())
   assert manifest["augment"]["augmentations"] == 2
   assert sorted(manifest["shards"]) == ["00000.tar", "00001.tar"]
   assert sum(v["cached"] for v in manifest["shards"].values()) == 96
   seconds = {}
-  for k, name in enumerate(("manual_online", "manual_cached", "auto_online", "auto_cached")):
+  for k, name in enumerate(("manual_cached", "auto_cached")):
     stage = root / f"{k}_{name}"
-    done = json.loads((stage / "done.json").read_text())
+    done = json.loads((stage / workdir_lib.STAGE_DONE).read_text())
     last = max((json.loads(p.read_text()) for p in (stage / "evals").glob("step_*.json")),
                key=lambda e: e["step"])
     row = summary["rows"][name]
@@ -48,14 +55,14 @@ def test_tiny_cached_demo(tmp_path, compile_cache):
     assert row["seconds"] == done["seconds"]
     seconds[name] = done["seconds"]
     config_json = json.loads((stage / "stage_config.json").read_text())
-    assert config_json["teacher"]["cache"] == (str(root / "teacher_k2")
-                                                if name.endswith("cached") else "")
-  assert summary["rows"]["auto_online"]["step"] == 8
+    assert config_json["teacher"]["cache"] == str(root / "teacher_k2")
+    assert config_json["data"]["augmentations"] == 2
+  assert summary["rows"]["auto_cached"]["step"] == 4
+  auto = json.loads((root / "1_auto_cached" / "stage_config.json").read_text())
+  assert auto["masks"]["enabled"] and auto["student"]["custom"]["vision_width"] == 64
   s = summary["seconds"]
   assert s["cache_build"] == round(manifest["build"]["seconds"], 1)
-  online = seconds["manual_online"] + seconds["auto_online"]
-  cached = seconds["manual_cached"] + seconds["auto_cached"]
-  assert s["saved"] == round(online - cached - manifest["build"]["seconds"], 1)
+  assert s["students_cached"] == seconds["manual_cached"] + seconds["auto_cached"]
   assert json.loads((root / "summary.json").read_text()) == summary
 
   # Run again: every stage is finished, the shards and the cache are not made again.

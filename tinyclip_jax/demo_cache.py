@@ -110,8 +110,12 @@ def stages(config, cache: str) -> tuple:
   masked = {"from_stage": -1, "total_steps": int(d.auto_steps), "masks": masks,
             "student": {"custom": config.teacher.custom.to_dict(), "init": "inherit"}}
   cached = {"teacher": {"cache": cache}}
-  return ({"name": "manual_online", **manual}, {"name": "manual_cached", **manual, **cached},
-          {"name": "auto_online", **masked}, {"name": "auto_cached", **masked, **cached})
+  out = []
+  for name, student in (("manual", manual), ("auto", masked)):
+    if d.online:
+      out.append({"name": f"{name}_online", **student})
+    out.append({"name": f"{name}_cached", **student, **cached})
+  return tuple(out)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -138,23 +142,26 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   rows = {name: dict(demo._final(res), seconds=res["seconds"])  # pylint: disable=protected-access
           for name, res in results.items()}
   build = manifest["build"]["seconds"]
-  online = sum(rows[f"{s}_online"]["seconds"] for s in ("manual", "auto"))
   cached = sum(rows[f"{s}_cached"]["seconds"] for s in ("manual", "auto"))
+  seconds = {"shards": shard_seconds, "cache_build": round(build, 1),
+             "cache_images_per_s": round(manifest["build"]["images_per_s"], 1),
+             "students_cached": cached}
+  if config.demo.cache.online:
+    online = sum(rows[f"{s}_online"]["seconds"] for s in ("manual", "auto"))
+    seconds.update(students_online=online, saved=round(online - cached - build, 1))
   summary = {"rows": rows, "augmentations": k,
              "crop_scale_min": float(config.demo.cache.crop_scale_min),
              "samples": int(config.demo.cache.samples),
-             "seconds": {"shards": shard_seconds, "cache_build": round(build, 1),
-                         "cache_images_per_s": round(manifest["build"]["images_per_s"], 1),
-                         "students_online": online, "students_cached": cached,
-                         "saved": round(online - cached - build, 1),
-                         "this_run": round(time.time() - t0, 1)}}
+             "seconds": dict(seconds, this_run=round(time.time() - t0, 1))}
   storage.write_json(storage.join(root, "summary.json"), summary)
   print(f"\n{'student':<16} {'params':>10} {'top-1':>7} {'seconds':>8}")
   for name, row in rows.items():
     print(f"{name:<16} {row['params']:>10,} {100 * row['top1']:>6.1f}% {row['seconds']:>8.1f}")
   s = summary["seconds"]
   print(f"cache: {k} crops of {summary['samples']} images built in {s['cache_build']:.0f} s "
-        f"({s['cache_images_per_s']:.0f} images/s); the two students took {online:.0f} s "
-        f"computing the teacher and {cached:.0f} s reading it: {s['saved']:+.0f} s with the "
-        f"build counted; wrote {root}/summary.json")
+        f"({s['cache_images_per_s']:.0f} images/s); the two students took "
+        + (f"{s['students_online']:.0f} s computing the teacher and " if "saved" in s else "")
+        + f"{cached:.0f} s reading it"
+        + (f": {s['saved']:+.0f} s with the build counted" if "saved" in s else "")
+        + f"; wrote {root}/summary.json")
   return summary

@@ -103,5 +103,8 @@ def cached(c):
       "crop_scale_min": 0.5,        # 0.9-1.0 (open_clip's) would make the K crops alike
       # The automatic-inheritance students (demo_auto's settings, `auto` above):
       "auto_steps": 300, "auto_prune_step": 150,
+      # Also train each student computing the teacher, on the same shards and crops (the
+      # time the cache saves); False: the cached students only.
+      "online": True,
   })
   return c
