@@ -13,5 +13,6 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # One fake-gcs-server per test process (session scope), shared by every module that
 # takes the `gcs` fixture (tests/gcs_fixtures.py).
 from gcs_fixtures import gcs  # noqa: E402,F401  pylint: disable=unused-import,wrong-import-position
-# One persistent compilation cache per test process (tests/compile_cache.py).
-from compile_cache import compile_cache, session_compile_cache  # noqa: E402,F401  pylint: disable=unused-import,wrong-import-position
+# A module's persistent compilation cache (tests/compile_cache.py), for modules whose
+# runs compile the same programs again.
+from compile_cache import compile_cache  # noqa: E402,F401  pylint: disable=unused-import,wrong-import-position

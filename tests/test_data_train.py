@@ -5,13 +5,14 @@ import importlib.util
 import json
 from pathlib import Path
 
+import jax
 import orbax.checkpoint as ocp
 import pytest
 
 from tinyclip_jax import checkpoint
 from tinyclip_jax.data import make_shards, sharded
 from tinyclip_jax.metrics import read_jsonl
-from tinyclip_jax.train import prepare, runner
+from tinyclip_jax.train import compile as compile_lib, loop, prepare, runner
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.py"
 
@@ -43,6 +44,20 @@ def config(pattern, steps):
 def saved_input(workdir, step):
   mgr = checkpoint.manager(str(workdir), 3)
   return mgr.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
+
+
+@pytest.fixture
+def compile_cache(tmp_path):
+  """The resumed run loads the first run's executables instead of compiling again."""
+  keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+          "jax_persistent_cache_min_entry_size_bytes")
+  old = {k: getattr(jax.config, k) for k in keys}
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path / "jax_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  yield
+  for k, v in old.items():
+    jax.config.update(k, v)
 
 
 def test_train_resume_and_eval_on_shards(tmp_path, monkeypatch, compile_cache):

@@ -23,7 +23,7 @@ def _config(auto: bool):
 
 
 def test_demo_auto_keeps_the_demos_rows_and_times(tmp_path, monkeypatch):
-  monkeypatch.setattr(demo, "_final", lambda r: {"top1": r["top1"]})
+  monkeypatch.setattr(demo, "final_row", lambda r: {"top1": r["top1"]})
   monkeypatch.setattr(demo.probe, "run", lambda *a, **k: {"probe": "auto"})
   monkeypatch.setattr(demo.probe, "draw_auto", lambda *a: None)
   monkeypatch.setattr(demo.prune, "structure", lambda cfg: {"kept": cfg})

@@ -14,7 +14,7 @@ import ml_collections
 import pytest
 
 from tinyclip_jax.train import plan as plan_lib, prepare, runner
-from tinyclip_jax import demo, status
+from tinyclip_jax import workdir as workdir_lib, demo, status
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_auto_inherit import SMALL, auto_config  # noqa: E402
@@ -211,6 +211,40 @@ def test_demo_resumes_after_a_kill(tmp_path):
   check_probe(s["probe_auto"], {k: r["checkpoint"] for k, r in s["rows"].items()},
               affinity=False)
   assert (workdir / "auto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  # demo_cache in the same folder: the training set as shards, one per-sample cache of
+  # the finished teacher, the manual and auto students distilled from it.
+  cached = [a.replace("configs/demo.py", "configs/demo_cache.py") for a in args]
+  r = _run([*cached, "--config.demo.cache.samples=96", "--config.demo.cache.shards=2",
+            "--config.demo.cache.augmentations=2", "--config.demo.cache.auto_steps=4",
+            "--config.demo.cache.auto_prune_step=2", "--config.demo.cache.online=False"], "",
+           0, cache)
+  assert "stage 0_teacher is complete" in r.stderr
+  check_cached_demo(workdir / "cache", samples=96, k=2, auto_steps=4)
+
+
+def check_cached_demo(root, samples: int, k: int, auto_steps: int) -> None:
+  """DIR/cache/summary.json against the cache's manifest and each stage's own files."""
+  summary = json.loads((root / "summary.json").read_text())
+  assert sorted(summary["rows"]) == ["auto_cached", "manual_cached"]
+  manifest = json.loads((root / f"teacher_k{k}" / "cache.json").read_text())
+  assert manifest["augment"]["augmentations"] == k
+  assert sum(v["cached"] for v in manifest["shards"].values()) == samples
+  seconds = 0.0
+  for i, name in enumerate(("manual_cached", "auto_cached")):
+    stage = root / f"{i}_{name}"
+    done = json.loads((stage / workdir_lib.STAGE_DONE).read_text())
+    last = max((json.loads(p.read_text()) for p in (stage / "evals").glob("step_*.json")),
+               key=lambda e: e["step"])
+    row = summary["rows"][name]
+    assert row["top1"] == last["top1"] and row["step"] == done["step"] == last["step"]
+    assert row["seconds"] == done["seconds"]
+    seconds += done["seconds"]
+    identity = json.loads((stage / "stage_config.json").read_text())
+    assert identity["teacher"]["cache"] == str(root / f"teacher_k{k}")
+    assert identity["data"]["augmentations"] == k
+  assert summary["rows"]["auto_cached"]["step"] == auto_steps
+  assert summary["seconds"]["cache_build"] == round(manifest["build"]["seconds"], 1)
+  assert summary["seconds"]["students_cached"] == seconds
 
 
 def test_bad_run_input_is_one_sentence_before_anything_runs(tmp_path):

@@ -18,7 +18,7 @@ from tinyclip_jax import cache_teacher, preprocess
 from tinyclip_jax.data import make_shards, sample_cache, sharded, shards
 from tinyclip_jax.metrics import read_jsonl
 from tinyclip_jax.train import defaults, prepare, runner
-from test_train import smoke_config
+from test_train import mesh_on, smoke_config
 
 pytestmark = pytest.mark.xdist_group("sample_cache")
 
@@ -102,7 +102,7 @@ def test_stored_embeddings_are_the_teachers_on_the_stored_crops(built):
     np.testing.assert_allclose(side[f"text.{m}"][:6], np.asarray(text), rtol=0, atol=1e-6)
 
 
-def test_cached_run_equals_the_online_run_of_the_same_crops(built, tmp_path):
+def test_cached_run_equals_the_online_run_of_the_same_crops(built, tmp_path, monkeypatch):
   """K=1, float32, a two-teacher ensemble: every step's loss equals the run that
   computes both teachers (with the same key-derived crops, data.augmentations=1) to
   1e-6 relative. The cached image
@@ -110,6 +110,8 @@ def test_cached_run_equals_the_online_run_of_the_same_crops(built, tmp_path):
   XLA compiles the image tower alone differently from inside the step; text: equal),
   and the smoke config's first updates (gradient norm ~300 clipped to 5, lr 1e-3)
   carry that to 3e-7 of the loss by step 3."""
+  import jax  # pylint: disable=import-outside-toplevel
+  mesh_on(monkeypatch, jax.devices()[:1])  # one device: the same values, half the compile
   root = built[0]
   logs = []
   for name, extra in (("online", {"data.augmentations": 1}),

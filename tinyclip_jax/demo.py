@@ -89,7 +89,7 @@ def history(stage_dir: str) -> list[dict]:
   return sorted((storage.read_json(f) for f in evals), key=lambda ev: ev["step"])
 
 
-def _results(phases: list[plan_lib.Phase]) -> dict[str, dict]:
+def results(phases: list[plan_lib.Phase]) -> dict[str, dict]:
   """Per stage ("teacher", "distilled_s0", ...): its export, evaluations and time,
   read from its folder."""
   out = {}
@@ -107,7 +107,7 @@ def _results(phases: list[plan_lib.Phase]) -> dict[str, dict]:
 _METRICS = ("top1", "top5", "colour_top1", "shape_top1")
 
 
-def _final(r: dict) -> dict:
+def final_row(r: dict) -> dict:
   """A stage's evaluation at its last step (every run evaluates there)."""
   ev = r["history"][-1]
   if ev["step"] != r["step"]:
@@ -183,7 +183,7 @@ def _write_summary(config, workdir: str, results: dict, t0: float) -> dict:
   # config's are replaced whole, so rows of another seed count never linger.
   old = storage.read_json(path) if storage.exists(path) else {}
   summary = _other_configs_part(old, bool(config.demo.get("auto")))
-  rows = {name: _final(r) for name, r in results.items()}
+  rows = {name: final_row(r) for name, r in results.items()}
   # The shared teacher's row first, whichever config ran last.
   summary["rows"] = {"teacher": rows.pop("teacher"), **summary.get("rows", {}), **rows}
   summary.setdefault("history", {}).update(
@@ -243,9 +243,6 @@ _TEACHER_FIELDS = {"total_steps": "demo.teacher_steps", "optimizer.lr": "demo.te
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs the demo's plan, then writes DIR/summary.json and its pictures."""
-  if config.demo.get("cache"):  # configs/demo_cache.py
-    from tinyclip_jax import demo_cache  # pylint: disable=import-outside-toplevel
-    return demo_cache.run(config, workdir)
   config, workdir = paths.resolve_config(config), paths.resolve(workdir)
   check(config)
   phases = plan(config, workdir)  # checks every stage before the teacher trains for minutes
@@ -258,7 +255,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise
   if r.get("preempted"):
     return r
-  summary = _write_summary(config, workdir, _results(phases), t0)
+  summary = _write_summary(config, workdir, results(phases), t0)
   _print_table(summary)
   if config.demo.get("auto"):
     print(f"auto: masks learned for {config.masks.prune_step} steps, pruned, distilled to step "

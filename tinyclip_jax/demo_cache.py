@@ -60,12 +60,6 @@ def _shards(config, root: str) -> tuple[str, float]:
       raise prepare.SetupError(f"{out} holds the shards of other demo.cache settings; give "
                                "the demo a new workdir.")
     return storage.join(out, "*.tar"), have["seconds"]
-  if storage.is_url(out):
-    raise prepare.SetupError("configs/demo_cache.py writes its shards to a local workdir; "
-                             "give a local --workdir.")
-  if d.samples % d.shards:
-    raise prepare.SetupError(f"demo.cache.samples={d.samples} is not a multiple of "
-                             f"demo.cache.shards={d.shards}; make it one.")
   t0 = time.time()
   make_shards.write_shards(out, int(d.shards), int(d.samples) // int(d.shards),
                            spec=synthetic.from_data_config(config.data, int(d.image_size)),
@@ -118,13 +112,34 @@ def stages(config, cache: str) -> tuple:
   return tuple(out)
 
 
+def check(config, workdir: str) -> None:
+  """demo.cache's fields and the workdir: one sentence each, before anything runs."""
+  demo.check(config)
+  d = config.demo.cache
+  if int(d.augmentations) < 1:
+    raise prepare.SetupError(f"demo.cache.augmentations={d.augmentations}: the cache stores "
+                             "K >= 1 crops of each image; give 1 or more.")
+  if int(d.shards) < 1 or int(d.samples) < int(d.shards) or d.samples % d.shards:
+    raise prepare.SetupError(f"demo.cache.samples={d.samples} is not a multiple of "
+                             f"demo.cache.shards={d.shards} (at least one sample per shard); "
+                             "make it one.")
+  if not 16 <= int(d.image_size) <= 1024:
+    raise prepare.SetupError(f"demo.cache.image_size={d.image_size} must be in [16, 1024].")
+  if not 0 < float(d.crop_scale_min) <= config.data.crop_scale_max:
+    raise prepare.SetupError(f"demo.cache.crop_scale_min={d.crop_scale_min} must be in "
+                             f"(0, data.crop_scale_max={config.data.crop_scale_max}].")
+  if not 0 < int(d.auto_prune_step) < int(d.auto_steps):
+    raise prepare.SetupError(f"demo.cache.auto_prune_step={d.auto_prune_step} must be "
+                             f"between 0 and demo.cache.auto_steps={d.auto_steps}.")
+  if storage.is_url(workdir):
+    raise prepare.SetupError("configs/demo_cache.py writes its shards to a local workdir; "
+                             "give a local --workdir.")
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config, workdir = paths.resolve_config(config), paths.resolve(workdir)
-  demo.check(config)
+  check(config, workdir)
   k = int(config.demo.cache.augmentations)
-  if k < 1:
-    raise prepare.SetupError(f"demo.cache.augmentations={k}: the cache stores K >= 1 crops "
-                             "of each image; give 1 or more.")
   t0 = time.time()
   teacher = _teacher(config, workdir)
   root = storage.join(workdir, SUBDIR)
@@ -138,8 +153,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   r = runner.run_plan(phases)
   if r.get("preempted"):
     return r
-  results = demo._results(phases)  # pylint: disable=protected-access
-  rows = {name: dict(demo._final(res), seconds=res["seconds"])  # pylint: disable=protected-access
+  results = demo.results(phases)
+  rows = {name: dict(demo.final_row(res), seconds=res["seconds"])
           for name, res in results.items()}
   build = manifest["build"]["seconds"]
   cached = sum(rows[f"{s}_cached"]["seconds"] for s in ("manual", "auto"))

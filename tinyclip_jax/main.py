@@ -72,7 +72,10 @@ def main(argv) -> int:
   logging.info("process %d of %d; devices: %s", jax.process_index(), jax.process_count(),
                jax.devices())
   try:
-    if config.get("demo"):
+    if config.get("demo") and config.demo.get("cache"):  # configs/demo_cache.py
+      from tinyclip_jax import demo_cache  # pylint: disable=import-outside-toplevel
+      demo_cache.run(config, FLAGS.workdir)
+    elif config.get("demo"):
       from tinyclip_jax import demo  # pylint: disable=import-outside-toplevel
       demo.run(config, FLAGS.workdir)
     else:

@@ -21,7 +21,6 @@ import numpy as np
 import tensorflow as tf
 
 from tinyclip_jax.data import augment, sample_cache, shards
-from tinyclip_jax.data.sharded import repair_caption
 
 
 @dataclasses.dataclass
@@ -69,7 +68,7 @@ class Crops:
     if reason:
       return None
     khash = sample_cache.key_hash(key)
-    fixed, _, reason = repair_caption(tf.constant(caption), tf.constant(0, tf.int32))
+    fixed, _, reason = shards.repair_caption(tf.constant(caption), tf.constant(0, tf.int32))
     text = fixed.numpy().decode("utf-8")
     blank = Row(khash, False, None, np.zeros((self.k, 4), np.int32), "")
     if int(reason):

@@ -86,10 +86,6 @@ def is_sample_cache(manifest: dict) -> bool:
   return manifest.get("format") == FORMAT
 
 
-def _first_difference(want, got, path):
-  return teacher_cache._first_difference(want, got, path)  # pylint: disable=protected-access
-
-
 def check(manifest: dict, augment: dict, teachers: list[dict], path: str) -> None:
   """Refuses a cache of other teachers or other crops; one sentence."""
   names = lambda ts: ", ".join(f"{t['name']} ({t['digest'][:12]})" for t in ts)
@@ -98,7 +94,7 @@ def check(manifest: dict, augment: dict, teachers: list[dict], path: str) -> Non
   if [t["name"] for t in got] != [t["name"] for t in teachers]:
     diff = "other members"
   for want, have in zip(teachers, got):
-    diff = diff or _first_difference(want["config"], have["config"], f"{want['name']}.config")
+    diff = diff or teacher_cache.first_difference(want["config"], have["config"], f"{want['name']}.config")
     if not diff and want["digest"] != have["digest"]:
       diff = f"{want['name']}: other weights"
   if diff:
@@ -217,6 +213,18 @@ def sidecar_counts(path: str) -> dict:
   from safetensors.numpy import load  # pylint: disable=import-outside-toplevel
   ok = load(storage.read_bytes(path))["ok"]
   return {"records": int(len(ok)), "cached": int(ok.sum())}
+
+
+def teacher_batch(b: dict, widths: list[int] | None) -> dict:
+  """A batch's cached teacher embeddings: arrays for one teacher, tuples (the
+  ensemble's order) for several; {} without a cache."""
+  if not widths:
+    return {}
+  images = tuple(b[f"teacher_image.{m}"] for m in range(len(widths)))
+  texts = tuple(b[f"teacher_text.{m}"] for m in range(len(widths)))
+  if len(widths) == 1:
+    return {"teacher_image": images[0], "teacher_text": texts[0]}
+  return {"teacher_image": images, "teacher_text": texts}
 
 
 def write_sidecar(path: str, shard: str, key_hashes: np.ndarray, ok: np.ndarray,

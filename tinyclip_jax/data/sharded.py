@@ -53,15 +53,6 @@ _BEAT = _N  # reason code of a heartbeat record (not a reason: outside the count
 _fingerprint = augment.fingerprint
 
 
-def repair_caption(caption, reason):
-  """(caption with non-UTF-8 bytes replaced by U+FFFD, whether any were, reason with
-  empty captions flagged) — also what the per-sample teacher cache embeds."""
-  fixed = tf.strings.unicode_transcode(
-      caption, "UTF-8", "UTF-8", errors="replace", replacement_char=0xFFFD)
-  bad_utf8 = tf.logical_and(tf.equal(reason, 0), tf.not_equal(fixed, caption))
-  empty = tf.logical_and(
-      tf.equal(reason, 0), tf.equal(tf.strings.length(tf.strings.strip(fixed)), 0))
-  return fixed, bad_utf8, tf.where(empty, shards.CODE["empty_caption"], reason)
 
 
 class ShardedPairs:
@@ -221,7 +212,7 @@ class ShardedPairs:
       seed = tf.stack([_fingerprint(self.cfg.seed + 1, r["epoch"], r["window"]), r["index"]])
       pick = tf.random.stateless_uniform([], seed, 0, tf.maximum(tf.size(parts), 1), tf.int32)
       caption = tf.cond(tf.size(parts) > 0, lambda: parts[pick], lambda: tf.constant(""))
-    fixed, bad_utf8, reason = repair_caption(caption, r["reason"])
+    fixed, bad_utf8, reason = shards.repair_caption(caption, r["reason"])
     return dict(r, caption=fixed, reason=reason, bad_utf8=bad_utf8)
 
   def _with_heartbeats(self, ds, every: int):
@@ -360,19 +351,8 @@ class ShardedPairs:
         "tokens": tokenizer.tokenize(captions, self.context_length),
         "keys": [k.decode("utf-8", "replace") for k in b["key"]],
         "captions": captions,
-        **self._teacher_batch(b)
+        **sample_cache.teacher_batch(b, self.widths)
     }
-
-  def _teacher_batch(self, b) -> dict:
-    """The cached teacher embeddings of a batch: arrays for one teacher, tuples (the
-    ensemble's order) for several."""
-    if not self.widths:
-      return {}
-    images = tuple(b[f"teacher_image.{m}"] for m in range(len(self.widths)))
-    texts = tuple(b[f"teacher_text.{m}"] for m in range(len(self.widths)))
-    if len(self.widths) == 1:
-      return {"teacher_image": images[0], "teacher_text": texts[0]}
-    return {"teacher_image": images, "teacher_text": texts}
 
   def _after(self, b, skipped: dict) -> dict:
     """The state after batch `b`: the position after its last sample, in the tail
@@ -405,7 +385,7 @@ class ShardedPairs:
         "keys": [""] * n,
         "captions": [""] * n,
         **{k: (tuple(np.zeros_like(x) for x in v) if isinstance(v, tuple) else np.zeros_like(v))
-           for k, v in self._teacher_batch(b).items()}
+           for k, v in sample_cache.teacher_batch(b, self.widths).items()}
     }
     self.close()
     return self._stalled_batch

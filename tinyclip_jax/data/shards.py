@@ -224,6 +224,17 @@ CHUNK_SIGNATURE = tuple(tf.TensorSpec((None,), s.dtype) for s in RECORD_SIGNATUR
 CHUNK = 16  # records per call into Python: the per-call cost was ~45% of reading
 
 
+def repair_caption(caption, reason):
+  """(caption with non-UTF-8 bytes replaced by U+FFFD, whether any were, reason with
+  empty captions flagged) — also what the per-sample teacher cache embeds."""
+  fixed = tf.strings.unicode_transcode(
+      caption, "UTF-8", "UTF-8", errors="replace", replacement_char=0xFFFD)
+  bad_utf8 = tf.logical_and(tf.equal(reason, 0), tf.not_equal(fixed, caption))
+  empty = tf.logical_and(
+      tf.equal(reason, 0), tf.equal(tf.strings.length(tf.strings.strip(fixed)), 0))
+  return fixed, bad_utf8, tf.where(empty, CODE["empty_caption"], reason)
+
+
 def in_chunks(reader, *args, size: int = CHUNK):
   """A reader's records in order, `size` at a time as four lists (CHUNK_SIGNATURE), so
   that tf.data's `from_generator` crosses into Python once per chunk, not per record."""

@@ -64,10 +64,10 @@ def describe(config, teacher_config, digest: str) -> dict:
           "process_count": jax.process_count()}
 
 
-def _first_difference(want: Any, got: Any, path: str = "") -> str | None:
+def first_difference(want: Any, got: Any, path: str = "") -> str | None:
   if isinstance(want, dict) and isinstance(got, dict):
     for k in sorted(set(want) | set(got)):
-      d = _first_difference(want.get(k), got.get(k), f"{path}.{k}" if path else k)
+      d = first_difference(want.get(k), got.get(k), f"{path}.{k}" if path else k)
       if d:
         return d
     return None
@@ -151,7 +151,7 @@ def check(manifest: dict, expected: dict, steps: int, path: str) -> None:
                      "decodes other pixels; rebuild the cache or set "
                      f"data.jpeg_scale={built}.")
   for key in ("teacher", "data", "batch_size", "process_count"):
-    diff = _first_difference(expected[key], manifest.get(key), key)
+    diff = first_difference(expected[key], manifest.get(key), key)
     if diff:
       raise CacheError(f"teacher.cache {path} was built for another run: {diff}; rebuild the "
                        "cache for this config or drop teacher.cache.")
