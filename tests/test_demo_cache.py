@@ -15,14 +15,16 @@ def config(**overrides):
   return c
 
 
-@pytest.mark.parametrize("online", [True, False])
-def test_stages_are_the_two_students_cached_and_online(online):
-  c = config(**{"demo.cache.online": online, "demo.cache.auto_steps": 40,
-                "demo.cache.auto_prune_step": 20})
+@pytest.mark.parametrize("online,auto,names", [
+    (True, True, ["manual_online", "manual_cached", "auto_online", "auto_cached"]),
+    (False, True, ["manual_cached", "auto_cached"]),
+    (False, False, ["manual_cached"]),
+])
+def test_stages_are_the_two_students_cached_and_online(online, auto, names):
+  c = config(**{"demo.cache.online": online, "demo.cache.auto": auto,
+                "demo.cache.auto_steps": 40, "demo.cache.auto_prune_step": 20})
   stages = demo_cache.stages(c, "/cache")
-  names = [s["name"] for s in stages]
-  assert names == (["manual_online", "manual_cached", "auto_online", "auto_cached"] if online
-                   else ["manual_cached", "auto_cached"])
+  assert [s["name"] for s in stages] == names
   for s in stages:
     assert s["from_stage"] == -1 and s["student"]["init"] == "inherit"
     assert s.get("teacher", {}).get("cache", "") == ("/cache" if "cached" in s["name"] else "")

@@ -105,7 +105,7 @@ def stages(config, cache: str) -> tuple:
             "student": {"custom": config.teacher.custom.to_dict(), "init": "inherit"}}
   cached = {"teacher": {"cache": cache}}
   out = []
-  for name, student in (("manual", manual), ("auto", masked)):
+  for name, student in (("manual", manual), ("auto", masked))[:2 if d.auto else 1]:
     if d.online:
       out.append({"name": f"{name}_online", **student})
     out.append({"name": f"{name}_cached", **student, **cached})
@@ -157,12 +157,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   rows = {name: dict(demo.final_row(res), seconds=res["seconds"])
           for name, res in results.items()}
   build = manifest["build"]["seconds"]
-  cached = sum(rows[f"{s}_cached"]["seconds"] for s in ("manual", "auto"))
+  students = ("manual", "auto") if config.demo.cache.auto else ("manual",)
+  cached = sum(rows[f"{s}_cached"]["seconds"] for s in students)
   seconds = {"shards": shard_seconds, "cache_build": round(build, 1),
              "cache_images_per_s": round(manifest["build"]["images_per_s"], 1),
              "students_cached": cached}
   if config.demo.cache.online:
-    online = sum(rows[f"{s}_online"]["seconds"] for s in ("manual", "auto"))
+    online = sum(rows[f"{s}_online"]["seconds"] for s in students)
     seconds.update(students_online=online, saved=round(online - cached - build, 1))
   summary = {"rows": rows, "augmentations": k,
              "crop_scale_min": float(config.demo.cache.crop_scale_min),
@@ -174,7 +175,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     print(f"{name:<16} {row['params']:>10,} {100 * row['top1']:>6.1f}% {row['seconds']:>8.1f}")
   s = summary["seconds"]
   print(f"cache: {k} crops of {summary['samples']} images built in {s['cache_build']:.0f} s "
-        f"({s['cache_images_per_s']:.0f} images/s); the two students took "
+        f"({s['cache_images_per_s']:.0f} images/s); the students took "
         + (f"{s['students_online']:.0f} s computing the teacher and " if "saved" in s else "")
         + f"{cached:.0f} s reading it"
         + (f": {s['saved']:+.0f} s with the build counted" if "saved" in s else "")
