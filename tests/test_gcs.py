@@ -225,3 +225,36 @@ def test_auto_inheritance_stages_on_gcs(runs, monkeypatch):
   assert "pruned_00000002.json" in structure and "pruned_00000002.png" in structure
   assert storage.read_bytes(f"{work}/0_auto/structure/pruned_00000002.png")[:4] == b"\x89PNG"
   assert os.listdir(runs.cwd) == []
+
+
+def test_per_sample_cache_on_gcs(runs, monkeypatch):
+  """A per-sample cache built from shards on gs:// into gs://, and read back by the
+  sharded input from there: each row equals the sidecar's row (fetched through the
+  storage layer) at the epoch's draw."""
+  from safetensors.numpy import load  # pylint: disable=import-outside-toplevel
+  from tinyclip_jax import cache_teacher  # pylint: disable=import-outside-toplevel
+  from tinyclip_jax.data import sample_cache, sharded  # pylint: disable=import-outside-toplevel
+  from tinyclip_jax.data import teacher_cache  # pylint: disable=import-outside-toplevel
+  monkeypatch.chdir(runs.cwd)
+  out = f"{runs.bucket}/samples_k2"
+  c = smoke_config({"teacher.checkpoint": f"{runs.bucket}/teacher", "eval.tasks": "",
+                    "data.kind": "webdataset", "data.train": f"{runs.bucket}/wds/*.tar"})
+  manifest = cache_teacher.build_samples(c, out, 2, dtype="float32")
+  assert storage.listdir(f"{out}/shards") == ["00000.tar.safetensors", "00001.tar.safetensors"]
+  assert sum(v["cached"] for v in manifest["shards"].values()) == 48
+  side = {}
+  for name in ("00000.tar", "00001.tar"):
+    arrays = load(storage.read_bytes(f"{out}/{sample_cache.sidecar_name(name)}"))
+    for i, h in enumerate(arrays["key_hash"].tolist()):
+      side[h] = (arrays["image.0"][i], arrays["text.0"][i])
+  src = sharded.ShardedPairs(c.data, 32, 32, 8, cache=(out, manifest))
+  try:
+    b = src.next_batch()
+  finally:
+    src.close()
+  for key, image, text in zip(b["keys"], b["teacher_image"], b["teacher_text"]):
+    h = sample_cache.key_hash(key)
+    want_image, want_text = side[h]
+    np.testing.assert_array_equal(image, teacher_cache.decode(
+        want_image[sample_cache.draw(0, 0, h, 2)]))
+    np.testing.assert_array_equal(text, want_text)
