@@ -177,15 +177,25 @@ def build_samples(config, out: str, k: int, dtype: str = "bfloat16", batch: int 
     if name in done:
       counts[name.split("/")[-1][:-len(".safetensors")]] = done[name]
       continue
-    rows = [r for part in sample_build.shard_rows(shard, config.data, k, cfg.vision.image_size)
-            for r in part]
-    embeds = forward(rows, cfg.text.context_length)
-    sample_cache.write_sidecar(out, shard, np.array([r.key_hash for r in rows], np.int64),
-                               np.array([r.ok for r in rows], np.uint8),
-                               np.stack([r.boxes for r in rows]) if rows else
-                               np.zeros((0, k, 4), np.int32), *embeds, dtype)
-    n_ok = sum(r.ok for r in rows)
-    counts[posixpath.basename(shard)] = {"records": len(rows), "cached": n_ok}
+    # Chunk by chunk: the crops of a chunk are embedded and dropped (a shard's crops at
+    # 224 px would not fit in memory), its embeddings kept until the sidecar is written.
+    hashes, ok, boxes, parts = [], [], [], []
+    for rows in sample_build.shard_rows(shard, config.data, k, cfg.vision.image_size,
+                                        chunk=max(1, forward.batch // k)):
+      parts.append(forward(rows, cfg.text.context_length))
+      hashes += [r.key_hash for r in rows]
+      ok += [r.ok for r in rows]
+      boxes += [r.boxes for r in rows]
+    n = len(members)
+    embeds = ([np.concatenate([p[0][m] for p in parts]) if parts else
+               np.zeros((0, k, members[m][1].embed_dim), np.float32) for m in range(n)],
+              [np.concatenate([p[1][m] for p in parts]) if parts else
+               np.zeros((0, members[m][1].embed_dim), np.float32) for m in range(n)])
+    sample_cache.write_sidecar(out, shard, np.array(hashes, np.int64), np.array(ok, np.uint8),
+                               np.stack(boxes) if boxes else np.zeros((0, k, 4), np.int32),
+                               *embeds, dtype)
+    n_ok = int(sum(ok))
+    counts[posixpath.basename(shard)] = {"records": len(ok), "cached": n_ok}
     images += n_ok * k
     logging.info("cached shard %d/%d %s: %d samples (%.1f images/s)", i + 1, len(mine),
                  posixpath.basename(shard), n_ok, images / max(time.time() - t0, 1e-9))

@@ -189,21 +189,22 @@ def annotate(chunks: Iterator[tuple], *, epoch: int, seed: int, k: int,
     extra = [np.array(hashes, np.int64), np.array(augs, np.int64)]
     if sidecar is not None:
       reasons = list(reasons)
+      found, rows = [], []
+      for i in range(n):
+        row = None if reasons[i] else sidecar.take(hashes[i])
+        if row is not None:
+          found.append(i)
+          rows.append(row)
+        elif not reasons[i]:
+          reasons[i] = not_cached
+      a, draws = sidecar.arrays, np.asarray(augs)[found]
       box = np.zeros((n, 4), np.int32)
+      box[found] = a["box"][rows, draws]
       images_t = [np.zeros((n, e), np.float32) for e in widths]
       texts_t = [np.zeros((n, e), np.float32) for e in widths]
-      a = sidecar.arrays
-      for i in range(n):
-        if reasons[i]:
-          continue
-        row = sidecar.take(hashes[i])
-        if row is None:
-          reasons[i] = not_cached
-          continue
-        box[i] = a["box"][row, augs[i]]
-        for m in range(len(widths)):
-          images_t[m][i] = teacher_cache.decode(a[f"image.{m}"][row, augs[i]])
-          texts_t[m][i] = teacher_cache.decode(a[f"text.{m}"][row])
+      for m in range(len(widths)):  # one gather per chunk, not per record
+        images_t[m][found] = teacher_cache.decode(a[f"image.{m}"][rows, draws])
+        texts_t[m][found] = teacher_cache.decode(a[f"text.{m}"][rows])
       extra += [box, *images_t, *texts_t]
     yield (keys, images, captions, reasons, *extra)
 
