@@ -53,8 +53,6 @@ _BEAT = _N  # reason code of a heartbeat record (not a reason: outside the count
 _fingerprint = augment.fingerprint
 
 
-
-
 class ShardedPairs:
   """Per-host batches {"images", "tokens"} of a sharded image–text dataset with a
   JSON state {epoch, window, offset, used, skipped{reason: n}}, plus `tail` (pieces
