@@ -296,11 +296,16 @@ def test_builder_refuses_bad_requests(built, tmp_path):
   root = built[0]
   for k, kw, words in ((0, {}, "--augmentations=0"),
                        (1, {"data.kind": "synthetic"}, "needs webdataset or tfrecord"),
-                       (1, {}, "already holds a complete teacher cache")):
+                       (1, {}, "already holds a complete teacher cache"),
+                       (1, {}, "is a file, not a folder")):
     out = root / "k2" if "complete" in words else tmp_path / "c"
+    if "file" in words:  # --out naming a file: refused in one sentence, the file kept
+      out = tmp_path / "f"
+      out.write_text("mine")
     with pytest.raises(prepare.SetupError, match=words.replace("=", "=")):
       cache_teacher.build_samples(config(root / "shards", **kw), str(out), k)
     assert not (tmp_path / "c").exists()
+  assert (tmp_path / "f").read_text() == "mine"
   with pytest.raises(prepare.SetupError, match="per-step cache holds one teacher"):
     cache_teacher.build(config(root / "shards", ensemble=True), str(tmp_path / "c"))
 
@@ -315,3 +320,29 @@ def test_cli_exit_code(tmp_path):
   assert p.returncode == 2, p.stderr[-2000:]
   assert "error: --augmentations=0" in p.stderr
   assert not (tmp_path / "c").exists()
+  # A flag value that is not a number: one sentence and exit 2 too, not absl's exit 1.
+  p = subprocess.run([sys.executable, "-m", "tinyclip_jax.cache_teacher", f"--config={SMOKE}",
+                      "--augmentations=x", f"--out={tmp_path / 'c'}"], cwd=ROOT,
+                     capture_output=True, text=True, timeout=120)
+  assert p.returncode == 2, p.stderr[-2000:]
+  assert "error: flag --augmentations=x" in p.stderr and "Traceback" not in p.stderr
+  assert not (tmp_path / "c").exists()
+
+
+def test_an_unreadable_sidecar_skips_its_samples_as_not_cached(tmp_path):
+  # A truncated or corrupt sidecar must not end the shard's reader (tf.data would drop
+  # the shard uncounted): its records are counted as not_cached instead.
+  hashes = np.array([sample_cache.key_hash(k) for k in ("a", "b")], np.int64)
+  sample_cache.write_sidecar(str(tmp_path), "00000.tar", hashes, np.ones(2, np.uint8),
+                             np.zeros((2, 1, 4), np.int32), [np.ones((2, 1, 8), np.float32)],
+                             [np.ones((2, 8), np.float32)], "float32")
+  path = tmp_path / sample_cache.sidecar_name("00000.tar")
+  whole = path.read_bytes()
+  assert sample_cache.Sidecar.read(str(path), 1).take(int(hashes[0])) == 0
+  for blob in (whole[:100], b"\xff" * len(whole), b""):
+    path.write_bytes(blob)
+    sidecar = sample_cache.Sidecar.read(str(path), 1)
+    chunk = (["a", "b"], [b"", b""], ["x", "y"], [0, 0])
+    (_, _, _, reasons, *_), = sample_cache.annotate(
+        iter([chunk]), epoch=0, seed=0, k=1, sidecar=sidecar, widths=[8], not_cached=99)
+    assert list(reasons) == [99, 99]

@@ -34,7 +34,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from tinyclip_jax import distributed, faults, parallel
+from tinyclip_jax import cli, distributed, faults, parallel
 
 FLAGS = flags.FLAGS
 
@@ -71,6 +71,7 @@ def build(config, out: str, steps: int = 0, chunk: int = 100, dtype: str = "bflo
   if steps <= 0 or chunk <= 0:
     raise prepare.SetupError(f"--steps ({steps}) and --chunk ({chunk}) must be positive.")
   from tinyclip_jax import storage  # pylint: disable=import-outside-toplevel
+  _check_out_folder(out)
   if storage.listdir(out):
     raise prepare.SetupError(f"--out {out} exists and is not empty; give a new folder.")
   with config.unlocked():
@@ -134,6 +135,7 @@ def build_samples(config, out: str, k: int, dtype: str = "bfloat16", batch: int 
   if dtype not in ("bfloat16", "float32") or batch < 1:
     raise prepare.SetupError(f"--dtype {dtype!r} / --batch {batch}: use bfloat16 or float32, "
                              "and a positive batch.")
+  _check_out_folder(out)
   if config.data.kind not in sample_cache.KINDS:
     raise prepare.SetupError(
         f"--augmentations needs webdataset or tfrecord shards (data.kind), not "
@@ -204,6 +206,14 @@ def build_samples(config, out: str, k: int, dtype: str = "bfloat16", batch: int 
   parallel.barrier("sample_cache_done")
   logging.info("wrote the per-sample teacher cache (K=%d) to %s", k, out)
   return storage.read_json(storage.join(out, sample_cache.MANIFEST))
+
+
+def _check_out_folder(out: str) -> None:
+  """--out naming a file (listdir sees an empty folder there) is refused before any work."""
+  from tinyclip_jax import storage  # pylint: disable=import-outside-toplevel
+  from tinyclip_jax.train import prepare  # pylint: disable=import-outside-toplevel
+  if storage.exists(out) and not storage.isdir(out):
+    raise prepare.SetupError(f"--out {out} is a file, not a folder; give a new folder.")
 
 
 def _members(config, setup) -> list:
@@ -318,12 +328,13 @@ def main(argv) -> int:
     else:
       build(FLAGS.config, FLAGS.out, FLAGS.steps, FLAGS.chunk, FLAGS.dtype)
   except (distributed.DistributedError, prepare.SetupError, storage.StorageError,
-          ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
+          ValueError, OSError) as e:
+    print(f"error: {cli.one_line(e)}", file=sys.stderr)
     return 2
   return 0
 
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(lambda argv: sys.exit(main(argv)))
+  # A bad flag value (--augmentations=x) is one sentence and exit 2, as in the trainer.
+  app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.parse_absl_flags)
