@@ -274,6 +274,8 @@ def test_reader_memory_does_not_grow_with_the_number_of_shards(tmp_path, monkeyp
     ({"teacher.custom.text_layers": 3}, ["teacher(s) teacher (", "teacher.config.text.heads (cache: [2, 2, 2, 2]; this run: [2, 2, 2])"]),
     ({"data.train": "EXTRA"}, ["has no embeddings of shard", "00003.tar"]),
     ({"teacher.cache": "NOT_A_CACHE"}, ["holds no complete cache"]),
+    ({"teacher.cache": "CORRUPT_JSON"}, ["cache.json is not readable JSON", "rebuild"]),
+    ({"teacher.cache": "LIST_JSON"}, ["cache.json holds a list, not a cache manifest"]),
 ])
 def test_a_cache_that_does_not_fit_is_refused_before_compiling(built, tmp_path, overrides, words):
   root = built[0]
@@ -284,6 +286,11 @@ def test_a_cache_that_does_not_fit_is_refused_before_compiling(built, tmp_path, 
   if overrides["teacher.cache"] == "NOT_A_CACHE":
     (tmp_path / "empty").mkdir()
     overrides["teacher.cache"] = str(tmp_path / "empty")
+  if overrides["teacher.cache"] in ("CORRUPT_JSON", "LIST_JSON"):  # a half-copied manifest
+    (tmp_path / "bad").mkdir()
+    text = '{"format": 2, "aug' if overrides["teacher.cache"] == "CORRUPT_JSON" else "[1]"
+    (tmp_path / "bad" / sample_cache.MANIFEST).write_text(text)
+    overrides["teacher.cache"] = str(tmp_path / "bad")
   with pytest.raises(prepare.SetupError) as e:
     runner.run(config(root / "shards", **overrides), str(tmp_path / "run"))
   for w in words:
@@ -306,6 +313,13 @@ def test_builder_refuses_bad_requests(built, tmp_path):
       cache_teacher.build_samples(config(root / "shards", **kw), str(out), k)
     assert not (tmp_path / "c").exists()
   assert (tmp_path / "f").read_text() == "mine"
+  make_shards.write_shards(str(tmp_path / "other"), 1, 2, image_size=40)
+  with pytest.raises(prepare.SetupError, match=r"two shards named '00000.tar' \(.*shards/"
+                     r"00000.tar and .*other/00000.tar\)"):
+    cache_teacher.build_samples(
+        config(root / "shards", **{"data.train": f"{root}/shards/*.tar::{tmp_path}/other/*.tar"}),
+        str(tmp_path / "c"), 1)
+  assert not (tmp_path / "c").exists()
   with pytest.raises(prepare.SetupError, match="per-step cache holds one teacher"):
     cache_teacher.build(config(root / "shards", ensemble=True), str(tmp_path / "c"))
 

@@ -153,10 +153,11 @@ def build_samples(config, out: str, k: int, dtype: str = "bfloat16", batch: int 
   units = shards.resolve(config.data.train)
   names = [sample_cache.sidecar_name(u) for u in units]
   if len(set(names)) != len(names):
-    dup = next(n for n in names if names.count(n) > 1)
-    raise prepare.SetupError(f"data.train has two shards named {dup.split('/')[-1]!r}; the "
-                             "cache finds a shard's embeddings by its file name, so give "
-                             "shards distinct names.")
+    dup = [u for u, n in zip(units, names) if names.count(n) > 1][:2]
+    raise prepare.SetupError(f"data.train has two shards named "
+                             f"{posixpath.basename(dup[0].rstrip('/'))!r} ({dup[0]} and "
+                             f"{dup[1]}); the cache finds a shard's embeddings by its file "
+                             "name, so give shards distinct names.")
   setup, _ = prepare.build(config, restoring=True)
   if setup.teacher_config is None:
     raise prepare.SetupError("the config has no teacher (teacher.model, .checkpoint and "
