@@ -360,3 +360,22 @@ def test_an_unreadable_sidecar_skips_its_samples_as_not_cached(tmp_path):
     (_, _, _, reasons, *_), = sample_cache.annotate(
         iter([chunk]), epoch=0, seed=0, k=1, sidecar=sidecar, widths=[8], not_cached=99)
     assert list(reasons) == [99, 99]
+
+
+def test_an_unfinished_build_resumes_only_with_its_own_settings(tmp_path):
+  # _start writes build.json (what the build is of); a rerun with the same settings
+  # resumes, one with other crops is refused naming the field and both values.
+  out = str(tmp_path / "c")
+  manifest = {"format": sample_cache.FORMAT,
+              "augment": {"crop_scale_min": 0.9, "augmentations": 2}}
+  assert cache_teacher._start(out, manifest) == {}  # pylint: disable=protected-access
+  assert cache_teacher._start(out, manifest) == {}  # pylint: disable=protected-access
+  other = {**manifest, "augment": {"crop_scale_min": 0.5, "augmentations": 2}}
+  with pytest.raises(prepare.SetupError,
+                     match=r"unfinished build of another cache: augment.crop_scale_min "
+                           r"\(started with: 0.9; this run: 0.5\); rerun with its settings"):
+    cache_teacher._start(out, other)  # pylint: disable=protected-access
+  (tmp_path / "d").mkdir()
+  (tmp_path / "d" / "x").write_text("")
+  with pytest.raises(prepare.SetupError, match="is not an unfinished build of this cache"):
+    cache_teacher._start(str(tmp_path / "d"), manifest)  # pylint: disable=protected-access

@@ -232,16 +232,22 @@ def _start(out: str, manifest: dict) -> dict:
   interrupted build of the same cache already wrote. A folder holding anything else
   is refused."""
   from tinyclip_jax import storage  # pylint: disable=import-outside-toplevel
-  from tinyclip_jax.data import sample_cache  # pylint: disable=import-outside-toplevel
+  from tinyclip_jax.data import sample_cache, teacher_cache  # pylint: disable=import-outside-toplevel
   from tinyclip_jax.train import prepare  # pylint: disable=import-outside-toplevel
   plan = storage.join(out, "build.json")
   if storage.listdir(out):
     if storage.exists(storage.join(out, sample_cache.MANIFEST)):
       raise prepare.SetupError(f"--out {out} already holds a complete teacher cache; give a "
                                "new folder.")
-    if not storage.exists(plan) or storage.read_json(plan) != json.loads(json.dumps(manifest)):
+    if not storage.exists(plan):
       raise prepare.SetupError(f"--out {out} exists and is not an unfinished build of this "
                                "cache; give a new folder.")
+    started = storage.read_json(plan)
+    diff = teacher_cache.first_difference(json.loads(json.dumps(manifest)), started)
+    if diff:  # say what differs, so a mistyped flag is found and the build resumed
+      raise prepare.SetupError(f"--out {out} holds an unfinished build of another cache: "
+                               f"{diff.replace('(cache:', '(started with:')}; rerun with its "
+                               "settings to resume it, or give a new folder.")
     done = {}
     for name in storage.listdir(storage.join(out, sample_cache.SIDECARS)):
       if name.endswith(".safetensors"):
