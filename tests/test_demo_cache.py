@@ -47,3 +47,30 @@ def test_bad_cache_settings_are_refused(tmp_path, field, value, match):
   with pytest.raises(prepare.SetupError, match=match):
     demo_cache.run(c, str(tmp_path / "d"))
   assert not (tmp_path / "d").exists()  # refused before the teacher trains
+
+
+def test_students_started_with_another_k_are_refused_before_a_cache_is_built(tmp_path):
+  """demo_cache.run checks the student stages (runner.check_stages) before building the
+  cache of a changed demo.cache.augmentations, which would cost K teacher forwards per
+  image only for run_plan to refuse the stages afterwards."""
+  from tinyclip_jax import storage, workdir  # pylint: disable=import-outside-toplevel
+  from tinyclip_jax.train import plan, runner  # pylint: disable=import-outside-toplevel
+
+  from tinyclip_jax.data import make_shards  # pylint: disable=import-outside-toplevel
+  make_shards.write_shards(str(tmp_path / "s"), 1, 2)
+  pattern = str(tmp_path / "s" / "*.tar")
+
+  def phases(k):
+    s = demo_cache._students(config(**{"demo.cache.augmentations": k}), pattern, "/t")  # pylint: disable=protected-access
+    with s.unlocked():
+      s.stages = demo_cache.stages(config(), demo_cache._cache_path(s, str(tmp_path)))  # pylint: disable=protected-access
+    return plan.plan(s, str(tmp_path))
+
+  first = phases(4)
+  runner.check_stages(first)  # nothing started yet
+  stage = first[0]
+  storage.write_json(workdir.stage_config(stage.workdir), runner.identity(stage.config))
+  runner.check_stages(phases(4))  # the same settings resume
+  with pytest.raises(runner.StageChanged, match="was started with data.augmentations=4 and "
+                                                "this config gives 2"):
+    runner.check_stages(phases(2))

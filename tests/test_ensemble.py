@@ -17,6 +17,7 @@ import dataclasses
 import time
 
 import jax
+import ml_collections
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -337,6 +338,11 @@ def test_misspelt_member_field_and_teacher_from_stage_are_refused(tmp_path):
   c.teacher.ensemble.b.scael = 3.0
   with pytest.raises(checks.SetupError, match=r"teacher\.ensemble\.b\.scael, which is not a "
                                               r"field \(did you mean 'scale'\?\)"):
+    checks.validate(c)
+  c = ensemble_config()
+  c.teacher.ensemble.c = ml_collections.ConfigDict({"scale": 10.0})  # not ensemble_member()
+  with pytest.raises(checks.SetupError, match=r"teacher\.ensemble\.c has no field 'activation'; "
+                                              r"make each member with defaults\.ensemble_member"):
     checks.validate(c)
   c = ensemble_config()
   c.stages = ({"name": "a"}, {"name": "s", "teacher_from_stage": 0})

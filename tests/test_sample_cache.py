@@ -274,6 +274,8 @@ def test_reader_memory_does_not_grow_with_the_number_of_shards(tmp_path, monkeyp
     ({"teacher.custom.text_layers": 3}, ["teacher(s) teacher (", "teacher.config.text.heads (cache: [2, 2, 2, 2]; this run: [2, 2, 2])"]),
     ({"data.train": "EXTRA"}, ["has no embeddings of shard", "00003.tar"]),
     ({"teacher.cache": "NOT_A_CACHE"}, ["holds no complete cache"]),
+    ({"teacher.cache": "CORRUPT_JSON"}, ["cache.json is not readable JSON", "rebuild"]),
+    ({"teacher.cache": "LIST_JSON"}, ["cache.json holds a list, not a cache manifest"]),
 ])
 def test_a_cache_that_does_not_fit_is_refused_before_compiling(built, tmp_path, overrides, words):
   root = built[0]
@@ -284,6 +286,11 @@ def test_a_cache_that_does_not_fit_is_refused_before_compiling(built, tmp_path, 
   if overrides["teacher.cache"] == "NOT_A_CACHE":
     (tmp_path / "empty").mkdir()
     overrides["teacher.cache"] = str(tmp_path / "empty")
+  if overrides["teacher.cache"] in ("CORRUPT_JSON", "LIST_JSON"):  # a half-copied manifest
+    (tmp_path / "bad").mkdir()
+    text = '{"format": 2, "aug' if overrides["teacher.cache"] == "CORRUPT_JSON" else "[1]"
+    (tmp_path / "bad" / sample_cache.MANIFEST).write_text(text)
+    overrides["teacher.cache"] = str(tmp_path / "bad")
   with pytest.raises(prepare.SetupError) as e:
     runner.run(config(root / "shards", **overrides), str(tmp_path / "run"))
   for w in words:
@@ -296,11 +303,23 @@ def test_builder_refuses_bad_requests(built, tmp_path):
   root = built[0]
   for k, kw, words in ((0, {}, "--augmentations=0"),
                        (1, {"data.kind": "synthetic"}, "needs webdataset or tfrecord"),
-                       (1, {}, "already holds a complete teacher cache")):
+                       (1, {}, "already holds a complete teacher cache"),
+                       (1, {}, "is a file, not a folder")):
     out = root / "k2" if "complete" in words else tmp_path / "c"
+    if "file" in words:  # --out naming a file: refused in one sentence, the file kept
+      out = tmp_path / "f"
+      out.write_text("mine")
     with pytest.raises(prepare.SetupError, match=words.replace("=", "=")):
       cache_teacher.build_samples(config(root / "shards", **kw), str(out), k)
     assert not (tmp_path / "c").exists()
+  assert (tmp_path / "f").read_text() == "mine"
+  make_shards.write_shards(str(tmp_path / "other"), 1, 2, image_size=40)
+  with pytest.raises(prepare.SetupError, match=r"two shards named '00000.tar' \(.*shards/"
+                     r"00000.tar and .*other/00000.tar\)"):
+    cache_teacher.build_samples(
+        config(root / "shards", **{"data.train": f"{root}/shards/*.tar::{tmp_path}/other/*.tar"}),
+        str(tmp_path / "c"), 1)
+  assert not (tmp_path / "c").exists()
   with pytest.raises(prepare.SetupError, match="per-step cache holds one teacher"):
     cache_teacher.build(config(root / "shards", ensemble=True), str(tmp_path / "c"))
 
@@ -315,3 +334,48 @@ def test_cli_exit_code(tmp_path):
   assert p.returncode == 2, p.stderr[-2000:]
   assert "error: --augmentations=0" in p.stderr
   assert not (tmp_path / "c").exists()
+  # A flag value that is not a number: one sentence and exit 2 too, not absl's exit 1.
+  p = subprocess.run([sys.executable, "-m", "tinyclip_jax.cache_teacher", f"--config={SMOKE}",
+                      "--augmentations=x", f"--out={tmp_path / 'c'}"], cwd=ROOT,
+                     capture_output=True, text=True, timeout=120)
+  assert p.returncode == 2, p.stderr[-2000:]
+  assert "error: flag --augmentations=x" in p.stderr and "Traceback" not in p.stderr
+  assert not (tmp_path / "c").exists()
+
+
+def test_an_unreadable_sidecar_skips_its_samples_as_not_cached(tmp_path):
+  # A truncated or corrupt sidecar must not end the shard's reader (tf.data would drop
+  # the shard uncounted): its records are counted as not_cached instead.
+  hashes = np.array([sample_cache.key_hash(k) for k in ("a", "b")], np.int64)
+  sample_cache.write_sidecar(str(tmp_path), "00000.tar", hashes, np.ones(2, np.uint8),
+                             np.zeros((2, 1, 4), np.int32), [np.ones((2, 1, 8), np.float32)],
+                             [np.ones((2, 8), np.float32)], "float32")
+  path = tmp_path / sample_cache.sidecar_name("00000.tar")
+  whole = path.read_bytes()
+  assert sample_cache.Sidecar.read(str(path), 1).take(int(hashes[0])) == 0
+  for blob in (whole[:100], b"\xff" * len(whole), b""):
+    path.write_bytes(blob)
+    sidecar = sample_cache.Sidecar.read(str(path), 1)
+    chunk = (["a", "b"], [b"", b""], ["x", "y"], [0, 0])
+    (_, _, _, reasons, *_), = sample_cache.annotate(
+        iter([chunk]), epoch=0, seed=0, k=1, sidecar=sidecar, widths=[8], not_cached=99)
+    assert list(reasons) == [99, 99]
+
+
+def test_an_unfinished_build_resumes_only_with_its_own_settings(tmp_path):
+  # _start writes build.json (what the build is of); a rerun with the same settings
+  # resumes, one with other crops is refused naming the field and both values.
+  out = str(tmp_path / "c")
+  manifest = {"format": sample_cache.FORMAT,
+              "augment": {"crop_scale_min": 0.9, "augmentations": 2}}
+  assert cache_teacher._start(out, manifest) == {}  # pylint: disable=protected-access
+  assert cache_teacher._start(out, manifest) == {}  # pylint: disable=protected-access
+  other = {**manifest, "augment": {"crop_scale_min": 0.5, "augmentations": 2}}
+  with pytest.raises(prepare.SetupError,
+                     match=r"unfinished build of another cache: augment.crop_scale_min "
+                           r"\(started with: 0.9; this run: 0.5\); rerun with its settings"):
+    cache_teacher._start(out, other)  # pylint: disable=protected-access
+  (tmp_path / "d").mkdir()
+  (tmp_path / "d" / "x").write_text("")
+  with pytest.raises(prepare.SetupError, match="is not an unfinished build of this cache"):
+    cache_teacher._start(str(tmp_path / "d"), manifest)  # pylint: disable=protected-access

@@ -34,7 +34,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from tinyclip_jax import distributed, faults, parallel
+from tinyclip_jax import cli, distributed, faults, parallel
 
 FLAGS = flags.FLAGS
 
@@ -71,6 +71,7 @@ def build(config, out: str, steps: int = 0, chunk: int = 100, dtype: str = "bflo
   if steps <= 0 or chunk <= 0:
     raise prepare.SetupError(f"--steps ({steps}) and --chunk ({chunk}) must be positive.")
   from tinyclip_jax import storage  # pylint: disable=import-outside-toplevel
+  _check_out_folder(out)
   if storage.listdir(out):
     raise prepare.SetupError(f"--out {out} exists and is not empty; give a new folder.")
   with config.unlocked():
@@ -134,6 +135,7 @@ def build_samples(config, out: str, k: int, dtype: str = "bfloat16", batch: int 
   if dtype not in ("bfloat16", "float32") or batch < 1:
     raise prepare.SetupError(f"--dtype {dtype!r} / --batch {batch}: use bfloat16 or float32, "
                              "and a positive batch.")
+  _check_out_folder(out)
   if config.data.kind not in sample_cache.KINDS:
     raise prepare.SetupError(
         f"--augmentations needs webdataset or tfrecord shards (data.kind), not "
@@ -151,10 +153,11 @@ def build_samples(config, out: str, k: int, dtype: str = "bfloat16", batch: int 
   units = shards.resolve(config.data.train)
   names = [sample_cache.sidecar_name(u) for u in units]
   if len(set(names)) != len(names):
-    dup = next(n for n in names if names.count(n) > 1)
-    raise prepare.SetupError(f"data.train has two shards named {dup.split('/')[-1]!r}; the "
-                             "cache finds a shard's embeddings by its file name, so give "
-                             "shards distinct names.")
+    dup = [u for u, n in zip(units, names) if names.count(n) > 1][:2]
+    raise prepare.SetupError(f"data.train has two shards named "
+                             f"{posixpath.basename(dup[0].rstrip('/'))!r} ({dup[0]} and "
+                             f"{dup[1]}); the cache finds a shard's embeddings by its file "
+                             "name, so give shards distinct names.")
   setup, _ = prepare.build(config, restoring=True)
   if setup.teacher_config is None:
     raise prepare.SetupError("the config has no teacher (teacher.model, .checkpoint and "
@@ -216,6 +219,14 @@ def build_samples(config, out: str, k: int, dtype: str = "bfloat16", batch: int 
   return storage.read_json(storage.join(out, sample_cache.MANIFEST))
 
 
+def _check_out_folder(out: str) -> None:
+  """--out naming a file (listdir sees an empty folder there) is refused before any work."""
+  from tinyclip_jax import storage  # pylint: disable=import-outside-toplevel
+  from tinyclip_jax.train import prepare  # pylint: disable=import-outside-toplevel
+  if storage.exists(out) and not storage.isdir(out):
+    raise prepare.SetupError(f"--out {out} is a file, not a folder; give a new folder.")
+
+
 def _members(config, setup) -> list:
   """[(name, model config, host weights, device weights, τ)] of the teacher(s), the
   primary first (train/teacher.py)."""
@@ -231,16 +242,22 @@ def _start(out: str, manifest: dict) -> dict:
   interrupted build of the same cache already wrote. A folder holding anything else
   is refused."""
   from tinyclip_jax import storage  # pylint: disable=import-outside-toplevel
-  from tinyclip_jax.data import sample_cache  # pylint: disable=import-outside-toplevel
+  from tinyclip_jax.data import sample_cache, teacher_cache  # pylint: disable=import-outside-toplevel
   from tinyclip_jax.train import prepare  # pylint: disable=import-outside-toplevel
   plan = storage.join(out, "build.json")
   if storage.listdir(out):
     if storage.exists(storage.join(out, sample_cache.MANIFEST)):
       raise prepare.SetupError(f"--out {out} already holds a complete teacher cache; give a "
                                "new folder.")
-    if not storage.exists(plan) or storage.read_json(plan) != json.loads(json.dumps(manifest)):
+    if not storage.exists(plan):
       raise prepare.SetupError(f"--out {out} exists and is not an unfinished build of this "
                                "cache; give a new folder.")
+    started = storage.read_json(plan)
+    diff = teacher_cache.first_difference(json.loads(json.dumps(manifest)), started)
+    if diff:  # say what differs, so a mistyped flag is found and the build resumed
+      raise prepare.SetupError(f"--out {out} holds an unfinished build of another cache: "
+                               f"{diff.replace('(cache:', '(started with:')}; rerun with its "
+                               "settings to resume it, or give a new folder.")
     done = {}
     for name in storage.listdir(storage.join(out, sample_cache.SIDECARS)):
       if name.endswith(".safetensors"):
@@ -328,12 +345,13 @@ def main(argv) -> int:
     else:
       build(FLAGS.config, FLAGS.out, FLAGS.steps, FLAGS.chunk, FLAGS.dtype)
   except (distributed.DistributedError, prepare.SetupError, storage.StorageError,
-          ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
+          ValueError, OSError) as e:
+    print(f"error: {cli.one_line(e)}", file=sys.stderr)
     return 2
   return 0
 
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(lambda argv: sys.exit(main(argv)))
+  # A bad flag value (--augmentations=x) is one sentence and exit 2, as in the trainer.
+  app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.parse_absl_flags)

@@ -36,3 +36,31 @@ def run_main(run: Callable[[list[str]], object], argv: Sequence[str] | None) -> 
     print(f"error: {one_line(e)}", file=sys.stderr)
     return 2
   return 0
+
+
+def parse_absl_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, but a bad flag or config field is one sentence and exit 2
+  (absl and ml_collections would print a traceback or usage text and exit 1)."""
+  import re  # pylint: disable=import-outside-toplevel
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  try:
+    rest = flags.FLAGS(argv)
+    flags.FLAGS.config.get("seed")  # a config file that failed to load raises when first read
+    return rest
+  except (AttributeError, KeyError) as e:  # ml_collections: --config.FIELD the config lacks
+    text = str(e).replace("\\", "")
+    missing = re.search(r"'(\w+)'", text)
+    name = missing.group(1) if missing else ""
+    flag = next((a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.") and
+                 name in a.split("=", 1)[0].split(".")), "a --config.FIELD flag")
+    hint = re.search(r'Did you mean "(\w+)"', text)
+    fix = f"did you mean {hint.group(1)!r}?" if hint else "check the spelling"
+    msg = (f"{flag} names no field of the config ({fix}); every field and its default is in "
+           "tinyclip_jax/train/defaults.py.")
+    if flag == "--config.eval.kind":  # a retired field: say what replaced it
+      from tinyclip_jax.eval import suite  # pylint: disable=import-outside-toplevel
+      msg = f"{flag}: {suite.KIND_RETIRED}"
+  except (flags.Error, OSError) as e:  # bad value, unknown flag, missing config file
+    msg = " ".join(str(e).split()).rstrip(".") + "; see --helpfull for the flags."
+  print(f"error: {msg}", file=sys.stderr)
+  sys.exit(2)

@@ -82,10 +82,14 @@ def _students(config, pattern: str, teacher: str) -> ml_collections.ConfigDict:
   return c
 
 
+def _cache_path(students, root: str) -> str:
+  return storage.join(root, f"teacher_k{int(students.data.augmentations)}")
+
+
 def _cache(students, root: str) -> tuple[str, dict]:
   """The per-sample cache of the demo's teacher (built once); (path, manifest)."""
+  out = _cache_path(students, root)
   k = int(students.data.augmentations)
-  out = storage.join(root, f"teacher_k{k}")
   manifest = storage.join(out, sample_cache.MANIFEST)
   if not storage.exists(manifest):
     cache_teacher.build_samples(copy.deepcopy(students), out, k)
@@ -145,11 +149,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   root = storage.join(workdir, SUBDIR)
   pattern, shard_seconds = _shards(config, root)
   students = _students(config, pattern, teacher)
-  cache, manifest = _cache(students, root)
   c = copy.deepcopy(students)
   with c.unlocked():
-    c.stages = stages(config, cache)
+    c.stages = stages(config, _cache_path(students, root))
   phases = plan_lib.plan(c, root)
+  runner.check_stages(phases)  # students started with other settings: before the build
+  cache, manifest = _cache(students, root)
   r = runner.run_plan(phases)
   if r.get("preempted"):
     return r

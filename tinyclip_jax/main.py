@@ -5,13 +5,12 @@ can drive the same code. Any config field can be overridden: --config.batch_size
 """
 from __future__ import annotations
 
-import re
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from tinyclip_jax import distributed
+from tinyclip_jax import cli, distributed
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics and exports (local or gs://).")
@@ -88,29 +87,8 @@ def main(argv) -> int:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, but a bad flag or config field is one sentence and exit 2
-  (absl and ml_collections would print a traceback or usage text and exit 1)."""
-  try:
-    rest = FLAGS(argv)
-    FLAGS.config.get("seed")  # a config file that failed to load raises when first read
-    return rest
-  except (AttributeError, KeyError) as e:  # ml_collections: --config.FIELD the config lacks
-    text = str(e).replace("\\", "")
-    missing = re.search(r"'(\w+)'", text)
-    name = missing.group(1) if missing else ""
-    flag = next((a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.") and
-                 name in a.split("=", 1)[0].split(".")), "a --config.FIELD flag")
-    hint = re.search(r'Did you mean "(\w+)"', text)
-    fix = f"did you mean {hint.group(1)!r}?" if hint else "check the spelling"
-    msg = (f"{flag} names no field of the config ({fix}); every field and its default is in "
-           "tinyclip_jax/train/defaults.py.")
-    if flag == "--config.eval.kind":  # a retired field: say what replaced it
-      from tinyclip_jax.eval import suite  # pylint: disable=import-outside-toplevel
-      msg = f"{flag}: {suite.KIND_RETIRED}"
-  except (flags.Error, OSError) as e:  # bad value, unknown flag, missing config file
-    msg = " ".join(str(e).split()).rstrip(".") + "; see --helpfull for the flags."
-  print(f"error: {msg}", file=sys.stderr)
-  sys.exit(2)
+  """absl's flag parsing, but a bad flag or config field is one sentence and exit 2."""
+  return cli.parse_absl_flags(argv)
 
 
 def entry() -> None:

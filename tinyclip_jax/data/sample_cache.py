@@ -152,8 +152,21 @@ class Sidecar:
 
   @classmethod
   def read(cls, path: str, members: int) -> "Sidecar":
+    """A sidecar that cannot be read (truncated, corrupt, gone since the run's check)
+    holds no rows: its shard's samples are counted and skipped as not_cached. Raising
+    instead would end the shard's reader inside tf.data, which drops it uncounted."""
+    from safetensors import SafetensorError  # pylint: disable=import-outside-toplevel
     from safetensors.numpy import load  # pylint: disable=import-outside-toplevel
-    return cls(load(storage.read_bytes(path)), members)
+    try:
+      arrays = load(storage.read_bytes(path))
+      arrays["key_hash"]  # pylint: disable=pointless-statement
+    except (SafetensorError, OSError, ValueError, KeyError) as e:
+      from absl import logging  # pylint: disable=import-outside-toplevel
+      logging.warning("cannot read the teacher cache sidecar %s (%s); its shard's samples "
+                      "are skipped as not_cached; rebuild the cache.", path,
+                      " ".join(str(e).split()))
+      arrays = {"key_hash": np.zeros(0, np.int64)}
+    return cls(arrays, members)
 
   def take(self, khash: int) -> int | None:
     rows = self.rows.get(khash)

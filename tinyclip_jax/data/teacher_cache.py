@@ -129,7 +129,15 @@ def load_manifest(path: str) -> dict:
     raise CacheError(f"teacher.cache {path} holds no complete cache ({MANIFEST} is missing); "
                      "build one with `python -m tinyclip_jax.cache_teacher --config=... "
                      f"--out={path}`.")
-  return storage.read_json(p)
+  try:  # a half-copied or hand-edited manifest is bad input, not a crash
+    manifest = storage.read_json(p)
+  except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+    raise CacheError(f"teacher.cache {path}: {MANIFEST} is not readable JSON "
+                     f"({' '.join(str(e).split())}); rebuild the cache.") from e
+  if not isinstance(manifest, dict):
+    raise CacheError(f"teacher.cache {path}: {MANIFEST} holds a {type(manifest).__name__}, "
+                     "not a cache manifest; rebuild the cache.")
+  return manifest
 
 
 def check(manifest: dict, expected: dict, steps: int, path: str) -> None:

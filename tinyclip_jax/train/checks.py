@@ -47,8 +47,12 @@ def check_fields(config: ml_collections.ConfigDict) -> None:
     if not isinstance(ensemble[name], ml_collections.ConfigDict):
       raise SetupError(f"teacher.ensemble.{name} is {ensemble[name]!r}; each member is a model "
                        "section: defaults.ensemble_member(model=..., checkpoint=..., scale=...).")
-    extra += _unknown_fields(ensemble[name], defaults.ensemble_member(),
-                             f"teacher.ensemble.{name}.")
+    full = defaults.ensemble_member()
+    missing = [f for f in full.keys() if f not in ensemble[name]]
+    if missing:  # a hand-made ConfigDict: the later checks would read a field it lacks
+      raise SetupError(f"teacher.ensemble.{name} has no field {missing[0]!r}; make each member "
+                       "with defaults.ensemble_member(model=..., checkpoint=..., scale=...).")
+    extra += _unknown_fields(ensemble[name], full, f"teacher.ensemble.{name}.")
   if extra:
     field, near = extra[0]
     hint = difflib.get_close_matches(field.rsplit(".", 1)[-1], near, n=1)

@@ -212,6 +212,14 @@ def _check_stage_config(name: str, workdir: str, config) -> bool:
   return True
 
 
+def check_stages(phases: list[plan_lib.Phase]) -> None:
+  """Refuses (StageChanged) a stage folder started with another config: for a caller
+  with work of its own to do before run_plan (the cached demo's cache build)."""
+  for (name, workdir), group in itertools.groupby(phases, key=lambda p: (p.stage, p.workdir)):
+    if name:
+      _check_stage_config(name, workdir, list(group)[0].config)
+
+
 def run_plan(phases: list[plan_lib.Phase]) -> dict[str, Any]:
   """Every phase in order; a stage whose done marker exists is skipped."""
   logging.info("run plan:\n%s", plan_lib.describe(phases))
