@@ -212,12 +212,13 @@ def annotate(chunks: Iterator[tuple], *, epoch: int, seed: int, k: int,
           reasons[i] = not_cached
       a, draws = sidecar.arrays, np.asarray(augs)[found]
       box = np.zeros((n, 4), np.int32)
-      box[found] = a["box"][rows, draws]
       images_t = [np.zeros((n, e), np.float32) for e in widths]
       texts_t = [np.zeros((n, e), np.float32) for e in widths]
-      for m in range(len(widths)):  # one gather per chunk, not per record
-        images_t[m][found] = teacher_cache.decode(a[f"image.{m}"][rows, draws])
-        texts_t[m][found] = teacher_cache.decode(a[f"text.{m}"][rows])
+      if found:  # one gather per chunk, not per record (an unreadable sidecar has none)
+        box[found] = a["box"][rows, draws]
+        for m in range(len(widths)):
+          images_t[m][found] = teacher_cache.decode(a[f"image.{m}"][rows, draws])
+          texts_t[m][found] = teacher_cache.decode(a[f"text.{m}"][rows])
       extra += [box, *images_t, *texts_t]
     yield (keys, images, captions, reasons, *extra)
 
