@@ -44,20 +44,19 @@ class Crops:
 
     @tf.function(input_signature=[tf.TensorSpec((), tf.string), tf.TensorSpec((), tf.int64)])
     def crops(encoded, khash):
-      images, boxes, h, w = [], [], None, None
-      for j in range(self.k):
-        box_of = lambda hh, ww, j=j: augment.crop_box(augment.key_seed(seed, j, khash), hh, ww,
-                                                      self.scale, self.ratio)
-        pixels, box, h, w = augment.decode_for_crop(encoded, box_of, self.size, self.jpeg_scale)
-        images.append(augment.crop(pixels, box, self.size))
-        boxes.append(box_of(h, w))  # the full-size box (the same draw)
-        if self.jpeg_scale == 1:  # one decode serves every crop
-          for jj in range(j + 1, self.k):
-            box_j = augment.crop_box(augment.key_seed(seed, jj, khash), h, w, self.scale,
-                                     self.ratio)
-            images.append(augment.crop(pixels, box_j, self.size))
-            boxes.append(box_j)
-          break
+      draws = [lambda hh, ww, j=j: augment.crop_box(augment.key_seed(seed, j, khash), hh, ww,
+                                                    self.scale, self.ratio)
+               for j in range(self.k)]
+      if self.jpeg_scale == 1:  # one decode serves every crop
+        pixels, _, h, w = augment.decode_for_crop(encoded, draws[0], self.size, 1)
+        boxes = [draw(h, w) for draw in draws]
+        images = [augment.crop(pixels, box, self.size) for box in boxes]
+      else:  # the DCT scale of the decode depends on the crop
+        images, boxes = [], []
+        for draw in draws:
+          pixels, box, h, w = augment.decode_for_crop(encoded, draw, self.size, self.jpeg_scale)
+          images.append(augment.crop(pixels, box, self.size))
+          boxes.append(draw(h, w))  # the full-size box (the same draw)
       return tf.stack(images), tf.stack(boxes), h, w
 
     self._crops = crops
